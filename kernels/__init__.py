@@ -1,0 +1,20 @@
+"""ThinkRec's Triton ops, each with a plain-PyTorch path for CPUs.
+
+- `lora_mix` / `lora_linear`: per-row weighted multi-expert LoRA, forward and backward.
+- `yes_head_bce`: BCE on the "Yes" logit without touching the rest of the vocabulary.
+- `linear_cross_entropy`: chunked token cross-entropy of `h @ W.T`, never holding full logits.
+
+Dispatch: see `kernels/_dispatch.py` (`THINKREC_KERNELS=auto|triton|torch`).
+"""
+
+import os as _os
+
+import torch as _torch
+
+# @triton.jit picks interpreter or compiler at decoration time, so this must precede the op imports.
+if _os.environ.get("THINKREC_KERNELS", "auto").strip().lower() == "triton" and not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels._dispatch import kernel_mode, use_triton  # noqa: E402
+
+__all__ = ["kernel_mode", "use_triton"]
