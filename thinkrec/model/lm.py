@@ -1,0 +1,132 @@
+"""ThinkRecLM: the frozen causal LM with multi-adapter LoRA and the CF projector; returns hidden states.
+
+    h = decoder(embed(input_ids) with placeholder rows := proj(cf_embeds))       h: [B, T, D]
+
+The trainer turns h into the Yes-logit BCE and the answer LM loss with `lm_head_weight` [V, D] through
+the kernels (`yes_head_bce`, `linear_cross_entropy`), so [B, T, V] logits are never built.
+
+Per-row adapters: `set_expert_weights(w)` with w [B, E] (E = 1 + n_experts, index 0 = global) before
+`forward`; every LoRALinear broadcasts a row's weights over its T tokens.
+
+Frozen prefix (stage 3): when the projector and the lower layers' LoRA are frozen, the embeddings do not
+require grad and autograd records nothing below the first layer with a trainable parameter, so the
+frozen prefix already runs without building a graph.
+"""
+
+import torch
+import torch.nn as nn
+
+from .lora import LoRAConfig, adapter_names, init_experts_from_global, inject_lora, last_layers, lora_modules
+from .lora import set_expert_weights, set_trainable
+from .projector import CFProjector, scatter_placeholders
+from .tokens import add_placeholder_tokens, answer_token_ids
+
+
+class ThinkRecLM(nn.Module):
+    def __init__(self, llm: nn.Module, *, n_experts: int = 0, lora: LoRAConfig = None, cf_dim: int = None,
+                 projector_mid: int = 2560, yes_token_id: int = None, no_token_id: int = None,
+                 placeholder_token_ids: dict = None, base_model: str = "", combination: str = "delta"):
+        super().__init__()
+        self.llm = llm
+        self.lora_config = lora or LoRAConfig()
+        self.n_experts = n_experts
+        self.base_model = base_model
+        self.lora_paths = inject_lora(llm, self.lora_config, n_experts, combination)
+        hidden = llm.config.hidden_size
+        self.projector = CFProjector(cf_dim, hidden, projector_mid) if cf_dim else None
+        self.yes_token_id, self.no_token_id = yes_token_id, no_token_id
+        self.placeholder_token_ids = dict(placeholder_token_ids or {})
+        self.register_buffer("_ph_ids", torch.tensor(sorted(self.placeholder_token_ids.values()), dtype=torch.long),
+                             persistent=False)
+
+    # ------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, spec=None, *, n_experts: int = 0, lora: LoRAConfig = None, cf_dim: int = None,
+                        dtype=torch.float32, device="cpu", cache=None, **kw):
+        """(ThinkRecLM, tokenizer) for a model spec (see thinkrec.model.load); the tokenizer gets the
+        placeholder tokens, and the Yes/No ids are the " Yes"/" No" tokens (checked single)."""
+        from .load import load_llm
+
+        llm, tok, base = load_llm(spec, dtype=dtype, device=device, cache=cache)
+        ph = add_placeholder_tokens(tok)
+        yes, no = answer_token_ids(tok)
+        model = cls(llm, n_experts=n_experts, lora=lora, cf_dim=cf_dim, yes_token_id=yes, no_token_id=no,
+                    placeholder_token_ids=ph, base_model=base, **kw)
+        return model.to(device), tok
+
+    # ---------------------------------------------------------------------------------------- adapters
+    @property
+    def n_adapters(self) -> int:
+        return 1 + self.n_experts
+
+    @property
+    def adapter_names(self) -> list:
+        return adapter_names(self.n_experts)
+
+    def lora_layers(self) -> dict:
+        """{path inside the HF model: LoRALinear}."""
+        return lora_modules(self.llm)
+
+    def set_expert_weights(self, w) -> None:
+        """w: [B, E] per-row adapter weights, [E] for all rows, or None for the global adapter alone."""
+        set_expert_weights(self.llm, w)
+
+    def set_trainable(self, layers=None, adapters=None, projector: bool = False) -> None:
+        """LoRA of `layers` x `adapters` trains (None = all); the projector trains iff `projector`."""
+        set_trainable(self.llm, layers, adapters)
+        if self.projector is not None:
+            self.projector.requires_grad_(projector)
+
+    def last_layers(self, k: int) -> list:
+        return last_layers(self.llm, k)
+
+    def init_experts_from_global(self) -> None:
+        init_experts_from_global(self.llm)
+
+    def gradient_checkpointing(self, on: bool = True) -> None:
+        """Recompute decoder layers in the backward (memory for time). Non-reentrant checkpointing,
+        because the reentrant kind drops LoRA gradients when the layer inputs do not require grad
+        (frozen embeddings in stage 1)."""
+        if on:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.llm.gradient_checkpointing_disable()
+
+    # ----------------------------------------------------------------------------------------- forward
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, D], frozen (tied to the input embeddings for SmolLM2)."""
+        return self.llm.lm_head.weight
+
+    def placeholder_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(input_ids, self._ph_ids.to(input_ids.device))
+
+    def embed(self, input_ids, cf_embeds=None, placeholder_mask=None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with placeholder rows replaced by proj(cf_embeds [P, d_cf])."""
+        mask = self.placeholder_mask(input_ids) if placeholder_mask is None else placeholder_mask
+        has_slots = bool(mask.any())
+        if has_slots and (cf_embeds is None or self.projector is None):
+            raise ValueError("thinkrec/model/lm.py ThinkRecLM: the input has placeholder tokens but "
+                             + ("no cf_embeds were given" if self.projector is not None
+                                else "the model was built without a CF projector (cf_dim=None)"))
+        # placeholder ids may lie past the embedding table (see tokens.py): look up id 0 there instead
+        safe_ids = input_ids.masked_fill(mask, 0) if has_slots else input_ids
+        embeds = self.llm.get_input_embeddings()(safe_ids)
+        if cf_embeds is None:
+            return embeds
+        return scatter_placeholders(embeds, mask, self.projector(cf_embeds))
+
+    def forward(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None) -> torch.Tensor:
+        """Final hidden states [B, T, D] (after the last norm).
+
+        input_ids: [B, T] (left-padded), attention_mask: [B, T] 1 = token, cf_embeds: [P, d_cf] for the P
+        placeholder positions in row-major order, placeholder_mask: [B, T] bool (default: from the ids).
+        """
+        embeds = self.embed(input_ids, cf_embeds, placeholder_mask)
+        position_ids = None
+        if attention_mask is not None:
+            # positions count real tokens only, so a left-padded row matches the same row unpadded
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False)
+        return out.last_hidden_state
