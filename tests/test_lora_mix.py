@@ -1,0 +1,166 @@
+"""lora_mix / lora_linear against the float64 reference: output and every gradient, one shared upstream
+gradient, on the PyTorch path and on the Triton path (interpreter on CPU, compiled on CUDA)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import reference as ref
+from kernels.lora_linear import lora_linear
+from kernels.lora_mix import lora_mix
+from tests.utils import CUDA, TOL, assert_close
+
+DEV = "cuda" if CUDA else "cpu"
+# (path, dtype): the Triton interpreter gets fp32 and fp16 (its tl.dot is wrong on bf16); bf16 needs a GPU.
+PATHS = [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.float16),
+         pytest.param("triton", torch.bfloat16, marks=pytest.mark.skipif(not CUDA, reason="bf16 needs CUDA"))]
+# (leading dims of x, K, N, E, r); odd sizes everywhere, 3-D inputs, E = 1 / 3 / 16, r = 4 .. 64.
+SHAPES = [((1,), 16, 16, 1, 4), ((37,), 72, 136, 3, 8), ((2, 5), 40, 24, 16, 4), ((9,), 33, 65, 2, 64),
+          ((3, 7), 64, 48, 5, 16), ((3,), 20, 18, 16, 64),  # E * r = 1024 columns
+          ((3,), 4100, 20, 2, 8),     # K = 4100: a long, ragged K loop
+          ((1100,), 24, 20, 3, 4)]    # M > 1024: dA/dB reductions split over M (partial sums added)
+
+
+def _make(lead, K, N, E, r, dtype, seed=0, weights="dense"):
+    """Inputs scaled so the delta is O(1): x ~ N(0, 1), A ~ N(0, 1/K), B ~ N(0, 1/r)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, K, generator=g)
+    A = torch.randn(E, r, K, generator=g) / K ** 0.5
+    B = torch.randn(E, N, r, generator=g) / r ** 0.5
+    if weights == "dense":
+        w = torch.softmax(torch.randn(*lead, E, generator=g) * 2, -1)
+    else:  # one-hot
+        w = F.one_hot(torch.randint(0, E, lead, generator=g), E).double()
+    return [t.to(DEV, dtype).requires_grad_() for t in (x, A, B, w)]
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g, allow_unused=True)
+
+
+def _check_against_reference(fn, ref_fn, inputs, dtype, name, scale=0.75, relative_atol=False, **kw):
+    """Output and all gradients of fn(*inputs) vs ref_fn on float64 copies, one shared upstream gradient.
+
+    relative_atol: atol is TOL's times the largest |expected| (for sums over ~1e5 rows, where rounding
+    the stored 16-bit intermediates adds ~sqrt(M) * 2**-8 * |term| to elements that may be near zero)."""
+    out = fn(*inputs, scale, **kw)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    out64 = ref_fn(*inputs64, scale)
+    g = torch.randn(out64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEV)
+    pairs = [("out", out, out64)]
+    pairs += zip("dx dA dB dw dW db".split(), _grads(out, inputs, g.to(dtype)), _grads(out64, inputs64, g))
+    for label, got, exp in pairs:
+        atol = TOL[dtype][0] * max(1.0, exp.abs().max().item()) if relative_atol else None
+        assert_close(got, exp, dtype, name=f"{name} {label}", atol=atol)
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    monkeypatch.setenv("THINKREC_KERNELS", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("path,dtype", PATHS, indirect=["path"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_lora_mix_matches_reference(path, dtype, shape):
+    inputs = _make(*shape, dtype=dtype)
+    _check_against_reference(lora_mix, ref.lora_mix, inputs, dtype, f"{path} {shape}")
+
+
+@pytest.mark.parametrize("path,dtype", PATHS[:3], indirect=["path"])
+def test_lora_linear_matches_linear_plus_delta(path, dtype):
+    x, A, B, w = _make((4, 9), 40, 72, 3, 8, dtype, seed=2)
+    W = (torch.randn(72, 40) / 40 ** 0.5).to(DEV, dtype).requires_grad_()
+    b = torch.randn(72).to(DEV, dtype).requires_grad_()
+
+    def ref_fn(x, A, B, w, W, b, scale):
+        return F.linear(x, W, b) + ref.lora_mix(x, A, B, w, scale)
+
+    def ours(x, A, B, w, W, b, scale):
+        return lora_linear(x, W, b, A, B, w, scale)
+
+    _check_against_reference(ours, ref_fn, [x, A, B, w, W, b], dtype, f"{path} lora_linear")
+
+
+@pytest.mark.parametrize("path,dtype", PATHS[:2], indirect=["path"])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=str)
+def test_linear_mode_matches_peft_formula(path, dtype, shape):
+    x, A, B, w = _make(*shape, dtype=dtype, seed=3)
+    with torch.no_grad():
+        w.clamp_(min=0.05)  # d sqrt(w)/dw is infinite at 0, for the reference as for us
+    _check_against_reference(lora_mix, ref.lora_mix_linear, [x, A, B, w], dtype, f"{path} linear", mode="linear")
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)
+def test_single_expert_is_plain_lora(path):
+    x, A, B, _ = _make((37,), 72, 40, 1, 8, torch.float32, seed=4)
+    w = torch.ones(37, 1, device=DEV)
+    plain = 0.5 * (x @ A[0].T) @ B[0].T
+    assert_close(lora_mix(x, A, B, w, 0.5), plain.double(), name="E=1 vs plain LoRA")
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)
+def test_one_hot_rows_equal_their_expert_and_zero_rows_vanish(path):
+    x, A, B, w = _make((37,), 48, 24, 4, 8, torch.float32, seed=5, weights="one-hot")
+    w = w.detach().clone()
+    w[::5] = 0.0  # every fifth row has no adapter at all
+    out = lora_mix(x, A, B, w, 2.0)
+    for m in range(37):
+        e = int(w[m].argmax())
+        expected = 2.0 * w[m, e] * (B[e] @ (A[e] @ x[m]))
+        assert_close(out[m], expected.double(), name=f"row {m} (expert {e})")
+    assert (out[::5] == 0).all(), "rows with w = 0 must give an exact zero delta"
+    (dx,) = torch.autograd.grad(out, [x], torch.randn_like(out))
+    assert (dx[::5] == 0).all(), "rows with w = 0 must get no gradient through the LoRA"
+    assert dx[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)
+def test_mixed_dtypes_and_w_without_grad(path):
+    """fp64 adapters and weights with an fp32 x (fp32 master weights under autocast, in miniature): the op
+    computes in x's dtype and returns gradients in each input's own dtype; w needs no grad."""
+    x, A, B, w = _make((2, 7), 24, 20, 3, 4, torch.float32, seed=6)
+    A, B = (t.detach().double().requires_grad_() for t in (A, B))
+    w = w.detach().double()
+    out = lora_mix(x, A, B, w, 1.0)
+    assert out.dtype == torch.float32
+    dx, dA, dB = torch.autograd.grad(out.sum(), [x, A, B])
+    assert (dx.dtype, dA.dtype, dB.dtype) == (torch.float32, torch.float64, torch.float64)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    exp = ref.lora_mix(x64, A64, B64, w, 1.0)
+    assert_close(out, exp, name="out (mixed dtypes)")
+    for name, got, e in zip(("dx", "dA", "dB"), (dx, dA, dB), torch.autograd.grad(exp.sum(), [x64, A64, B64])):
+        assert_close(got, e, torch.float32, name=f"{name} (mixed dtypes)")
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)
+def test_dispatch_picks_the_requested_path(path):
+    from kernels.lora_mix import _TorchOps, _TritonOps, ops_for
+
+    x = torch.zeros(2, 2, device=DEV)
+    assert ops_for(x) is (_TritonOps if path == "triton" else _TorchOps)
+
+
+def test_bad_shapes_are_named():
+    x, A, B, w = _make((5,), 16, 8, 2, 4, torch.float32)
+    with pytest.raises(ValueError, match="w must be"):
+        lora_mix(x, A, B, w[:, :1], 1.0)
+    with pytest.raises(ValueError, match="does not match A"):
+        lora_mix(x, A, B[:, :, :2], w, 1.0)
+    with pytest.raises(ValueError, match="mode="):
+        lora_mix(x, A, B, w, 1.0, mode="cat")
+    with pytest.raises(ValueError, match="weight must be"):
+        lora_linear(x, torch.zeros(8, 15, device=DEV), None, A, B, w, 1.0)
+
+
+def test_empty_batch():
+    x, A, B, w = _make((0,), 16, 8, 2, 4, torch.float32)
+    assert lora_mix(x, A, B, w, 1.0).shape == (0, 8)
+
+
+@pytest.mark.skipif(not CUDA, reason="large-M check runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_large_shapes(dtype, monkeypatch):
+    monkeypatch.setenv("THINKREC_KERNELS", "auto")
+    x, A, B, w = _make((100_003,), 576, 576, 3, 8, dtype, seed=7)
+    _check_against_reference(lora_mix, ref.lora_mix, [x, A, B, w], dtype, "gpu M=100003", relative_atol=True)
