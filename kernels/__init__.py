@@ -16,5 +16,9 @@ if _os.environ.get("THINKREC_KERNELS", "auto").strip().lower() == "triton" and n
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels._dispatch import kernel_mode, use_triton  # noqa: E402
+from kernels.lora_mix import lora_mix  # noqa: E402
+from kernels.lora_linear import lora_linear  # noqa: E402
+from kernels.yes_head_bce import yes_head_bce  # noqa: E402
+from kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 
-__all__ = ["kernel_mode", "use_triton"]
+__all__ = ["kernel_mode", "use_triton", "lora_mix", "lora_linear", "yes_head_bce", "linear_cross_entropy"]
