@@ -1,0 +1,67 @@
+"""Command line of the data layer.
+
+    python -m thinkrec.data prepare --dataset ml1m --data-dir ~/data/ml-1m --out runs/ml1m
+    python -m thinkrec.data prepare --dataset csv --data-dir ../shared/data/ml1m-collm --noun movie --out runs/x
+    python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --mode reason
+"""
+
+import argparse
+import sys
+import numpy as np
+
+from . import prompts
+from .errors import DataError
+from .history import build_histories
+from .prepare import prepare
+from .prepared import SPLITS, load_prepared
+
+
+def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None) -> str:
+    """The full prompt (placeholders as text) of the `row`-th sample of `split`, then its answer."""
+    prep = load_prepared(run)
+    rows = np.flatnonzero(prep.inter.split == SPLITS.index(split))
+    if not 0 <= row < len(rows):
+        raise DataError(f"--row {row}: split {split!r} has {len(rows)} rows")
+    r = int(rows[row])
+    inter = prep.inter
+    hist = build_histories(inter.user, inter.timestamp, 10)[r]
+    kw = prompts.load_keywords(keywords, prep.items) if keywords else prompts.run_keywords(run, prep.items)
+    noun = prep.stats.get("noun") or prompts.NOUNS.get(prep.stats.get("dataset"), "item")
+    history = [(int(inter.item[h]), int(inter.label[h])) for h in hist if h >= 0]
+    head, groups, tail = prompts.render(prep.items, history, int(inter.item[r]), int(inter.user[r]), noun, mode,
+                                        keywords=kw)
+    text = prompts.to_text(head + [s for g in groups for s in g] + tail)
+    return f"{text} {'Yes' if inter.label[r] else 'No'}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m thinkrec.data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare", help="read a dataset, split it by time, write RUN/data")
+    p.add_argument("--dataset", required=True, help="ml1m | ml100k | amazon-book | yelp | csv")
+    p.add_argument("--data-dir", default=None, help="where the raw files are (default: download / offline mirror)")
+    p.add_argument("--out", required=True, help="run directory; writes RUN/data")
+    p.add_argument("--noun", default=None, help="noun in prompts (default: movie / book / business; csv: item)")
+    p.add_argument("--mirror", default=None, help="ml100k only: recbole (default, PyPI wheel) or grouplens")
+    q = sub.add_parser("prompt", help="print one sample's full prompt")
+    q.add_argument("--run", required=True)
+    q.add_argument("--split", default="test", choices=SPLITS)
+    q.add_argument("--row", type=int, default=0, help="row number within the split (0-based)")
+    q.add_argument("--mode", default="reason", choices=prompts.MODES)
+    q.add_argument("--keywords", default=None, help="keyword JSON Lines (default RUN/data/keywords.jsonl if present)")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "prepare":
+            opts = {"mirror": args.mirror} if args.mirror else {}
+            prepare(args.dataset, data_dir=args.data_dir, out=args.out, noun=args.noun, **opts)
+        else:
+            print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords))
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

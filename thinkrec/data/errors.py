@@ -1,0 +1,23 @@
+"""Errors of the data layer: every message says what is wrong, which file and line, and what to do."""
+
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed, or gives an empty/inconsistent log."""
+
+
+def missing_file(what: str, looked: list, url: str | None = None, hint: str | None = None) -> DataError:
+    """Build the error for a file that is not there: what is missing, every place looked, where to get it."""
+    places = "\n".join(f"  - {Path(p)}" for p in looked)
+    msg = f"{what} not found. Looked in:\n{places}"
+    if url:
+        msg += f"\nDownload it from {url}"
+    if hint:
+        msg += f"\n{hint}"
+    return DataError(msg)
+
+
+def malformed(path, line: int, why: str) -> DataError:
+    """Build the error for a bad line; `line` is 1-based as an editor shows it."""
+    return DataError(f"{path}:{line}: {why}")

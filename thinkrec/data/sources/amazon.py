@@ -1,0 +1,68 @@
+"""`amazon-book`: the 2018 Amazon review dump (Ni, Li, McAuley, EMNLP 2019), Books category, from
+--data-dir: `Books.json.gz` (reviews: reviewerID, asin, overall, unixReviewTime) and
+`meta_Books.json.gz` (asin, title, description, category). Titles verbatim; the description is the
+categories without the top-level "Books" (the keyword file, when given, replaces it in prompts).
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, malformed, missing_file
+from ..raw import RawLog
+from ._read import jsonl_columns, read_jsonl
+
+URL = "https://nijianmo.github.io/amazon/index.html (files Books.json.gz and meta_Books.json.gz)"
+REVIEWS, META = "Books.json.gz", "meta_Books.json.gz"
+
+
+def _find(data_dir, name: str) -> Path:
+    if data_dir is None:
+        raise DataError(f"amazon-book needs --data-dir with {REVIEWS} and {META}; get them from {URL}")
+    data_dir = Path(data_dir)
+    for cand in (data_dir / name, data_dir / name.removesuffix(".gz")):
+        if cand.exists():
+            return cand
+    raise missing_file(f"amazon-book: {name}", [data_dir / name, data_dir / name.removesuffix(".gz")], URL)
+
+
+def _reviews(path):
+    lines, (users, items, ratings, stamps) = jsonl_columns(path, ("reviewerID", "asin", "overall", "unixReviewTime"))
+    if not users:
+        raise DataError(f"{path}: no reviews")
+    try:
+        ratings = np.array(ratings, dtype=np.float64)
+        stamps = np.array(stamps, dtype=np.int64)
+    except (TypeError, ValueError):
+        bad = next(i for i, (r, t) in enumerate(zip(ratings, stamps))
+                   if not (isinstance(r, (int, float)) and isinstance(t, int)))
+        raise malformed(path, lines[bad], f"overall = {ratings[bad]!r} / unixReviewTime = {stamps[bad]!r} "
+                        "are not numbers") from None
+    return np.array(users).astype(str), np.array(items).astype(str), ratings, stamps
+
+
+def _text(value) -> str:
+    if isinstance(value, list):
+        value = " ".join(str(v) for v in value)
+    return " ".join(str(value or "").split())
+
+
+def _meta(path, wanted: set) -> dict:
+    items = {}
+    for line_no, obj in read_jsonl(path):
+        asin = obj.get("asin") if isinstance(obj, dict) else None
+        if asin is None:
+            raise malformed(path, line_no, "metadata line without an asin")
+        if asin not in wanted:
+            continue
+        cats = [c for c in obj.get("category") or [] if c and c != "Books"]
+        items[asin] = {"title": _text(obj.get("title")) or asin, "description": ", ".join(cats),
+                       "text": _text(obj.get("description"))[:2000]}
+    return items
+
+
+def load(data_dir=None, **_) -> RawLog:
+    reviews, meta = _find(data_dir, REVIEWS), _find(data_dir, META)
+    user, item, rating, stamp = _reviews(reviews)
+    items = _meta(meta, set(item.tolist()))
+    return RawLog(user, item, rating, stamp, None, items)
