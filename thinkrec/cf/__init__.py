@@ -1,0 +1,12 @@
+"""Collaborative-filtering models (MF, LightGCN, SASRec): training, selection on valid AUC, export.
+
+    python -m thinkrec.cf train --model mf --run RUN
+"""
+
+from .lightgcn import LightGCN
+from .mf import MF
+from .sasrec import SASRec
+from .train import GRIDS, MODELS, build_model, fit, row_data, save, search, split_metrics
+
+__all__ = ["MF", "LightGCN", "SASRec", "GRIDS", "MODELS", "build_model", "fit", "row_data", "save", "search",
+           "split_metrics"]

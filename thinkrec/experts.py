@@ -1,0 +1,240 @@
+"""User groups for the LoRA experts: clustering of CF user embeddings, centroids, and the gate.
+
+    python -m thinkrec.experts --run RUN --model mf --groups 2            # faiss k-means (the default)
+    python -m thinkrec.experts --run RUN --model mf --groups 2 --cluster ward   # official code's grouping
+
+Reads RUN/cf/<model>.safetensors (user_emb [n_users, D]) and RUN/data; writes RUN/experts/groups.safetensors
+(labels [n_users] (-1 = not clustered), centroids [N, D], weights [n_users, N+1], route [n_users]) and
+RUN/experts/report.json (group sizes, routing counts, Cohen's d).
+
+Gate (DESIGN.md "Instance-wise fusion"), for a user embedding e_u and centroids c_1..c_N:
+    w = softmax_n(cos(e_u, c_n) / tau)                         [N]
+    if max_n w_n > 0.5 + 0.6 / N:    one-hot on argmax (route 1, "single")
+    elif H(w) > 0.95 log N:          the global adapter alone (route 0, "global")
+    else:                            the mixture sum_n w_n LoRA_n, global weight 0 (route 2, "mixture")
+Output weights are over E = N + 1 adapters: column 0 = global, columns 1..N = experts.
+Special cases, so that no row is NaN and every row sums to 1:
+  - users unseen in training (`known` False) and zero embeddings (cosine undefined) -> global;
+  - N = 1: the formula gives max(w) = 1 > 1.1 false, H = 0 > 0 false, i.e. a "mixture" of the one expert;
+    we return it as what it is, the single expert (route 1).
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+ROUTE_GLOBAL, ROUTE_SINGLE, ROUTE_MIXTURE = 0, 1, 2
+
+
+def _as_f32(x, name: str) -> np.ndarray:
+    x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"experts: {name} must be 2-D [rows, dim], got shape {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"experts: {name} contains NaN/inf")
+    return np.ascontiguousarray(x)
+
+
+def cluster(user_emb, n_groups: int, method: str = "kmeans", seed: int = 0, niter: int = 50) -> np.ndarray:
+    """Group labels [n] int64 in 0..N-1 for user_emb [n, D].
+
+    kmeans: faiss k-means on the raw embeddings (L2), on GPU when the faiss build has one, fixed seed.
+    ward:   the official code's grouping: standard-scale each dimension, then scikit-learn's Ward
+            agglomerative clustering (deterministic; O(n^2) memory, fine for thousands of users).
+    """
+    x = _as_f32(user_emb, "user_emb")
+    if not 1 <= n_groups <= len(x):
+        raise ValueError(f"experts.cluster: n_groups must be in 1..{len(x)} (number of users), got {n_groups}")
+    if n_groups == 1:
+        return np.zeros(len(x), np.int64)
+    if method == "kmeans":
+        import faiss
+
+        gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+        # faiss warns below 39 points per centroid; small user sets are the normal case here
+        km = faiss.Kmeans(x.shape[1], n_groups, niter=niter, seed=seed, gpu=gpu, verbose=False,
+                          min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+        km.train(x)
+        _, labels = km.index.search(x, 1)
+        return _relabel(labels[:, 0].astype(np.int64))
+    if method == "ward":
+        from sklearn.cluster import AgglomerativeClustering
+        from sklearn.preprocessing import StandardScaler
+
+        scaled = StandardScaler().fit_transform(x)
+        return _relabel(AgglomerativeClustering(n_clusters=n_groups, linkage="ward").fit_predict(scaled).astype(np.int64))
+    raise ValueError(f"experts.cluster: method must be 'kmeans' or 'ward', got {method!r}")
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Number groups by first appearance so equal partitions get equal labels whatever the backend."""
+    _, first = np.unique(labels, return_index=True)
+    order = labels[np.sort(first)]
+    mapping = np.empty(labels.max() + 1, np.int64)
+    mapping[order] = np.arange(len(order))
+    return mapping[labels]
+
+
+def centroids(user_emb, labels, n_groups: int) -> np.ndarray:
+    """Mean raw embedding per group: [N, D]. Rows with label -1 are ignored; an empty group is an error."""
+    x = _as_f32(user_emb, "user_emb")
+    labels = np.asarray(labels)
+    sizes = np.bincount(labels[labels >= 0], minlength=n_groups)
+    if len(sizes) > n_groups or np.any(sizes == 0):
+        raise ValueError(f"experts.centroids: every group 0..{n_groups - 1} needs a member, sizes {sizes.tolist()}")
+    sums = np.zeros((n_groups, x.shape[1]), np.float64)
+    np.add.at(sums, labels[labels >= 0], x[labels >= 0])
+    return (sums / sizes[:, None]).astype(np.float32)
+
+
+def _cosine(user_emb, cents):
+    """cos [n, N] and a mask [n] of rows whose cosine is defined (non-zero user vector)."""
+    x, c = _as_f32(user_emb, "user_emb").astype(np.float64), _as_f32(cents, "centroids").astype(np.float64)
+    if x.shape[1] != c.shape[1]:
+        raise ValueError(f"experts: user_emb dim {x.shape[1]} != centroids dim {c.shape[1]}")
+    xn, cn = np.linalg.norm(x, axis=1), np.linalg.norm(c, axis=1)
+    ok = xn > 0
+    cos = (x @ c.T) / np.maximum(xn, 1e-300)[:, None] / np.where(cn > 0, cn, 1.0)[None, :]
+    return cos, ok
+
+
+def assign(user_emb, cents) -> np.ndarray:
+    """Nearest centroid by cosine (the gate's similarity): [n] int64, -1 for zero vectors."""
+    cos, ok = _cosine(user_emb, cents)
+    return np.where(ok, cos.argmax(1), -1).astype(np.int64)
+
+
+def gate(user_emb, cents, tau: float = 0.1, single_threshold: float | None = None,
+         entropy_threshold: float | None = None, known=None):
+    """Adapter weights [n, N+1] float32 (column 0 = global) and route [n] int8 (0 global, 1 single,
+    2 mixture); see the module docstring. Thresholds default to 0.5 + 0.6/N and 0.95 log N; `known`
+    [n] bool marks users seen in training (others go to global)."""
+    if tau <= 0:
+        raise ValueError(f"experts.gate: tau must be > 0, got {tau}")
+    cos, ok = _cosine(user_emb, cents)
+    n, n_groups = cos.shape
+    single_threshold = 0.5 + 0.6 / n_groups if single_threshold is None else single_threshold
+    entropy_threshold = 0.95 * math.log(n_groups) if entropy_threshold is None else entropy_threshold
+    z = cos / tau
+    w = np.exp(z - z.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    entropy = -(w * np.log(np.maximum(w, 1e-300))).sum(1)
+    top = w.argmax(1)
+    route = np.full(n, ROUTE_MIXTURE, np.int8)
+    route[entropy > entropy_threshold] = ROUTE_GLOBAL
+    route[w.max(1) > single_threshold] = ROUTE_SINGLE
+    if n_groups == 1:
+        route[:] = ROUTE_SINGLE  # a mixture of one expert is that expert
+    route[~ok] = ROUTE_GLOBAL
+    if known is not None:
+        route[~np.asarray(known, bool)] = ROUTE_GLOBAL
+    weights = np.zeros((n, n_groups + 1), np.float32)
+    weights[route == ROUTE_GLOBAL, 0] = 1.0
+    single = np.flatnonzero(route == ROUTE_SINGLE)
+    weights[single, 1 + top[single]] = 1.0
+    mix = route == ROUTE_MIXTURE
+    weights[mix, 1:] = w[mix]
+    return weights, route
+
+
+def cohens_d(values, labels) -> np.ndarray:
+    """Pairwise Cohen's d [N, N] of a scalar per user between groups:
+    d_ab = (mean_a - mean_b) / s_pooled,  s_pooled^2 = ((n_a-1) s_a^2 + (n_b-1) s_b^2) / (n_a + n_b - 2)."""
+    v, labels = np.asarray(values, np.float64), np.asarray(labels)
+    groups = np.unique(labels[labels >= 0])
+    d = np.zeros((len(groups), len(groups)))
+    for a in range(len(groups)):
+        for b in range(len(groups)):
+            va, vb = v[labels == groups[a]], v[labels == groups[b]]
+            dof = len(va) + len(vb) - 2
+            var = ((len(va) - 1) * va.var(ddof=1 if len(va) > 1 else 0) + (len(vb) - 1) * vb.var(ddof=1 if len(vb) > 1 else 0)) / max(dof, 1)
+            diff = va.mean() - vb.mean()
+            # zero spread: equal means -> 0, different means -> +-inf (perfectly separated)
+            d[a, b] = diff / math.sqrt(var) if var > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    return d
+
+
+def embedding_cohens_d(user_emb, labels, cents) -> np.ndarray:
+    """Cohen's d [N, N] of the users' embeddings projected on the line between each pair of centroids
+    (a scalar per user, so the 1-D effect size applies); |d| large = well separated groups."""
+    x = _as_f32(user_emb, "user_emb").astype(np.float64)
+    labels = np.asarray(labels)
+    n = len(cents)
+    d = np.zeros((n, n))
+    for a in range(n):
+        for b in range(a + 1, n):
+            axis = cents[a] - cents[b]
+            norm = np.linalg.norm(axis)
+            if norm == 0:
+                continue
+            proj = x @ (axis / norm)
+            pair = np.where(np.isin(labels, [a, b]), labels, -1)
+            d[a, b] = cohens_d(proj, np.where(pair == a, 0, np.where(pair == b, 1, -1)))[0, 1]
+            d[b, a] = -d[a, b]
+    return d
+
+
+def report(labels, route, d_embedding, d_like_rate=None) -> dict:
+    """Group sizes, routing counts and mean |Cohen's d| over group pairs."""
+    labels, route = np.asarray(labels), np.asarray(route)
+    n = len(d_embedding)
+    pairs = np.triu_indices(n, 1)
+    out = {
+        "group_sizes": np.bincount(labels[labels >= 0], minlength=n).tolist(),
+        "routing": {"global": int((route == ROUTE_GLOBAL).sum()), "single": int((route == ROUTE_SINGLE).sum()),
+                    "mixture": int((route == ROUTE_MIXTURE).sum())},
+        "cohens_d_embedding": float(np.abs(d_embedding[pairs]).mean()) if n > 1 else 0.0,
+        "cohens_d_embedding_matrix": np.round(d_embedding, 4).tolist(),
+    }
+    if d_like_rate is not None:
+        out["cohens_d_like_rate"] = float(np.abs(d_like_rate[pairs]).mean()) if n > 1 else 0.0
+    return out
+
+
+def main(argv=None) -> dict:
+    import torch
+    from safetensors.torch import load_file, save
+
+    from thinkrec.data.prepared import atomic_write_bytes, atomic_write_text, load_prepared
+
+    p = argparse.ArgumentParser(description="Cluster CF user embeddings into expert groups and gate users.")
+    # Data
+    p.add_argument("--run", required=True, help="run directory with data/ and cf/")
+    p.add_argument("--model", default="mf", help="CF model whose user embeddings are grouped (mf|lightgcn|sasrec)")
+    # Grouping
+    p.add_argument("--groups", type=int, default=2, help="number of expert groups N (>= 1)")
+    p.add_argument("--cluster", default="kmeans", choices=["kmeans", "ward"], help="faiss k-means or standard-scaled Ward")
+    p.add_argument("--seed", type=int, default=0)
+    # Gate
+    p.add_argument("--tau", type=float, default=0.1, help="softmax temperature over cosine similarities")
+    p.add_argument("--single-threshold", type=float, default=None, help="max weight above which one expert is used; default 0.5 + 0.6/N")
+    p.add_argument("--entropy-threshold", type=float, default=None, help="entropy (nats) above which global is used; default 0.95 log N")
+    args = p.parse_args(argv)
+    print(vars(args))
+
+    run = Path(args.run)
+    emb = load_file(run / "cf" / f"{args.model}.safetensors")["user_emb"].numpy()
+    prep = load_prepared(run)
+    train = prep.inter.of_split("train")
+    known = np.zeros(prep.n_users, bool)
+    known[train.user] = True
+    labels = np.full(prep.n_users, -1, np.int64)
+    labels[known] = cluster(emb[known], args.groups, args.cluster, seed=args.seed)
+    cents = centroids(emb, labels, args.groups)
+    weights, route = gate(emb, cents, args.tau, args.single_threshold, args.entropy_threshold, known=known)
+    like = np.bincount(train.user, weights=train.label, minlength=prep.n_users) / np.maximum(np.bincount(train.user, minlength=prep.n_users), 1)
+    rep = report(labels, route, embedding_cohens_d(emb, labels, cents), cohens_d(like, labels))
+    rep["args"] = vars(args)
+    tensors = {"labels": torch.from_numpy(labels), "centroids": torch.from_numpy(cents),
+               "weights": torch.from_numpy(weights), "route": torch.from_numpy(route.astype(np.int64))}
+    atomic_write_bytes(run / "experts" / "groups.safetensors", save(tensors))
+    atomic_write_text(run / "experts" / "report.json", json.dumps(rep, indent=1))
+    print(json.dumps({k: v for k, v in rep.items() if k != "cohens_d_embedding_matrix"}))
+    return rep
+
+
+if __name__ == "__main__":
+    main()
