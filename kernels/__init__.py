@@ -8,12 +8,21 @@ Dispatch: see `kernels/_dispatch.py` (`THINKREC_KERNELS=auto|triton|torch`).
 """
 
 import os as _os
+import sys as _sys
+import warnings as _warnings
 
 import torch as _torch
 
 # @triton.jit picks interpreter or compiler at decoration time, so this must precede the op imports.
 if _os.environ.get("THINKREC_KERNELS", "auto").strip().lower() == "triton" and not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "triton" not in _sys.modules:
+        _os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif _os.environ.get("TRITON_INTERPRET", "0") != "1":
+        # triton.language's own @jit helpers (tl.zeros, ...) were already made compile-only, and the
+        # interpreter cannot call them: switching it on now would fail inside every kernel with "Cannot call
+        # @triton.jit'd outside of the scope of a kernel". Leave it off; use_triton() then says what to do.
+        _warnings.warn("kernels: THINKREC_KERNELS=triton without CUDA needs TRITON_INTERPRET=1 in the "
+                       "environment when triton is imported before kernels (it was)", stacklevel=2)
 
 from kernels._dispatch import kernel_mode, use_triton  # noqa: E402
 from kernels.lora_mix import lora_mix  # noqa: E402

@@ -52,18 +52,23 @@ def _ce_rows_kernel(
     target = tl.load(targets_ptr + row)
     scale = tl.load(row_scale_ptr + row)
     valid = target != ignore_index
-    # m, d = z.max(), exp(z - m).sum()   (online over V blocks, fp32)
+    # m, d = z.max(), exp(z - m).sum()   (online over V blocks, fp32); z_target = z[target] from the same
+    # loads. (Not a separate tl.load(row_ptr + target) after this loop: the row is overwritten in place
+    # below with no barrier in between, so on a GPU a warp still to load z[target] could read the dz that
+    # another warp of the program already stored there. It also never reads out of the row when a target
+    # is out of range.)
     m = float("-inf")
     d = 0.0
+    z_target = 0.0
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
+        z_target += tl.sum(tl.where(cols == target, z, 0.0), axis=0)
     lse = m + tl.log(d)
     # loss_i = lse - z[target]   (0 for an ignored row)
-    z_target = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
     # z[:] = scale * (softmax(z) - onehot(target))   in place; scale is 0 for ignored rows
     for v0 in range(0, V, BLOCK_V):
@@ -214,6 +219,12 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="me
     if chunk_rows < 1:
         raise ValueError(f"kernels/linear_cross_entropy.py: chunk_rows must be >= 1, got {chunk_rows}")
     targets = targets.to(device=h.device, dtype=torch.int64).contiguous()
+    # A target outside [0, V) (other than ignore_index) is an IndexError on the PyTorch path but would be
+    # silently wrong in the row kernel: check on device, without a host sync (raises at once on CPU).
+    V = weight.shape[0]
+    bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
+    torch._assert_async(~bad.any(), f"kernels/linear_cross_entropy.py: targets must be in [0, V={V}) or "
+                                    f"ignore_index={ignore_index}")
     return _LinearCrossEntropy.apply(h, weight, targets, int(ignore_index), reduction, int(chunk_rows))
 
 

@@ -13,17 +13,19 @@ The backward does the same: dx = g @ weight (cuBLAS), then the LoRA expand accum
 
 import torch
 
+from kernels._amp import compute_dtype, no_autocast
 from kernels._dispatch import use_triton
-from kernels.lora_mix import _TorchOps, _TritonOps, check_args, mix_backward, mix_forward
+from kernels.lora_mix import KERNEL_DTYPES, _TorchOps, _TritonOps, check_args, mix_backward, mix_forward
 
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, A, B, w2, scale, mode, use_kernels):
         ops = _TritonOps if use_kernels else _TorchOps
-        # y = bias + x @ weight.T (one cuBLAS/MKL GEMM), then y += LoRA delta in place
-        y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
-        y, xa = mix_forward(ops, x2, A, B, w2, scale, mode, out=y)
+        with no_autocast(x2):  # under autocast the addmm would run in bf16 and the kernels in x's dtype
+            # y = bias + x @ weight.T (one cuBLAS/MKL GEMM), then y += LoRA delta in place
+            y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
+            y, xa = mix_forward(ops, x2, A, B, w2, scale, mode, out=y)
         ctx.save_for_backward(x2, weight, A, B, w2, xa)
         ctx.scale, ctx.mode, ctx.ops, ctx.has_bias = scale, mode, ops, bias is not None
         return y
@@ -33,11 +35,12 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, weight, A, B, w2, xa = ctx.saved_tensors
         g = g.contiguous()
         need_x, need_wt, need_b, need_A, need_B, need_w = ctx.needs_input_grad[:6]
-        dx_base = g @ weight if need_x else None  # [M, K]; the LoRA part is accumulated into it
-        dx, dA, dB, dw = mix_backward(ctx.ops, g, x2, A, B, w2, xa, ctx.scale, ctx.mode,
-                                      (need_x, need_A, need_B, need_w), dx_out=dx_base)
-        dweight = g.T @ x2 if need_wt else None
-        dbias = g.sum(0) if (need_b and ctx.has_bias) else None
+        with no_autocast(g):
+            dx_base = g @ weight if need_x else None  # [M, K]; the LoRA part is accumulated into it
+            dx, dA, dB, dw = mix_backward(ctx.ops, g, x2, A, B, w2, xa, ctx.scale, ctx.mode,
+                                          (need_x, need_A, need_B, need_w), dx_out=dx_base)
+            dweight = g.T @ x2 if need_wt else None
+            dbias = g.sum(0) if (need_b and ctx.has_bias) else None
         return dx, dweight, dbias, dA, dB, dw, None, None, None
 
 
@@ -45,7 +48,7 @@ def lora_linear(x, weight, bias, A, B, w, scale, *, mode="delta"):
     """F.linear(x, weight, bias) + lora_mix(x, A, B, w, scale, mode=mode), with the delta added in place.
 
     x: [..., K], weight: [N, K], bias: [N] or None, A: [E, r, K], B: [E, N, r], w: [..., E] -> [..., N].
-    Differentiable in every tensor argument.
+    Differentiable in every tensor argument. Computes in x's dtype, or autocast's when it is on.
     """
     E, r, K, N = check_args(x, A, B, w, mode, where="lora_linear")
     if tuple(weight.shape) != (N, K):
@@ -54,15 +57,17 @@ def lora_linear(x, weight, bias, A, B, w, scale, *, mode="delta"):
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"kernels/lora_linear.py lora_linear: bias must be [{N}], got {tuple(bias.shape)}")
     lead = x.shape[:-1]
+    # compute in x's dtype, or autocast's as F.linear would (fp32 adapters or base weights, fp32 x under
+    # bf16 autocast); .to is a no-op otherwise
+    dt = compute_dtype(x)
+    x, weight, A, B = x.to(dt), weight.to(dt), A.to(dt), B.to(dt)
+    bias = bias.to(dt) if bias is not None else None
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    # compute in x's dtype (fp32 adapters or base weights under bf16 autocast); .to is a no-op otherwise
-    weight, A, B = weight.to(x.dtype), A.to(x.dtype), B.to(x.dtype)
-    bias = bias.to(x.dtype) if bias is not None else None
     if x2.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias) + 0.0 * (A.sum() + B.sum() + w.sum())
     tensors = [t for t in (x, weight, bias, A, B, w) if t is not None]
-    y = LoRALinearFunction.apply(x2, weight, bias, A, B, w.reshape(-1, E), float(scale), mode,
-                                 use_triton(*tensors))
+    use_kernels = use_triton(*tensors) and dt in KERNEL_DTYPES  # fp64: PyTorch path (see KERNEL_DTYPES)
+    y = LoRALinearFunction.apply(x2, weight, bias, A, B, w.reshape(-1, E), float(scale), mode, use_kernels)
     return y.view(*lead, N)

@@ -37,9 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._amp import compute_dtype, no_autocast
 from kernels._dispatch import use_triton
 
 _MODES = ("delta", "linear")
+# dtypes the kernels take: tl.dot into an fp32 accumulator. fp64 does not compile for a GPU (tl.dot of fp64
+# returns fp64, which cannot be carried in the fp32 loop accumulator), so it takes the PyTorch path.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -165,10 +169,13 @@ def block_sizes(kernel: str, J: int, M: int = 1 << 20) -> dict:
 
 def _launch_opts(bs, dtype=torch.bfloat16):
     """(constexpr block sizes + DOT_PRECISION, num_warps, num_stages). fp32 operands multiply in full
-    precision ("ieee"), as torch.mm does by default, not in TF32; the setting is unused for 16-bit operands."""
+    precision ("ieee"), as torch.mm does by default, not in TF32; the setting is unused for 16-bit operands.
+    fp32 runs 2 pipeline stages, not 3: at 3 the fp32 expand/grad_weight tiles take 112 KB of shared memory,
+    over the 99 KB a block can have on sm_86/sm_89 (RTX 30xx/40xx, A10, L4), where the launch would fail;
+    at 2 they take 64 KB (kernels/compile_check.py checks the fp32 expand spec against that limit)."""
     consts = {k: v for k, v in bs.items() if k.startswith("BLOCK")}
     consts["DOT_PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"
-    return consts, bs["num_warps"], bs["num_stages"]
+    return consts, bs["num_warps"], 2 if dtype == torch.float32 else bs["num_stages"]
 
 
 # A "J-view" of A [E, r, K] or B [E, N, r]: (tensor, stride of e, stride of i, stride of the other dim).
@@ -314,7 +321,8 @@ class LoRAMixFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, A, B, w2, scale, mode, use_kernels):
         ops = _TritonOps if use_kernels else _TorchOps
-        delta, xa = mix_forward(ops, x2, A, B, w2, scale, mode)
+        with no_autocast(x2):
+            delta, xa = mix_forward(ops, x2, A, B, w2, scale, mode)
         ctx.save_for_backward(x2, A, B, w2, xa)
         ctx.scale, ctx.mode, ctx.ops = scale, mode, ops
         return delta
@@ -323,7 +331,8 @@ class LoRAMixFunction(torch.autograd.Function):
     def backward(ctx, g):
         x2, A, B, w2, xa = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
-        dx, dA, dB, dw = mix_backward(ctx.ops, g.contiguous(), x2, A, B, w2, xa, ctx.scale, ctx.mode, need)
+        with no_autocast(g):  # a backward called inside autocast must not re-cast g or the saved tensors
+            dx, dA, dB, dw = mix_backward(ctx.ops, g.contiguous(), x2, A, B, w2, xa, ctx.scale, ctx.mode, need)
         return dx, dA, dB, dw, None, None, None
 
 
@@ -352,28 +361,35 @@ def lora_mix(x, A, B, w, scale, *, mode="delta"):
     "linear" combination scale * (sum_e sqrt(w_e) B_e) @ (sum_e sqrt(w_e) A_e) @ x (mode="linear").
 
     x: [..., K], A: [E, r, K], B: [E, N, r], w: [..., E] (one-hot, dense or zero rows). Differentiable in
-    x, A, B and w (linear mode: w > 0). Triton on CUDA tensors, dense PyTorch GEMMs on CPU.
+    x, A, B and w (linear mode: w > 0). Triton on CUDA tensors, dense PyTorch GEMMs on CPU and for fp64.
+    Computes and returns in x's dtype, or in autocast's dtype when autocast is on (kernels/_amp.py).
     """
     E, r, K, N = check_args(x, A, B, w, mode)
     lead = x.shape[:-1]
+    # compute in x's dtype, or autocast's (fp32 adapters, fp32 x under bf16 autocast); no-op if equal
+    dt = compute_dtype(x)
+    x, A, B = x.to(dt), A.to(dt), B.to(dt)
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    A, B = A.to(x.dtype), B.to(x.dtype)  # compute in x's dtype (fp32 adapters, bf16 autocast); no-op if equal
     w2 = w.reshape(-1, E)
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, N) + 0.0 * (A.sum() + B.sum() + w.sum())
-    delta = LoRAMixFunction.apply(x2, A, B, w2, float(scale), mode, use_triton(x, A, B, w))
+    use_kernels = use_triton(x, A, B, w) and dt in KERNEL_DTYPES
+    delta = LoRAMixFunction.apply(x2, A, B, w2, float(scale), mode, use_kernels)
     return delta.view(*lead, N)
 
 
 # --------------------------------------------------------------------------------------- compile specs
 def compile_specs() -> list:
     """Every kernel at the block sizes its launcher picks (J buckets 16, 32, 64+; small and large M), for
-    bf16 and fp16 (w in fp32)."""
+    bf16 and fp16 (w in fp32), and the fp32 expand at its largest blocks: the kernel with the most shared
+    memory (its "ieee" dot has no tensor-core form; fp32 compiles are slow, so only this one). Every spec must
+    fit the smallest per-block shared memory of sm_80+ GPUs (99 KB on sm_86/sm_89), not only sm_80/90's."""
     specs, seen = [], set()
-    for dt, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        for J, M in itertools.product((16, 32, 64), (64, 1 << 20)):  # _block_j buckets: J <= 16, <= 32, > 32
+    for dt, torch_dtype, Js in (("bf16", torch.bfloat16, (16, 32, 64)), ("fp16", torch.float16, (16, 32, 64)),
+                                ("fp32", torch.float32, (64,))):
+        for J, M in itertools.product(Js, (64, 1 << 20)):  # _block_j buckets: J <= 16, <= 32, > 32
             r = 8
             for kernel, fn, sig, extra in (
                 ("shrink", _lora_shrink_kernel,
@@ -385,6 +401,8 @@ def compile_specs() -> list:
                  dict(l_ptr=f"*{dt}", r_ptr=f"*{dt}", w_ptr="*fp32", out_ptr="*fp32", scale="fp32"),
                  dict(R=r, HAS_W=True)),
             ):
+                if dt == "fp32" and kernel != "expand":
+                    continue
                 blocks, nw, ns = _launch_opts(block_sizes(kernel, J, M), torch_dtype)
                 tiles = "_".join(f"{k[6:]}{v}" for k, v in blocks.items() if k.startswith("BLOCK"))
                 name = f"lora_{kernel}_{dt}_{tiles}"
@@ -395,6 +413,7 @@ def compile_specs() -> list:
                 names = fn.arg_names
                 signature = {a: sig.get(a, "i32") for a in names}
                 signature.update({a: "constexpr" for a in constexprs})
-                specs.append(dict(name=name, fn=fn, signature=signature,
-                                  constexprs=constexprs, num_warps=nw, num_stages=ns, matmul=True))
+                specs.append(dict(name=name, fn=fn, signature=signature, constexprs=constexprs,
+                                  num_warps=nw, num_stages=ns, matmul=torch_dtype != torch.float32,
+                                  max_shared=99 * 1024))
     return specs

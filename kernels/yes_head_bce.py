@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._amp import no_autocast
 from kernels._dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -88,7 +89,8 @@ def _forward_triton(h, w_row, labels, grad_scale):
 
 def _forward_torch(h, w_row, labels, grad_scale):
     """The same three outputs with torch ops (fp32 math): the CPU path."""
-    z = torch.mv(h.float(), w_row.float())  # [M]
+    with no_autocast(h):  # CUDA autocast would run this mv in bf16 (THINKREC_KERNELS=torch on a GPU)
+        z = torch.mv(h.float(), w_row.float())  # [M]
     loss_rows = z.clamp(min=0) - z * labels + torch.log1p(torch.exp(-z.abs()))
     dlogit = (torch.sigmoid(z) - labels) * grad_scale
     return z.to(h.dtype), loss_rows, dlogit
@@ -101,7 +103,9 @@ class _YesHeadBCE(torch.autograd.Function):
         w_row = lm_weight[token_id]  # [D], a view: the rest of the vocabulary is never read
         y = labels.to(device=h.device, dtype=torch.float32).contiguous()  # the kernel reads labels[m] at m
         # "mean" folds 1/M into dz so the backward only multiplies by grad_output.
-        grad_scale = 1.0 / M if reduction == "mean" else 1.0
+        # An empty batch (M = 0) gives loss 0 for "mean" too, as linear_cross_entropy does (not a
+        # ZeroDivisionError here, nor F.binary_cross_entropy_with_logits' NaN).
+        grad_scale = 1.0 / max(M, 1) if reduction == "mean" else 1.0
         fwd = _forward_triton if use_triton(h, lm_weight) else _forward_torch
         logits, loss_rows, dlogit = fwd(h, w_row, y, grad_scale)
         if reduction == "none":

@@ -15,15 +15,19 @@ from tests.utils import CUDA, assert_close
 
 IGNORE = -100
 # (T, D, V, chunk_rows): odd sizes; 37/8 and 37/16 leave a ragged last chunk; None = default budget
+# Inputs live on the GPU when there is one: THINKREC_KERNELS=triton with CPU tensors needs the interpreter,
+# which a CUDA machine does not run.
+DEV = "cuda" if CUDA else "cpu"
 CASES = [(1, 72, 50, None), (37, 136, 257, 8), (37, 72, 1000, 16)]
 
 
-def _inputs(T, D, V, dtype, device="cpu", seed=0, ignore_every=5):
+def _inputs(T, D, V, dtype, device=None, seed=0, ignore_every=5):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(T, D, generator=g)
     w = torch.randn(V, D, generator=g) * (2.0 / D**0.5)  # logits ~ N(0, 4): a peaked softmax
     targets = torch.randint(0, V, (T,), generator=g)
     targets[1::ignore_every] = IGNORE  # some ignored rows (none when T == 1)
+    device = device or DEV
     return h.to(device, dtype), w.to(device, dtype), targets.to(device)
 
 
@@ -136,3 +140,21 @@ def test_compile_specs_follow_the_launcher():
     assert {s["signature"]["logits_ptr"] for s in specs} == {"*bf16", "*fp16"}
     for s in specs:
         assert all(v >= 16 for v in s["constexprs"].values()), f"{s['name']}: block below 16"
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_strided_h_and_out_of_range_targets(monkeypatch, mode):
+    """h as a transposed view (the chunk GEMMs read strides) gives the reference's loss and gradient; a
+    target outside [0, V) is an error on both paths (the row kernel never reads outside its row: the
+    target logit comes from the stats loop, not from a separate load at row + target)."""
+    monkeypatch.setenv("THINKREC_KERNELS", mode)
+    h, w, targets = _inputs(37, 72, 257, torch.float32)
+    _check(h.T.contiguous().T, w, targets, "mean", chunk_rows=16)
+    assert not h.T.contiguous().T.is_contiguous()
+    if h.is_cuda:
+        return  # on a GPU the check is a device-side assert, which would poison the CUDA context for later tests
+    for bad in (257, -1):
+        t = targets.clone()
+        t[4] = bad
+        with pytest.raises(RuntimeError, match=r"targets must be in \[0, V=257\)"):
+            linear_cross_entropy(h, w, t, ignore_index=IGNORE, chunk_rows=16)

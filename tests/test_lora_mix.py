@@ -164,3 +164,87 @@ def test_gpu_large_shapes(dtype, monkeypatch):
     monkeypatch.setenv("THINKREC_KERNELS", "auto")
     x, A, B, w = _make((100_003,), 576, 576, 3, 8, dtype, seed=7)
     _check_against_reference(lora_mix, ref.lora_mix, [x, A, B, w], dtype, "gpu M=100003", relative_atol=True)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)
+@pytest.mark.parametrize("op", ["lora_mix", "lora_linear"])
+def test_autocast_computes_in_the_autocast_dtype(path, op):
+    """fp32 x and weights under autocast: the op computes and returns in autocast's dtype (as F.linear does)
+    and the backward runs outside autocast with gradients in each input's own dtype. Before the fix the
+    base addmm ran in the autocast dtype and the rest in fp32, and the backward failed on mixed dtypes.
+    (fp16 autocast: the interpreter's bf16 tl.dot is wrong; on CUDA the same code runs with bf16.)"""
+    dt = torch.float16
+    x, A, B, w = _make((3, 5), 40, 24, 3, 8, torch.float32, seed=8)
+    W = (torch.randn(24, 40) / 40 ** 0.5).to(DEV).requires_grad_()
+    fn = (lambda *t: lora_mix(*t[:4], 0.5)) if op == "lora_mix" else (lambda *t: lora_linear(t[0], t[4], None,
+                                                                                              *t[1:4], 0.5))
+    with torch.autocast(DEV, dtype=dt):
+        out = fn(x, A, B, w, W)
+    assert out.dtype == dt
+    grads = torch.autograd.grad(out.float().sum(), [x, A, B, w, W], allow_unused=True)
+    assert [g.dtype for g in grads if g is not None] == [torch.float32] * (5 if op == "lora_linear" else 4)
+    inputs64 = [t.detach().double().requires_grad_() for t in (x, A, B, w, W)]
+    exp = ref.lora_mix(*inputs64[:4], 0.5) + (F.linear(inputs64[0], inputs64[4]) if op == "lora_linear" else 0)
+    assert_close(out, exp, dt, name=f"{path} {op} autocast out")
+    for name, got, e in zip(("dx", "dA", "dB", "dw", "dW"), grads,
+                            torch.autograd.grad(exp.sum(), inputs64, allow_unused=True)):
+        if e is not None:
+            assert_close(got, e, dt, name=f"{path} {op} autocast {name}")
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)
+def test_strided_views_and_frozen_inputs(path):
+    """3-D x as a permuted view, A and B as transposed views, w broadcast over the sequence with stride 0
+    (how LoRALinear passes per-sample weights), A frozen: the kernels read through the strides."""
+    g = torch.Generator().manual_seed(9)
+    E, r, K, N = 3, 8, 40, 24
+    x = torch.randn(K, 5, 2, generator=g).permute(2, 1, 0).to(DEV).requires_grad_()  # [2, 5, K], strided
+    A = (torch.randn(E, K, r, generator=g) / K ** 0.5).to(DEV).transpose(1, 2)  # [E, r, K] view, frozen
+    B = (torch.randn(E, r, N, generator=g) / r ** 0.5).to(DEV).transpose(1, 2).requires_grad_()
+    w = torch.softmax(torch.randn(2, E, generator=g), -1).to(DEV)[:, None, :].expand(2, 5, E)
+    out = lora_mix(x, A, B, w, 0.5)
+    up = torch.randn(out.shape, generator=g).to(DEV)
+    dx, dB = torch.autograd.grad(out, [x, B], up)
+    x64, B64 = x.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    exp = ref.lora_mix(x64, A.double(), B64, w.double(), 0.5)
+    assert_close(out, exp, name=f"{path} strided out")
+    for name, got, e in zip(("dx", "dB"), (dx, dB), torch.autograd.grad(exp, [x64, B64], up.double())):
+        assert_close(got, e, torch.float32, name=f"{path} strided {name}")
+
+
+def test_float64_takes_the_pytorch_path(monkeypatch):
+    """tl.dot of fp64 does not compile for a GPU (fp64 result into the fp32 accumulator), so fp64 inputs
+    must never reach the kernels, even with THINKREC_KERNELS=triton."""
+    from kernels.lora_mix import _TritonOps
+
+    def boom(*a, **k):
+        raise AssertionError("fp64 reached a Triton kernel")
+
+    monkeypatch.setenv("THINKREC_KERNELS", "triton")
+    for name in ("shrink", "expand", "grad_weight"):
+        monkeypatch.setattr(_TritonOps, name, staticmethod(boom))
+    x, A, B, w = _make((6,), 16, 12, 2, 4, torch.float64, seed=10)
+    W = torch.randn(12, 16, dtype=torch.float64, device=DEV, requires_grad=True)
+    for out in (lora_mix(x, A, B, w, 1.0), lora_linear(x, W, None, A, B, w, 1.0)):
+        out.sum().backward()
+    assert_close(lora_mix(x, A, B, w, 1.0), ref.lora_mix(x, A, B, w, 1.0), name="fp64 out")
+
+
+@pytest.mark.parametrize("path", ["triton"], indirect=True)
+def test_shrink_at_the_large_grid_block(path, monkeypatch):
+    """At >= 264 shrink tiles (M = 1100, E * r = 1024 here) the launcher switches to BLOCK_M = 64, the block
+    large batches get on a GPU; the other tests' shapes stay below that, so run the kernel at that block
+    here (forced on a small M: the interpreter takes ~25 ms a program)."""
+    import importlib
+
+    lm = importlib.import_module("kernels.lora_mix")  # the package attribute is the function
+
+    assert lm.block_sizes("shrink", 16 * 64, 1100)["BLOCK_M"] == 64
+    real = lm.block_sizes
+    monkeypatch.setattr(lm, "block_sizes", lambda kernel, J, M=1 << 20: real(kernel, J, 1 << 20))
+    M, K, E, r = 70, 24, 3, 8
+    assert lm.block_sizes("shrink", E * r, M)["BLOCK_M"] == 64
+    g = torch.Generator().manual_seed(11)
+    x, A = torch.randn(M, K, generator=g).to(DEV), torch.randn(E, r, K, generator=g).to(DEV)
+    got = lm._TritonOps.shrink(x, A, "A", r)
+    assert_close(got, x.double() @ A.double().reshape(E * r, K).T, name="shrink BLOCK_M=64")

@@ -14,13 +14,17 @@ from tests.utils import CUDA, assert_close
 
 SHAPES = [(1, 72, 50), (37, 136, 257), (37, 72, 1000)]  # (M, D, V), odd on purpose
 TOKEN_ID = 17
+# Inputs live on the GPU when there is one: THINKREC_KERNELS=triton with CPU tensors needs the interpreter,
+# which a CUDA machine does not run.
+DEV = "cuda" if CUDA else "cpu"
 
 
-def _inputs(M, D, V, dtype, device="cpu", seed=0):
+def _inputs(M, D, V, dtype, device=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(M, D, generator=g)
     w = torch.randn(V, D, generator=g) / D**0.5  # logits ~ N(0, 1): both sigmoid tails and the middle
     labels = torch.randint(0, 2, (M,), generator=g)
+    device = device or DEV
     return h.to(device, dtype), w.to(device, dtype), labels.to(device)
 
 
@@ -101,10 +105,10 @@ def test_frozen_lm_head_gets_no_grad(monkeypatch, mode):
 def test_saturated_logits_stay_finite(monkeypatch):
     """|z| ~ 1e3: the stable BCE form gives finite loss and gradients (a naive log(sigmoid) gives inf)."""
     monkeypatch.setenv("THINKREC_KERNELS", "triton")
-    h = (torch.tensor([100.0, -100.0, 100.0])[:, None] * torch.ones(3, 16)).requires_grad_()
-    w = torch.zeros(20, 16)
+    h = (torch.tensor([100.0, -100.0, 100.0])[:, None] * torch.ones(3, 16)).to(DEV).requires_grad_()
+    w = torch.zeros(20, 16, device=DEV)
     w[TOKEN_ID] = 0.625  # z = +-1000
-    labels = torch.tensor([0, 1, 1])
+    labels = torch.tensor([0, 1, 1], device=DEV)
     loss, logits = yes_head_bce(h, w, TOKEN_ID, labels, reduction="none")
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(h.grad).all()
@@ -128,3 +132,29 @@ def test_compile_specs_follow_the_launcher():
     for s in specs:
         assert all(v >= 16 for v in s["constexprs"].values()), f"{s['name']}: block below 16"
         assert set(s["constexprs"]) <= {k for k, v in s["signature"].items() if v == "constexpr"}
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_strided_h_and_weight(monkeypatch, mode):
+    """h as a transposed view and the LM head as a column slice (the kernel reads both through strides)."""
+    monkeypatch.setenv("THINKREC_KERNELS", mode)
+    h, w, labels = _inputs(37, 72, 257, torch.float32)
+    h_t = h.T.contiguous().T
+    w_s = torch.cat([w, torch.zeros_like(w)], 1)[:, :72]
+    assert not h_t.is_contiguous() and not w_s.is_contiguous()
+    _check(h_t, w_s, labels, "mean")
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_empty_batch_gives_zero_loss(monkeypatch, mode):
+    """M = 0 (no rows in this shard): loss 0 for every reduction and empty gradients, no division by zero
+    (on a GPU the launcher's grid is (0,), which Triton skips)."""
+    monkeypatch.setenv("THINKREC_KERNELS", mode)
+    h = torch.zeros(0, 72, device=DEV, requires_grad=True)
+    w = torch.randn(257, 72, device=DEV, requires_grad=True)
+    for reduction in ("mean", "sum", "none"):
+        loss, logits = yes_head_bce(h, w, TOKEN_ID, torch.zeros(0), reduction=reduction)
+        assert logits.shape == (0,) and loss.shape == ((0,) if reduction == "none" else ())
+        assert (loss == 0).all(), f"{reduction}: loss {loss}"
+        loss.sum().backward()
+        assert h.grad.shape == (0, 72) and (w.grad == 0).all()
