@@ -1,0 +1,109 @@
+"""Batches for training and scoring: prompt + answer, left-padded, with the positions the losses read.
+
+A sample (`thinkrec.data.tokenize.Sample`) is a prompt `p [P]` and an answer `a [A]` (" Yes"/" No", or a
+reasoning trace). The model reads `x = p + a[:-1]` (the last answer token predicts nothing, so it is not
+fed); row b of the batch is left-padded to T = max_b len(x_b), offset o_b = T - len(x_b):
+
+    yes_col[b]        = o_b + P_b - 1                  the position whose logits predict a[0]
+    answer positions  = (b, o_b + P_b - 1 + j), j < A_b   predicting a[j]  (flattened, row-major)
+    placeholder mask  = (b, o_b + ph_pos)              CF slots, filled by the projector in prompt order
+
+Losses are sums divided by counts of the GLOBAL batch (`n_rows`, `n_tokens`), so shards of one batch on
+several ranks add up to the loss of the whole batch (see thinkrec/train/ddp.py).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] int64, left-padded with pad_id
+    attention_mask: torch.Tensor  # [B, T] int64, 1 = token
+    yes_col: torch.Tensor  # [B] int64
+    labels: torch.Tensor  # [B] float32
+    ans_row: torch.Tensor  # [N_ans] int64
+    ans_col: torch.Tensor  # [N_ans] int64
+    ans_target: torch.Tensor  # [N_ans] int64
+    ph_mask: torch.Tensor  # [B, T] bool
+    ph_kind: torch.Tensor  # [P] int64, 0 = user, 1 = item (row-major prompt order)
+    ph_index: torch.Tensor  # [P] int64
+    rows: np.ndarray  # [B] data row indices
+    users: torch.Tensor  # [B] int64
+    reasoning: bool  # every row carries a reasoning trace (homogeneous batches, see loop.py)
+    n_rows: int  # rows of the global batch this one is a shard of
+    n_tokens: int  # answer tokens of the global batch
+
+    def to(self, device) -> "Batch":
+        out = Batch(**self.__dict__)
+        for k, v in self.__dict__.items():
+            if isinstance(v, torch.Tensor):
+                setattr(out, k, v.to(device, non_blocking=True))
+        return out
+
+
+def collate(samples, users, pad_id: int, reasoning: bool = False, n_rows: int = None,
+            n_tokens: int = None) -> Batch:
+    """Stack `samples` (list of Sample) into a left-padded Batch. users: [B] user index per sample.
+
+    n_rows / n_tokens: sizes of the global batch when these samples are one rank's shard (default: this).
+    """
+    if not samples:
+        raise ValueError("thinkrec/train/batches.py collate: empty list of samples")
+    lens = [len(s.input_ids) + len(s.answer_ids) - 1 for s in samples]
+    B, T = len(samples), max(lens)
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.int64)
+    ph = np.zeros((B, T), dtype=bool)
+    yes_col = np.empty(B, dtype=np.int64)
+    ans_row, ans_col, ans_tgt, kinds, index = [], [], [], [], []
+    for b, (s, n) in enumerate(zip(samples, lens)):
+        o = T - n
+        x = np.concatenate([s.input_ids, s.answer_ids[:-1]])
+        ids[b, o:] = x
+        mask[b, o:] = 1
+        P, A = len(s.input_ids), len(s.answer_ids)
+        yes_col[b] = o + P - 1
+        ans_row.append(np.full(A, b, dtype=np.int64))
+        ans_col.append(o + P - 1 + np.arange(A, dtype=np.int64))
+        ans_tgt.append(np.asarray(s.answer_ids, dtype=np.int64))
+        ph[b, o + np.asarray(s.ph_pos, dtype=np.int64)] = True
+        kinds.append(np.asarray(s.ph_kind, dtype=np.int64))
+        index.append(np.asarray(s.ph_index, dtype=np.int64))
+    t = torch.from_numpy
+    n_ans = sum(len(s.answer_ids) for s in samples)
+    return Batch(
+        input_ids=t(ids), attention_mask=t(mask), yes_col=t(yes_col),
+        labels=torch.tensor([float(s.label) for s in samples], dtype=torch.float32),
+        ans_row=t(np.concatenate(ans_row)), ans_col=t(np.concatenate(ans_col)), ans_target=t(np.concatenate(ans_tgt)),
+        ph_mask=t(ph), ph_kind=t(np.concatenate(kinds)), ph_index=t(np.concatenate(index)),
+        rows=np.array([s.row for s in samples], dtype=np.int64), users=torch.as_tensor(np.asarray(users), dtype=torch.long),
+        reasoning=reasoning, n_rows=B if n_rows is None else n_rows, n_tokens=n_ans if n_tokens is None else n_tokens,
+    )
+
+
+def shard(indices, rank: int, world: int) -> list:
+    """Rank `rank`'s contiguous share of one global batch (sizes differ by at most one)."""
+    n = len(indices)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    return list(indices[lo:hi])
+
+
+def cf_inputs(batch: Batch, user_emb: torch.Tensor, item_emb: torch.Tensor):
+    """CF vectors [P, d] for the batch's placeholder slots (user or item embedding by kind), or None."""
+    if batch.ph_kind.numel() == 0 or user_emb is None:
+        return None
+    is_user = batch.ph_kind == 0
+    out = torch.empty(len(batch.ph_kind), user_emb.shape[1], dtype=user_emb.dtype, device=user_emb.device)
+    out[is_user] = user_emb[batch.ph_index[is_user]]
+    out[~is_user] = item_emb[batch.ph_index[~is_user]]
+    return out
+
+
+def one_hot_experts(groups: torch.Tensor, n_adapters: int) -> torch.Tensor:
+    """[B] group ids in 0..N-1 -> [B, E] weights routing each row to adapter 1 + group (0 = global)."""
+    w = torch.zeros(len(groups), n_adapters, dtype=torch.float32)
+    w[torch.arange(len(groups)), groups.long() + 1] = 1.0
+    return w

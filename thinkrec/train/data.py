@@ -1,0 +1,79 @@
+"""What a stage reads: sets of samples (rows + prompt builder [+ traces]) and the reasoning traces file.
+
+Trace file (JSON Lines, written by the reasoning-data step; append-only, so a later line for the same
+row replaces an earlier one):  {"split": "train", "row": <row index>, "label": 0|1, "reason": "<text>"}
+Rows are indices into the prepared interactions (thinkrec/data/prepared.py).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from thinkrec.data.prepared import SPLITS
+
+
+class SampleSet:
+    """Rows of a prepared dataset rendered by one PromptBuilder; with `traces` the answers are the traces."""
+
+    def __init__(self, builder, rows, traces: dict = None):
+        self.builder = builder
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.traces = traces
+        self._lengths = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample(self, i: int):
+        r = int(self.rows[i])
+        return self.builder.sample(r, None if self.traces is None else self.traces[r])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[n] tokens per sample (prompt + answer), for the length-bucketed sampler."""
+        if self._lengths is None:
+            self.builder.warm(self.rows)
+            self._lengths = np.array([len(self.sample(i)) for i in range(len(self.rows))], dtype=np.int64)
+        return self._lengths
+
+    @property
+    def users(self) -> np.ndarray:
+        return self.builder.prep.inter.user[self.rows]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.builder.prep.inter.label[self.rows]
+
+
+def read_traces(path, prep, split: str = "train") -> dict:
+    """{row: reason text} of `split` from a trace file; rows whose label disagrees with the data are errors."""
+    path = Path(path)
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                row, label, reason = int(obj["row"]), int(obj["label"]), str(obj["reason"])
+                sp = obj.get("split", "train")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{line_no}: expected {{\"split\", \"row\", \"label\", \"reason\"}} ({e})") from None
+            if sp != split:
+                continue
+            if not 0 <= row < len(prep.inter) or prep.inter.split[row] != SPLITS.index(split):
+                raise ValueError(f"{path}:{line_no}: row {row} is not a {split} row of the prepared data")
+            if prep.inter.label[row] != label:
+                raise ValueError(f"{path}:{line_no}: row {row} has label {label} but the data says "
+                                 f"{int(prep.inter.label[row])}")
+            out[row] = reason
+    return out
+
+
+def subsample(rows, n, seed: int) -> np.ndarray:
+    """At most n of `rows`, drawn without replacement by a seeded generator, kept in row order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if n is None or n <= 0 or n >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))

@@ -1,0 +1,46 @@
+"""The training objective on hidden states, through the kernels (no [B, T, V] logits anywhere).
+
+For a batch of B rows (a shard of a global batch of n_rows rows with n_tokens answer tokens):
+
+    z_b   = h[b, yes_col_b] . W[yes]                                  Yes logit, [B]
+    BCE   = sum_b bce(z_b, y_b) / n_rows                              kernels.yes_head_bce
+    LM    = sum_{answer tokens (b, t)} CE(W h[b, t], a_{b, t}) / n_tokens   kernels.linear_cross_entropy
+    loss  = c_bce * BCE + c_lm * LM,   (c_bce, c_lm) = (0.9, 0.1) plain, (0.1, 0.9) reasoning
+
+h: [B, T, D] final hidden states, W: [V, D] the frozen LM head. A step draws either a plain or a
+reasoning batch (probability 0.2 for reasoning, see loop.py), so the weights are per batch; LM is the
+mean over the batch's answer tokens, as the Hugging Face loss of the official code (batch size 1 there).
+"""
+
+import torch
+
+from kernels import linear_cross_entropy, yes_head_bce
+
+PLAIN_WEIGHTS = (0.9, 0.1)  # (BCE, LM) for Yes/No samples
+REASONING_WEIGHTS = (0.1, 0.9)  # for samples whose answer is a reasoning trace
+
+
+def loss_weights(reasoning: bool):
+    return REASONING_WEIGHTS if reasoning else PLAIN_WEIGHTS
+
+
+def batch_loss(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, batch):
+    """(loss scalar, parts {"bce", "lm"} as floats of this shard, Yes logits [B] detached)."""
+    c_bce, c_lm = loss_weights(batch.reasoning)
+    # the kernels take matching dtypes and run their own precision policy, so leave autocast here
+    with torch.autocast(h.device.type, enabled=False):
+        h = h.to(lm_head.dtype)
+        rows = torch.arange(h.shape[0], device=h.device)
+        bce_sum, logits = yes_head_bce(h[rows, batch.yes_col], lm_head, yes_id, batch.labels, reduction="sum")
+        ce_sum = linear_cross_entropy(h[batch.ans_row, batch.ans_col], lm_head, batch.ans_target, reduction="sum")
+    bce = bce_sum / batch.n_rows
+    lm = ce_sum / max(batch.n_tokens, 1)
+    loss = c_bce * bce + c_lm * lm
+    return loss, {"bce": float(bce.detach()), "lm": float(lm.detach())}, logits.detach()
+
+
+@torch.no_grad()
+def yes_logits(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, yes_col: torch.Tensor) -> torch.Tensor:
+    """Scores [B]: the Yes logit at each row's first answer position (one dot product per row)."""
+    rows = torch.arange(h.shape[0], device=h.device)
+    return (h[rows, yes_col].float() @ lm_head[yes_id].float())

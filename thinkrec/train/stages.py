@@ -1,0 +1,53 @@
+"""The three stages: what trains, which prompts, which routing, and where the artifact goes.
+
+    stage 1  global LoRA (adapter 0, all layers)       prompts without CF ids ("text")      global adapter
+    stage 2  CF projector (LoRA frozen)                prompts with CF ids ("ids")          global adapter
+    stage 3  experts 1..N, last 8 layers' LoRA only    prompts with CF ids ("ids")          row -> 1 + group
+
+Stage 3 starts every expert from the global adapter (so below the trainable layers the experts ARE the
+global adapter, see thinkrec/train/prefix.py) and trains all of them together: batches mix users of all
+groups and each row is routed one-hot to its group's expert. Every stage writes RUN/<stage>/ with the
+model's adapters and projector (thinkrec.model.save_adapters, atomic, adapters.json last); a stage whose
+directory is complete is skipped on a rerun, and its mid-stage checkpoint lives in RUN/<stage>/ckpt/.
+"""
+
+from pathlib import Path
+
+from thinkrec.model.adapters import CONFIG
+
+from .prefix import FrozenPrefix
+
+STAGES = ("stage1", "stage2", "stage3")
+STAGE_MODE = {"stage1": "text", "stage2": "ids", "stage3": "ids"}
+EXPERT_LAYERS = 8  # stage 3 trains the LoRA of the last 8 decoder layers (the paper's choice)
+
+
+def stage_dir(run_dir, stage: str) -> Path:
+    return Path(run_dir) / stage
+
+
+def is_done(run_dir, stage: str) -> bool:
+    return (stage_dir(run_dir, stage) / CONFIG).is_file()
+
+
+def setup(lm, stage: str, expert_layers: int = EXPERT_LAYERS, prefix_cache_mb: float = 0.0):
+    """Set requires_grad for `stage`; returns the forward to use (None = the model's own). Stage 3's is a
+    FrozenPrefix, caching up to `prefix_cache_mb` MB of prefix outputs (0 = no cache)."""
+    if stage == "stage1":
+        lm.set_trainable(layers=None, adapters=[0], projector=False)
+        return None
+    if stage == "stage2":
+        if lm.projector is None:
+            raise ValueError("thinkrec/train/stages.py: stage 2 trains the CF projector but the model has none "
+                             "(build ThinkRecLM with cf_dim)")
+        lm.set_trainable(layers=[], adapters=[], projector=True)
+        return None
+    if stage == "stage3":
+        if lm.n_experts < 1:
+            raise ValueError("thinkrec/train/stages.py: stage 3 needs n_experts >= 1")
+        lm.init_experts_from_global()
+        layers = lm.last_layers(expert_layers)
+        lm.set_trainable(layers=layers, adapters=range(1, lm.n_experts + 1), projector=False)
+        n_layers = len(lm.llm.model.layers)
+        return FrozenPrefix(lm, n_layers - min(layers), cache_mb=prefix_cache_mb)
+    raise ValueError(f"thinkrec/train/stages.py: unknown stage {stage!r}; one of {STAGES}")

@@ -1,0 +1,191 @@
+"""Train ThinkRec end to end: data -> CF model -> groups and gate -> stage 1 -> stage 2 -> stage 3 -> test.
+
+    python train.py                                        # offline default: ml100k, SmolLM2-135M, small samples
+    python train.py --dataset ml1m --experts 2 --run-dir runs/ml1m
+    python train.py --dataset csv --data-dir ../shared/data/ml1m-collm --run-dir runs/ml1m-collm
+    python train.py --run-dir runs/ml100k --resume         # continue a killed run where it stopped
+    torchrun --nproc-per-node 4 train.py --dataset ml1m --model HuggingFaceTB/SmolLM2-135M-Instruct
+
+Every phase writes its artifact into --run-dir atomically and is skipped when that artifact exists:
+data/ (prepared interactions), cf/mf.safetensors, experts/groups.safetensors, stage1/, stage2/, stage3/
+(adapters.safetensors + adapters.json), then metrics.json (test AUC, UAUC, NDCG@5, MAP@5, routing counts).
+With --resume a stage interrupted midway continues from its checkpoint (RUN/<stage>/ckpt/).
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from thinkrec.data import load_prepared, prepare
+from thinkrec.data.prepared import atomic_write_text
+from thinkrec.data.prompts import load_keywords
+from thinkrec.data.tokenize import PromptBuilder
+from thinkrec.metrics import evaluate
+from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters, save_adapters
+from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
+                            score, setup, stage_dir, subsample, train_stage)
+from thinkrec.train.ddp import shutdown
+from thinkrec.train.routing import load_groups, routing_counts, table_router, train_table
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Data
+    p.add_argument("--dataset", default="ml100k", help="ml100k | ml1m | amazon-book | yelp | csv")
+    p.add_argument("--data-dir", default=None, help="raw files (default: download / the offline mirror)")
+    p.add_argument("--run-dir", default=None, help="where every artifact goes (default runs/<dataset>)")
+    p.add_argument("--max-train-samples", type=int, default=64, help="training rows per stage (0 = all)")
+    p.add_argument("--max-eval-samples", type=int, default=48, help="valid rows scored per evaluation (0 = all)")
+    p.add_argument("--max-test-samples", type=int, default=160, help="test rows scored at the end (0 = all)")
+    p.add_argument("--max-len", type=int, default=224, help="tokens per sample; older history items are dropped")
+    p.add_argument("--traces", default=None, help="reasoning traces JSON Lines (default RUN/reasoning/traces.jsonl "
+                   "when it exists; without traces every sample is a plain Yes/No one)")
+    p.add_argument("--keywords", default=None, help="item keywords JSON Lines (default RUN/data/keywords.jsonl if any)")
+    # Model
+    p.add_argument("--model", default=None, help="HF id, local dir or .gguf (default SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--experts", type=int, default=2, help="number of user groups / LoRA experts N")
+    p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
+    p.add_argument("--cf-dim", type=int, default=256, help="CF embedding size (official 256)")
+    p.add_argument("--expert-layers", type=int, default=8, help="stage 3 trains the LoRA of this many last layers")
+    p.add_argument("--prefix-cache-mb", type=float, default=4096,
+                   help="stage 3 keeps the frozen layers' output per sample up to this many MB, so epochs after "
+                        "the first run only the trainable layers (0 = recompute every step)")
+    # Optimisation
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows per stage")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (all ranks together)")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (stages 1 and 2)")
+    p.add_argument("--stage3-lr", type=float, default=None, help="stage 3 learning rate (default --lr; official 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="warmup steps (capped at 10%% of a stage's steps)")
+    p.add_argument("--eval-every", type=int, default=0, help="optimizer steps between valid evaluations (0 = at the end)")
+    p.add_argument("--patience", type=int, default=15, help="evaluations without improvement before stopping")
+    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from RUN/<stage>/ckpt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    args.run_dir = Path(args.run_dir or f"runs/{args.dataset}")
+    return args
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    d = init_from_env()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = args.run_dir
+    if d.is_main:
+        log(json.dumps({k: str(v) for k, v in vars(args).items()}))
+    t_start = time.perf_counter()
+
+    # --- data
+    if d.is_main and not (run / "data" / "stats.json").exists():
+        prepare(args.dataset, data_dir=args.data_dir, out=run)
+    d.barrier()
+    prep = load_prepared(run)
+
+    # --- CF model and expert groups
+    cf_path = run / "cf" / f"{args.cf_model}.safetensors"
+    if d.is_main and not cf_path.exists():
+        from thinkrec.cf.__main__ import main as cf_main
+        cf_main(["train", "--model", args.cf_model, "--run", str(run), "--lr", "1e-3", "--dim", str(args.cf_dim),
+                 "--weight-decay", "1e-6", "--seed", str(args.seed), "--threads", str(torch.get_num_threads()),
+                 "--max-epochs", "30", "--patience", "3"])
+    if d.is_main and not (run / "experts" / "groups.safetensors").exists():
+        from thinkrec.experts import main as experts_main
+        experts_main(["--run", str(run), "--model", args.cf_model, "--groups", str(args.experts),
+                      "--seed", str(args.seed)])
+    d.barrier()
+    cf = load_file(str(cf_path))
+    user_emb, item_emb = cf["user_emb"].to(d.device), cf["item_emb"].to(d.device)  # moved once, indexed per batch
+    groups = load_groups(run)
+
+    # --- model and prompts
+    lm, tok = ThinkRecLM.from_pretrained(args.model, n_experts=args.experts, lora=LoRAConfig(),
+                                         cf_dim=user_emb.shape[1], device=d.device)
+    kw_path = Path(args.keywords) if args.keywords else run / "data" / "keywords.jsonl"
+    keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
+    builders = {}
+
+    def builder(mode):
+        if mode not in builders:
+            builders[mode] = PromptBuilder(prep, tok, mode=mode, max_len=args.max_len, keywords=keywords,
+                                           placeholder_ids=lm.placeholder_token_ids)
+        return builders[mode]
+
+    split_rows = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
+    train_rows = subsample(split_rows["train"], args.max_train_samples, args.seed)
+    valid_rows = subsample(split_rows["valid"], args.max_eval_samples, args.seed + 1)
+    trace_path = Path(args.traces) if args.traces else run / "reasoning" / "traces.jsonl"
+    traces = read_traces(trace_path, prep) if trace_path.exists() else {}
+    if d.is_main:
+        log(f"train rows {len(train_rows)}, valid rows {len(valid_rows)}, reasoning traces {len(traces)}")
+
+    # --- stages 1, 2, 3
+    stage_info = {}
+    for stage in STAGES:
+        out = stage_dir(run, stage)
+        if is_done(run, stage):
+            load_adapters(lm, out)
+            stage_info[stage] = json.loads((out / "train.json").read_text()) if (out / "train.json").exists() else {}
+            if d.is_main:
+                log(f"[{stage}] {out} exists: loaded, skipped")
+            continue
+        forward = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
+        mode = "text" if stage == "stage1" else "ids"
+        route = table_router(train_table(groups, cf["user_emb"].numpy())) if stage == "stage3" else None
+        reason_rows = np.array(sorted(traces), dtype=np.int64)
+        inputs = StageInputs(
+            plain=SampleSet(builder(mode), train_rows), valid=SampleSet(builder(mode), valid_rows),
+            reasoning=SampleSet(PromptBuilder(prep, tok, mode="reason", max_len=args.max_len + 409,
+                                              keywords=keywords, with_ids=mode == "ids",
+                                              placeholder_ids=lm.placeholder_token_ids), reason_rows, traces)
+            if traces else None,
+            route=route, user_emb=user_emb, item_emb=item_emb, forward=forward, pad_id=tok.pad_token_id)
+        lr = args.stage3_lr if (stage == "stage3" and args.stage3_lr) else args.lr
+        cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=lr,
+                         weight_decay=args.weight_decay, warmup=args.warmup, eval_every=args.eval_every,
+                         patience=args.patience, seed=args.seed, grad_ckpt=args.grad_ckpt,
+                         progress=not args.no_progress, desc=stage)
+        t = time.perf_counter()
+        res = train_stage(lm, inputs, cfg, out / "ckpt", d, resume=args.resume, log=log)
+        stage_info[stage] = {"history": res["state"].history, "best_step": res["state"].best_step,
+                             "best_criterion": res["state"].best_score, "steps": res["state"].step,
+                             "seconds": round(time.perf_counter() - t, 1)}
+        if d.is_main:
+            save_adapters(lm, out)  # adapters.json last: the stage is complete
+            atomic_write_text(out / "train.json", json.dumps(stage_info[stage], indent=1))
+        d.barrier()
+
+    # --- test: the fused model (gate weights per user)
+    lm.set_trainable(layers=[], adapters=[], projector=False)
+    test = SampleSet(builder("ids"), subsample(split_rows["test"], args.max_test_samples, args.seed + 2))
+    gate_w = groups["weights"]
+    inputs = StageInputs(plain=test, route=table_router(gate_w), user_emb=user_emb, item_emb=item_emb,
+                         pad_id=tok.pad_token_id)
+    scores = score(lm, test, inputs, d, batch_size=2 * args.batch_size, progress=not args.no_progress, desc="test")
+    metrics = {"test": evaluate(test.users, scores, test.labels), "test_rows": len(test),
+               "routing": routing_counts(gate_w, test.users), "stages": stage_info,
+               "seconds": round(time.perf_counter() - t_start, 1), "args": {k: str(v) for k, v in vars(args).items()}}
+    if d.is_main:
+        atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=1))
+        log(json.dumps({"test": metrics["test"], "routing": metrics["routing"], "seconds": metrics["seconds"]}))
+    shutdown(d)
+    return metrics
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
