@@ -137,3 +137,47 @@ def test_search_save_and_cli(tmp_path):
     assert best["valid_auc"] == max(r["valid_auc"] for r in results) and len(results) == 2
     path = save(tmp_path, "lightgcn", model, prep, {"selected": best})
     assert load_file(path)["user_emb"].shape == (29, 8)
+
+
+def test_sasrec_user_emb_learns_and_exports_its_logits():
+    """With a user vector the state is h + P_u (plus the offset <w, h + P_u>); the exported user row must
+    reproduce the model's logit for a row whose history is the user's train history, and users without train rows get the mean P."""
+    prep = _planted()
+    data = row_data(prep.inter, prep.n_items, 25)
+    seen = torch.zeros(prep.n_users, dtype=torch.bool)
+    seen[data.user[data.rows("train")]] = True
+    torch.manual_seed(0)
+    model = build_model("sasrec", prep, 12, user_emb=True, user_bias=True, n_heads=3)
+    assert model.needs[0] == "user"
+    res = fit(model, data, seen, 1e-2, 1e-5, batch_size=256, max_epochs=40, patience=6, select="official")
+    assert res["valid_auc"] > 0.75 and res["valid_uauc"] > 0.7, res
+    assert res["valid_score"] == pytest.approx(res["valid_auc"] / 4 + res["valid_uauc"] / 3)
+    p = model.user_emb.weight.detach()
+    torch.testing.assert_close(p[~seen], p[seen].mean(0).expand(int((~seen).sum()), -1))
+    hi, hl = user_train_histories(prep.inter, prep.n_users, prep.n_items, 25)
+    ex = model.export(hi, hl)
+    users, items = torch.arange(prep.n_users), torch.arange(prep.n_users) % prep.n_items
+    model.eval()
+    with torch.no_grad():
+        logit = model({"user": users, "item": items, "hist_item": hi, "hist_label": hl})
+    want = ((ex["user_emb"][users] * ex["item_emb"][items]).sum(-1) + ex["user_bias"][users] + ex["item_bias"][items]
+            + ex["global_bias"])
+    torch.testing.assert_close(logit, want, rtol=1e-5, atol=1e-5)
+
+
+def test_criterion():
+    from thinkrec.cf.train import criterion
+    m = {"auc": 0.8, "uauc": 0.6}
+    assert criterion(m, "auc") == 0.8 and criterion(m, "official") == pytest.approx(0.2 + 0.2)
+    with pytest.raises(ValueError, match="select"):
+        criterion(m, "ndcg")
+
+
+def test_sasrec_param_groups_split_item_tables():
+    prep = _planted(n_users=7, rows_per_user=5, cold_users=1)
+    model = build_model("sasrec", prep, 6, n_heads=3, item_wd=10.0, user_emb=True)
+    item, rest = model.param_groups(1e-3)
+    assert item["weight_decay"] == pytest.approx(1e-2) and rest["weight_decay"] == 1e-3
+    assert {id(p) for p in item["params"]} == {id(model.item_emb.weight), id(model.item_bias.weight)}
+    assert len(item["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    assert any(p is model.user_emb.weight for p in rest["params"])

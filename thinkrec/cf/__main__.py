@@ -31,14 +31,17 @@ def parse(argv=None):
                    help="named grid of (lr, dim, weight decay); default: the model's own; ignored when "
                         "--lr/--dim/--weight-decay are all given")
     t.add_argument("--dim", type=int, default=None, help="embedding size")
+    t.add_argument("--select", default=None, choices=["auc", "official"],
+                   help="selection on valid: AUC or the official AUC/4 + UAUC/3; default: the model's (train.SELECT)")
     # Optimisation
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     t.add_argument("--weight-decay", type=float, default=None, help="Adam L2 weight decay")
     t.add_argument("--batch-size", type=int, default=2048, help="rows per step")
     t.add_argument("--max-epochs", type=int, default=100)
-    t.add_argument("--patience", type=int, default=5, help="epochs without a better valid AUC before stopping")
+    t.add_argument("--patience", type=int, default=5, help="epochs without a better valid score before stopping")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (the CI machines have 2 cores)")
+    t.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1: these models are tiny and 2 threads spin-wait on a busy 2-core box")
     return p.parse_args(argv)
 
 
@@ -54,7 +57,8 @@ def main(argv=None) -> dict:
     # ---
     t = time.perf_counter()
     model, best, results, data = search(args.model, prep, grid, seed=args.seed, batch_size=args.batch_size,
-                                        max_epochs=args.max_epochs, patience=args.patience)
+                                        max_epochs=args.max_epochs, patience=args.patience,
+                                        **({"select": args.select} if args.select else {}))
     info = {"args": vars(args), "grid": grid, "selected": best, "results": results,
             "valid": split_metrics(model, data, "valid"), "test": split_metrics(model, data, "test"),
             "seconds": round(time.perf_counter() - t, 1)}

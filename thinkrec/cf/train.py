@@ -2,9 +2,10 @@
 
 Every model maps a batch of rows to logits and is trained with BCE on the train split:
     loss = mean_b BCEWithLogits(logit_b, y_b)
-with Adam (L2 weight decay, as the official code), shuffled mini-batches, and early stopping on the valid
-split's AUC (the best epoch's weights are kept). `search` runs a grid of (lr, dim, weight decay) and keeps
-the configuration with the best valid AUC; `save` writes RUN/cf/<model>.safetensors and RUN/cf/<model>.json.
+with Adam (L2 weight decay, as the official code), shuffled mini-batches, and early stopping on a valid
+split score (the best epoch's weights are kept): AUC, or the official AUC/4 + UAUC/3 (`criterion`; the
+default per model is SELECT). `search` runs a grid of (lr, dim, weight decay) and keeps the configuration
+with the best valid score; `save` writes RUN/cf/<model>.safetensors and RUN/cf/<model>.json.
 """
 
 import copy
@@ -96,7 +97,9 @@ def build_model(name: str, prep: Prepared, dim: int, **kw) -> torch.nn.Module:
     if name == "sasrec":
         return SASRec(prep.n_items, dim, max_len=kw.get("max_len", MAX_LEN), n_heads=kw.get("n_heads", 2),
                       dropout=kw.get("dropout", 0.0), use_labels=kw.get("use_labels", True),
-                      target_query=kw.get("target_query", False), tie_output=kw.get("tie_output", True))
+                      target_query=kw.get("target_query", False), tie_output=kw.get("tie_output", True),
+                      n_users=prep.n_users if kw.get("user_emb", False) else 0, user_bias=kw.get("user_bias", False),
+                      item_wd=kw.get("item_wd", 1.0))
     raise ValueError(f"thinkrec.cf: unknown model {name!r}; choose one of {MODELS}")
 
 
@@ -114,20 +117,33 @@ def split_metrics(model, data: RowData, split: str) -> dict:
     return evaluate(data.user[idx].numpy(), predict(model, data, idx), data.label[idx].numpy())
 
 
-def fit(model, data: RowData, seen_users: torch.Tensor, lr: float, weight_decay: float, batch_size: int = 2048,
-        max_epochs: int = 100, patience: int = 5, seed: int = 0, desc: str = "") -> dict:
-    """Train `model` in place on the train rows; keep the weights of the epoch with the best valid AUC.
+def criterion(metrics: dict, select: str) -> float:
+    """The selection score of valid metrics: "auc", or "official" = AUC/4 + UAUC/3 (the official ThinkRec
+    selection rule, /work/shared/OFFICIAL_CODE_NOTES.md), which also rewards the per-user ranking."""
+    if select == "auc":
+        return metrics["auc"]
+    if select == "official":
+        return metrics["auc"] / 4 + metrics["uauc"] / 3
+    raise ValueError(f"thinkrec.cf.fit: unknown select {select!r}; choose 'auc' or 'official'")
 
-    Returns {"valid_auc", "best_epoch", "epochs"}. Early stop after `patience` epochs without a better
-    valid AUC. Users without train rows are filled with the mean user (model.fill_cold_users) before each
-    evaluation, so selection sees the same cold-start fallback as the exported model.
+
+def fit(model, data: RowData, seen_users: torch.Tensor, lr: float, weight_decay: float, batch_size: int = 2048,
+        max_epochs: int = 100, patience: int = 5, seed: int = 0, desc: str = "", select: str = "auc") -> dict:
+    """Train `model` in place on the train rows; keep the weights of the epoch with the best valid
+    `criterion(select)` (default: AUC).
+
+    Returns {"valid_auc", "valid_uauc", "valid_score", "best_epoch", "epochs"}. Early stop after `patience`
+    epochs without a better valid score. Users without train rows are filled with the mean user
+    (model.fill_cold_users) before each evaluation, so selection sees the same cold-start fallback as the exported model.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # a model may scale the decay per parameter group (SASRec's item_wd): [{"params", "weight_decay"}, ...]
+    groups = model.param_groups(weight_decay) if hasattr(model, "param_groups") else model.parameters()
+    opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     train_idx = torch.from_numpy(data.rows("train"))
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    best = {"valid_auc": -1.0, "best_epoch": -1, "state": None}
+    best = {"valid_score": -np.inf, "best_epoch": -1, "state": None}
     bar = tqdm(range(max_epochs), desc=desc, leave=False, mininterval=2.0)
     for epoch in bar:
         model.train()
@@ -139,23 +155,27 @@ def fit(model, data: RowData, seen_users: torch.Tensor, lr: float, weight_decay:
             loss.backward()
             opt.step()
         model.fill_cold_users(seen_users)
-        valid_auc = split_metrics(model, data, "valid")["auc"]
-        bar.set_postfix(loss=f"{loss.item():.4f}", valid_auc=f"{valid_auc:.4f}")
-        if valid_auc > best["valid_auc"]:
-            best = {"valid_auc": valid_auc, "best_epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        valid = split_metrics(model, data, "valid")
+        score = float(np.nan_to_num(criterion(valid, select), nan=-np.inf))  # NaN (one label only) never wins
+        bar.set_postfix(loss=f"{loss.item():.4f}", valid_auc=f"{valid['auc']:.4f}", valid_uauc=f"{valid['uauc']:.4f}")
+        if best["state"] is None or score > best["valid_score"]:  # the first epoch counts even if NaN
+            best = {"valid_score": score, "valid_auc": valid["auc"], "valid_uauc": valid["uauc"], "best_epoch": epoch,
+                    "state": copy.deepcopy(model.state_dict())}
         elif epoch - best["best_epoch"] >= patience:
             break
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-    return {"valid_auc": best["valid_auc"], "best_epoch": best["best_epoch"], "epochs": epoch + 1}
+    return {k: best.get(k, float("nan")) for k in ("valid_auc", "valid_uauc", "valid_score", "best_epoch")} | {
+        "epochs": epoch + 1}
 
 
-# Grids: subsets of the paper's ranges (lr 1e-2/1e-3/1e-4, dim 64/128/256, wd 1e-2..1e-7) that fit the
-# 15-minute, 2-core budget of bench/baselines.py for all three models; "paper" is the full cross product.
-# lr 1e-4, dim 128 and wd 1e-2 / 1e-7 are left out for time (not measured; `--grid paper` runs them);
-# on ML-1M the MF/LightGCN optimum (lr 1e-2, dim 64, wd 1e-4) sits inside the grid. SASRec costs ~30x an MF epoch; its two configurations come from a manual sweep
-# (valid AUC, lr 1e-3, D 64): wd 1e-6 .7348, 1e-4 .7354, 1e-3 .7385; D 128 / wd 1e-3 .7387;
-# dropout 0.2 + 4 heads .7393 (1.5x slower per epoch); target_query .7299; lr 1e-2 .7273.
+# Grids: subsets of the paper's ranges (lr 1e-2/1e-3/1e-4, dim 64/128/256, wd 1e-2..1e-7); "paper" is the
+# full cross product (`--grid paper`, not in the 15-minute budget). On ML-1M the MF/LightGCN optimum (lr 1e-2,
+# dim 64, wd 1e-4) sits inside their grids; lr 1e-4, dim 128 and wd 1e-2 / 1e-7 are left out for time.
+# Timing (bench/baselines.py, 1 thread, 2026-11-22): MF 16 configs 35 s CPU, LightGCN 16 configs 83 s, SASRec
+# ~45 s per config; the old 2-thread default spent most of a 30-minute run spin-waiting on a loaded box.
+# SASRec (lr 1e-3, D 64; the sweep is in sasrec.py): wd 1e-3 has the best valid AUC (.7385; 1e-4 .7354,
+# 1e-6 .7348, 1e-2 .7253, D 128 .7387 at 2x the time).
 GRIDS = {
     "paper": {"lr": [1e-2, 1e-3, 1e-4], "dim": [64, 128, 256], "weight_decay": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]},
     "mf": {"lr": [1e-2, 1e-3], "dim": [64, 256], "weight_decay": [1e-3, 1e-4, 1e-5, 1e-6]},
@@ -163,11 +183,20 @@ GRIDS = {
     "sasrec": {"lr": [1e-3], "dim": [64], "weight_decay": [1e-3, 1e-4]},
 }
 
+# Default build_model options and selection rule per model: valid AUC, the issue's rule, for all three.
+# The official ThinkRec rule AUC/4 + UAUC/3 (select="official") was measured for SASRec and is not the
+# default: it picks noisier epochs and did not raise test UAUC (sasrec.py's sweep).
+MODEL_KW: dict = {"sasrec": {}}
+SELECT = {"mf": "auc", "lightgcn": "auc", "sasrec": "auc"}
+
 
 def search(name: str, prep: Prepared, grid: dict, seed: int = 0, data: RowData | None = None,
            model_kw: dict | None = None, **fit_kw):
     """Fit every configuration of `grid` ({"lr": [...], "dim": [...], "weight_decay": [...]}); return
-    (best model, best config, list of per-configuration results). Ties keep the earlier configuration."""
+    (best model, best config, list of per-configuration results). Ties keep the earlier configuration.
+    `model_kw` (build_model options) defaults to MODEL_KW[name], fit's `select` to SELECT[name]."""
+    model_kw = dict(MODEL_KW.get(name, {}) if model_kw is None else model_kw)
+    fit_kw.setdefault("select", SELECT.get(name, "auc"))
     if data is None:
         data = row_data(prep.inter, prep.n_items, MAX_LEN if name == "sasrec" else 0)
     seen = torch.zeros(prep.n_users, dtype=torch.bool)
@@ -177,12 +206,13 @@ def search(name: str, prep: Prepared, grid: dict, seed: int = 0, data: RowData |
     for values in itertools.product(*(grid[k] for k in keys)):
         cfg = dict(zip(keys, values))
         torch.manual_seed(seed)
-        model = build_model(name, prep, cfg["dim"], **(model_kw or {}))
+        model = build_model(name, prep, cfg["dim"], **model_kw)
         t = time.perf_counter()
         res = fit(model, data, seen, cfg["lr"], cfg["weight_decay"], seed=seed, desc=f"{name} {cfg}", **fit_kw)
-        res = {**cfg, **res, "seconds": round(time.perf_counter() - t, 2)}
+        res = {**cfg, **res, "select": fit_kw["select"], "model_kw": model_kw,
+               "seconds": round(time.perf_counter() - t, 2)}
         results.append(res)
-        if best is None or res["valid_auc"] > best[1]["valid_auc"]:
+        if best is None or res["valid_score"] > best[1]["valid_score"]:
             best = (model, res)
     return best[0], best[1], results, data
 
