@@ -121,17 +121,20 @@ def _chunk_rows(T: int, V: int, element_size: int, chunk_bytes: int) -> int:
     return max(1, min(T, chunk_bytes // max(1, V * element_size)))
 
 
+_MIXED_ADDMM = {"ok": True}  # set False once if this torch lacks addmm(out_dtype=...): don't retry every chunk
+
+
 def _accumulate_mm(acc, a, b):
     """acc += a @ b with acc in fp32; on CUDA half inputs use cuBLAS's fp32 output (no bf16 [V, D] temp)."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if a.is_cuda:
+    if a.is_cuda and _MIXED_ADDMM["ok"]:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, NotImplementedError, TypeError):
-            pass  # older torch / cuBLAS without the mixed-dtype GEMM: fall through
+            _MIXED_ADDMM["ok"] = False  # older torch / cuBLAS without the mixed-dtype GEMM: fall back from now on
     acc.add_(torch.mm(a, b))
 
 
