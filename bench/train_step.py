@@ -124,11 +124,12 @@ def _official_step(model, lm, batch, cf):
 
 def _our_step(lm, fwd, batch, cf, groups, cached):
     from thinkrec.train.batches import one_hot_experts
-    from thinkrec.train.losses import batch_loss
+    from thinkrec.train.losses import batch_loss, loss_positions
 
     lm.set_expert_weights(None if groups is None else one_hot_experts(groups, lm.n_adapters))
     kw = {"keys": [("plain", int(r)) for r in batch.rows]} if cached else {}
-    h = fwd(batch.input_ids, batch.attention_mask, cf_embeds=cf, placeholder_mask=batch.ph_mask, **kw)
+    h = fwd(batch.input_ids, batch.attention_mask, cf_embeds=cf, placeholder_mask=batch.ph_mask,
+            select=loss_positions(batch), **kw)
     return batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)[0]
 
 

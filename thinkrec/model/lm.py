@@ -8,9 +8,10 @@ the kernels (`yes_head_bce`, `linear_cross_entropy`), so [B, T, V] logits are ne
 Per-row adapters: `set_expert_weights(w)` with w [B, E] (E = 1 + n_experts, index 0 = global) before
 `forward`; every LoRALinear broadcasts a row's weights over its T tokens.
 
-Frozen prefix (stage 3): when the projector and the lower layers' LoRA are frozen, the embeddings do not
-require grad and autograd records nothing below the first layer with a trainable parameter, so the
-frozen prefix already runs without building a graph.
+Padding-free (Llama-family models, thinkrec/model/packed.py): the decoder runs on the batch's real
+tokens only, and `forward(..., select=(rows, cols))` returns just the states the losses read, which lets
+the last layer skip every other position. Other architectures run Hugging Face's padded forward.
+`run_layers` exposes a layer range (stage 3's frozen prefix, thinkrec/train/prefix.py).
 """
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from .lora import LoRAConfig, adapter_names, init_experts_from_global, inject_lora, last_layers, lora_modules
 from .lora import set_expert_weights, set_trainable
+from .packed import Packing, packed_supported, run_layers
 from .projector import CFProjector, scatter_placeholders
 from .tokens import add_placeholder_tokens, answer_token_ids
 
@@ -38,6 +40,9 @@ class ThinkRecLM(nn.Module):
         self.placeholder_token_ids = dict(placeholder_token_ids or {})
         self.register_buffer("_ph_ids", torch.tensor(sorted(self.placeholder_token_ids.values()), dtype=torch.long),
                              persistent=False)
+        self.unpacked_reason = packed_supported(llm.config)  # '' = padding-free forward available
+        self._w = None
+        self.grad_ckpt = False
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod
@@ -70,6 +75,11 @@ class ThinkRecLM(nn.Module):
     def set_expert_weights(self, w) -> None:
         """w: [B, E] per-row adapter weights, [E] for all rows, or None for the global adapter alone."""
         set_expert_weights(self.llm, w)
+        self._w = w
+
+    @property
+    def packed(self) -> bool:
+        return not self.unpacked_reason
 
     def set_trainable(self, layers=None, adapters=None, projector: bool = False) -> None:
         """LoRA of `layers` x `adapters` trains (None = all); the projector trains iff `projector`."""
@@ -87,6 +97,9 @@ class ThinkRecLM(nn.Module):
         """Recompute decoder layers in the backward (memory for time). Non-reentrant checkpointing,
         because the reentrant kind drops LoRA gradients when the layer inputs do not require grad
         (frozen embeddings in stage 1)."""
+        self.grad_ckpt = on  # the padding-free path checkpoints each layer itself (packed.run_layers)
+        if self.packed:
+            return
         if on:
             self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -116,17 +129,66 @@ class ThinkRecLM(nn.Module):
             return embeds
         return scatter_placeholders(embeds, mask, self.projector(cf_embeds))
 
-    def forward(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None) -> torch.Tensor:
-        """Final hidden states [B, T, D] (after the last norm).
+    def forward(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, select=None):
+        """Final hidden states (after the last norm): [B, T, D] (zeros at padding), or [S, D] at the grid
+        positions select = (rows [S], cols [S]) (repeats allowed; padding positions are an error).
 
-        input_ids: [B, T] (left-padded), attention_mask: [B, T] 1 = token, cf_embeds: [P, d_cf] for the P
-        placeholder positions in row-major order, placeholder_mask: [B, T] bool (default: from the ids).
+        input_ids: [B, T] (left- or right-padded), attention_mask: [B, T] 1 = token, cf_embeds: [P, d_cf]
+        for the P placeholder positions in row-major order, placeholder_mask: [B, T] bool (default: from
+        the ids). Positions count real tokens only, so a row's result does not depend on its padding.
         """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not self.packed:
+            return self._forward_hf(input_ids, attention_mask, cf_embeds, placeholder_mask, select)
+        pk = Packing.from_mask(attention_mask)
+        h = self.embed_packed(pk, input_ids, cf_embeds, placeholder_mask)
+        keep, inv = self.select_index(pk, select)
+        h = self.run_layers(h, pk, 0, len(self.llm.model.layers), keep)
+        return self.finish(h, pk, inv)
+
+    # ------------------------------------------------------------------------- padding-free pieces
+    def embed_packed(self, pk: Packing, input_ids, cf_embeds=None, placeholder_mask=None) -> torch.Tensor:
+        """Embeddings [N, D] of the real tokens, placeholders filled (see embed)."""
+        mask = None if placeholder_mask is None else pk.pack(placeholder_mask)
+        return self.embed(pk.pack(input_ids), cf_embeds, mask)
+
+    @staticmethod
+    def select_index(pk: Packing, select):
+        """(keep: sorted unique packed indices, inverse: position of each selected row in keep), or Nones."""
+        if select is None:
+            return None, None
+        return torch.unique(pk.index(*select), sorted=True, return_inverse=True)
+
+    def rope(self, pk: Packing, like: torch.Tensor):
+        cos, sin = self.llm.model.rotary_emb(like, pk.pos[None])
+        return cos[0], sin[0]
+
+    def run_layers(self, h, pk: Packing, start: int, end: int, keep=None) -> torch.Tensor:
+        """Decoder layers [start, end) on packed states h [N, D] with the rows' adapter weights; with
+        `keep`, the last of them computes only those tokens ([len(keep), D])."""
+        layers = list(self.llm.model.layers)[start:end]
+        if not layers:
+            return h if keep is None else h[keep]
+        w = self._w
+        if w is not None:
+            w = w.to(h.device)
+            if w.dim() == 2:
+                w = w[pk.row]
+        cos, sin = self.rope(pk, h)
+        return run_layers(layers, h, pk, cos, sin, w, keep, grad_ckpt=self.grad_ckpt and self.training)
+
+    def finish(self, h, pk: Packing, inverse=None) -> torch.Tensor:
+        """Final norm, then [B, T, D] (no selection) or the selected rows in the caller's order."""
+        h = self.llm.model.norm(h)
+        return pk.unpack(h) if inverse is None else h[inverse]
+
+    def _forward_hf(self, input_ids, attention_mask, cf_embeds, placeholder_mask, select):
+        """Hugging Face's padded forward, for architectures without a padding-free path."""
         embeds = self.embed(input_ids, cf_embeds, placeholder_mask)
-        position_ids = None
-        if attention_mask is not None:
-            # positions count real tokens only, so a left-padded row matches the same row unpadded
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # positions count real tokens only, so a left-padded row matches the same row unpadded
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False)
-        return out.last_hidden_state
+        h = out.last_hidden_state
+        return h if select is None else h[select[0], select[1]]

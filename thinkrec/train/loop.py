@@ -32,7 +32,7 @@ from thinkrec.metrics import evaluate
 from . import checkpoint
 from .batches import cf_inputs, collate, shard
 from .ddp import Dist
-from .losses import batch_loss, yes_logits
+from .losses import batch_loss, loss_positions, yes_logits
 
 
 @dataclass
@@ -120,8 +120,9 @@ def _micro_batch(sset, idx, inputs: StageInputs, d: Dist, reasoning: bool):
     return collate(part, users, inputs.pad_id, reasoning, n_rows=len(idx), n_tokens=n_tokens).to(d.device)
 
 
-def _run_forward(lm, inputs: StageInputs, batch, tag: str = None):
-    """Hidden states [B, T, D]; `tag` names the sample set so a FrozenPrefix can cache rows by (tag, row)."""
+def _run_forward(lm, inputs: StageInputs, batch, tag: str = None, select=None):
+    """Hidden states at `select` = (rows, cols) ([B, T, D] if None); `tag` names the sample set so a
+    FrozenPrefix can cache rows by (tag, row)."""
     ue = None if inputs.user_emb is None else inputs.user_emb.to(batch.input_ids.device)
     ie = None if inputs.item_emb is None else inputs.item_emb.to(batch.input_ids.device)
     cf = cf_inputs(batch, ue, ie)
@@ -130,7 +131,8 @@ def _run_forward(lm, inputs: StageInputs, batch, tag: str = None):
     kw = {}
     if tag is not None and getattr(fwd, "cache_limit", 0) > 0:
         kw["keys"] = [(tag, int(r)) for r in batch.rows]
-    return fwd(batch.input_ids, batch.attention_mask, cf_embeds=cf, placeholder_mask=batch.ph_mask, **kw)
+    return fwd(batch.input_ids, batch.attention_mask, cf_embeds=cf, placeholder_mask=batch.ph_mask, select=select,
+               **kw)
 
 
 @torch.no_grad()
@@ -148,7 +150,8 @@ def score(lm, sset, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16,
         users = sset.users[np.asarray(idx, dtype=np.int64)]
         batch = collate([sset.sample(i) for i in idx], users, inputs.pad_id).to(d.device)
         with _autocast(d.device):
-            h = _run_forward(lm, inputs, batch, tag=f"score-{id(sset)}")
+            rows = torch.arange(len(batch.yes_col), device=batch.yes_col.device)
+            h = _run_forward(lm, inputs, batch, tag=f"score-{id(sset)}", select=(rows, batch.yes_col))
         out[idx] = yes_logits(h, lm.lm_head_weight, lm.yes_token_id, batch.yes_col).double().cpu()
     lm.set_expert_weights(None)
     lm.train(was_training)
@@ -197,7 +200,7 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
         st = LoopState(**raw)
         log(f"[{cfg.desc}] resumed at step {st.step}/{total} from {ckpt_dir}")
     if cfg.grad_ckpt:
-        lm.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.gradient_checkpointing(True)
     lm.train()
     caches = {k: {} for k in samplers}
     bar = tqdm(total=total, initial=st.step, desc=cfg.desc, disable=not (cfg.progress and d.is_main),
@@ -217,7 +220,7 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
             idx = _next_batch(samplers[kind], st.cursors[kind], caches[kind])
             batch = _micro_batch(sset, idx, inputs, d, kind == "reason")
             with _autocast(d.device):
-                h = _run_forward(lm, inputs, batch, tag=kind)
+                h = _run_forward(lm, inputs, batch, tag=kind, select=loss_positions(batch))
             loss, p, _ = batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)
             (loss / cfg.accum).backward()
             parts["loss"] += float(loss.detach()) / cfg.accum
@@ -260,7 +263,7 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
             return {"state": st, "best": best, "interrupted": True}
     bar.close()
     if cfg.grad_ckpt:
-        lm.llm.gradient_checkpointing_disable()
+        lm.gradient_checkpointing(False)
     if best is not None:
         with torch.no_grad():
             for n, p in named.items():

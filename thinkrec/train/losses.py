@@ -24,15 +24,26 @@ def loss_weights(reasoning: bool):
     return REASONING_WEIGHTS if reasoning else PLAIN_WEIGHTS
 
 
+def loss_positions(batch):
+    """(rows, cols) of the states the loss reads: the B Yes positions, then the answer positions. Passed
+    as the model's `select`, so the forward returns only these [B + N_ans, D] (and prunes its last layer)."""
+    rows = torch.arange(len(batch.yes_col), device=batch.yes_col.device)
+    return torch.cat([rows, batch.ans_row]), torch.cat([batch.yes_col, batch.ans_col])
+
+
 def batch_loss(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, batch):
-    """(loss scalar, parts {"bce", "lm"} as floats of this shard, Yes logits [B] detached)."""
+    """(loss scalar, parts {"bce", "lm"} as floats of this shard, Yes logits [B] detached).
+
+    h: the states at loss_positions(batch) [B + N_ans, D], or all hidden states [B, T, D]."""
     c_bce, c_lm = loss_weights(batch.reasoning)
+    if h.dim() == 3:
+        h = h[loss_positions(batch)]
+    B = len(batch.yes_col)
     # the kernels take matching dtypes and run their own precision policy, so leave autocast here
     with torch.autocast(h.device.type, enabled=False):
         h = h.to(lm_head.dtype)
-        rows = torch.arange(h.shape[0], device=h.device)
-        bce_sum, logits = yes_head_bce(h[rows, batch.yes_col], lm_head, yes_id, batch.labels, reduction="sum")
-        ce_sum = linear_cross_entropy(h[batch.ans_row, batch.ans_col], lm_head, batch.ans_target, reduction="sum")
+        bce_sum, logits = yes_head_bce(h[:B], lm_head, yes_id, batch.labels, reduction="sum")
+        ce_sum = linear_cross_entropy(h[B:], lm_head, batch.ans_target, reduction="sum")
     bce = bce_sum / batch.n_rows
     lm = ce_sum / max(batch.n_tokens, 1)
     loss = c_bce * bce + c_lm * lm
@@ -41,6 +52,8 @@ def batch_loss(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, batch):
 
 @torch.no_grad()
 def yes_logits(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, yes_col: torch.Tensor) -> torch.Tensor:
-    """Scores [B]: the Yes logit at each row's first answer position (one dot product per row)."""
-    rows = torch.arange(h.shape[0], device=h.device)
-    return (h[rows, yes_col].float() @ lm_head[yes_id].float())
+    """Scores [B]: the Yes logit at each row's first answer position (one dot product per row).
+    h: [B, T, D], or [B, D] already at the Yes positions (forward with select=(arange(B), yes_col))."""
+    if h.dim() == 3:
+        h = h[torch.arange(h.shape[0], device=h.device), yes_col]
+    return h.float() @ lm_head[yes_id].float()

@@ -19,51 +19,38 @@ exact and the prefix runs the LoRA layers with the rows' weights instead, still 
 Prefix cache (`cache_mb` > 0): the prefix output of a sample is a function of the sample alone for the
 whole stage (frozen weights, no dropout), so with `keys` (one hashable per row, e.g. (set, data row)) the
 [n_tokens, D] hidden states of each row's real tokens are kept and later epochs skip the prefix entirely:
-a step then costs the top k layers' forward and backward only. Left padding makes a row's real-token
-states independent of how much it was padded (positions count real tokens; padded keys are masked), so a
-cached row is re-padded into any batch. Values equal a fresh computation up to float rounding (matmul
-blocking depends on the batch shape), so a resumed run (empty cache) matches an uninterrupted one to
-rounding, not bit for bit. Rows beyond `cache_mb` are computed every time.
+a step then costs the top k layers' forward and backward only. The forward is padding-free (positions
+count real tokens), so a cached row is the same whatever batch it came from. Values equal a fresh
+computation up to float rounding (matmul blocking depends on the batch shape), so a resumed run (empty
+cache) matches an uninterrupted one to rounding, not bit for bit. Rows beyond `cache_mb` are computed
+every time.
 
-The split reuses the Hugging Face decoder's own forward: `model.layers` is temporarily a ModuleList of
-the lower (then upper) layers and `model.norm` an Identity for the prefix, so masks and rotary embeddings
-are computed exactly as in one full pass.
+Both parts run ThinkRecLM's padding-free layer range (`lm.run_layers`); models without that path
+(thinkrec/model/packed.py) train stage 3 through the plain forward instead (stages.setup), where autograd
+still records nothing below the first trainable layer.
 """
 
 from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
 
 from thinkrec.model.lora import layer_index
-
-
-@contextmanager
-def _swapped(obj, **attrs):
-    old = {k: getattr(obj, k) for k in attrs}
-    try:
-        for k, v in attrs.items():
-            setattr(obj, k, v)
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
+from thinkrec.model.packed import Packing
 
 
 class FrozenPrefix:
     """Runs ThinkRecLM with layers [0, L - k) frozen and merged, layers [L - k, L) trainable."""
 
     def __init__(self, lm, k_trainable: int, cache_mb: float = 0.0):
+        if not lm.packed:
+            raise ValueError(f"thinkrec/train/prefix.py: no padding-free forward for this model ({lm.unpacked_reason})")
         self.lm = lm
         self.cache, self.cache_bytes, self.cache_limit = {}, 0, int(cache_mb * 2**20)
         self.hits = self.misses = 0
-        decoder = lm.llm.model
-        L = len(decoder.layers)
+        L = len(lm.llm.model.layers)
         if not 0 < k_trainable <= L:
             raise ValueError(f"thinkrec/train/prefix.py: k_trainable={k_trainable} must be in 1..{L}")
-        self.split = L - k_trainable
-        self.lower = nn.ModuleList(list(decoder.layers)[: self.split])
-        self.upper = nn.ModuleList(list(decoder.layers)[self.split:])
+        self.split, self.n_layers = L - k_trainable, L
         lower_lora = {p: m for p, m in lm.lora_layers().items() if (layer_index(p) or 0) < self.split}
         self.merged = {}
         if all(self._experts_equal_global(m) for m in lower_lora.values()):
@@ -94,54 +81,38 @@ class FrozenPrefix:
                 parent, _, child = path.rpartition(".")
                 setattr(llm.get_submodule(parent), child, orig)
 
-    def _prefix(self, input_ids, attention_mask, position_ids, cf_embeds, placeholder_mask):
-        decoder = self.lm.llm.model
-        with torch.no_grad():
-            embeds = self.lm.embed(input_ids, cf_embeds, placeholder_mask)
-            with self._merged_lower(), _swapped(decoder, layers=self.lower, norm=nn.Identity()):
-                return decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state
+    def _prefix(self, pk, input_ids, cf_embeds, placeholder_mask) -> torch.Tensor:
+        """[N, D] packed output of layers [0, split), no autograd."""
+        with torch.no_grad(), self._merged_lower():
+            h = self.lm.embed_packed(pk, input_ids, cf_embeds, placeholder_mask)
+            return self.lm.run_layers(h, pk, 0, self.split)
 
-    def _cached(self, keys, attention_mask):
-        """[B, T, D] prefix output assembled from the cache (left-padded with zeros), or None on a miss."""
-        if not all(k in self.cache for k in keys):
-            return None
-        first = self.cache[keys[0]]
-        mid = first.new_zeros(*attention_mask.shape, first.shape[-1])
-        for b, k in enumerate(keys):
-            rows = self.cache[k]
-            mid[b, attention_mask.shape[1] - rows.shape[0]:] = rows.to(mid.device)
-        return mid
-
-    def __call__(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, keys=None):
-        """Final hidden states [B, T, D], same contract as ThinkRecLM.forward (expert weights already set).
-        keys: one hashable per row naming the sample, for the prefix cache (None = no caching)."""
-        decoder = self.lm.llm.model
+    def __call__(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, keys=None,
+                 select=None):
+        """Same contract as ThinkRecLM.forward (expert weights already set). keys: one hashable per row
+        naming the sample, for the prefix cache (None = no caching)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        pk = Packing.from_mask(attention_mask)
         use_cache = keys is not None and self.cache_limit > 0
-        mid = self._cached(keys, attention_mask) if use_cache else None
-        if mid is None:
-            mid = self._prefix(input_ids, attention_mask, position_ids, cf_embeds, placeholder_mask)
+        if use_cache and all(k in self.cache for k in keys):
+            mid = torch.cat([self.cache[k].to(input_ids.device) for k in keys])
+            self.hits += len(keys)
+        else:
+            mid = self._prefix(pk, input_ids, cf_embeds, placeholder_mask)
             self.misses += len(input_ids)
             if use_cache:
-                self._store(keys, attention_mask, mid)
-        else:
-            self.hits += len(input_ids)
-        with _swapped(decoder, layers=self.upper):
-            out = decoder(inputs_embeds=mid, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False)
-        return out.last_hidden_state
+                self._store(keys, pk, mid)
+        keep, inv = self.lm.select_index(pk, select)
+        h = self.lm.run_layers(mid, pk, self.split, self.n_layers, keep)
+        return self.lm.finish(h, pk, inv)
 
-    def _store(self, keys, attention_mask, mid):
-        n_real = attention_mask.sum(1).tolist()
-        for b, k in enumerate(keys):
+    def _store(self, keys, pk, mid):
+        for k, rows in zip(keys, torch.split(mid, pk.lengths.tolist())):
             if k in self.cache:
                 continue
-            rows = mid[b, mid.shape[1] - int(n_real[b]):].detach().clone()
             size = rows.numel() * rows.element_size()
             if self.cache_bytes + size > self.cache_limit:
                 return
-            self.cache[k] = rows
+            self.cache[k] = rows.detach().clone()
             self.cache_bytes += size

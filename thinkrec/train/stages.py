@@ -49,5 +49,7 @@ def setup(lm, stage: str, expert_layers: int = EXPERT_LAYERS, prefix_cache_mb: f
         layers = lm.last_layers(expert_layers)
         lm.set_trainable(layers=layers, adapters=range(1, lm.n_experts + 1), projector=False)
         n_layers = len(lm.llm.model.layers)
+        if not lm.packed:  # no layer-range forward: the plain one (no graph below the trainable layers)
+            return None
         return FrozenPrefix(lm, n_layers - min(layers), cache_mb=prefix_cache_mb)
     raise ValueError(f"thinkrec/train/stages.py: unknown stage {stage!r}; one of {STAGES}")

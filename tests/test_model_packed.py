@@ -1,0 +1,147 @@
+"""The padding-free forward (thinkrec/model/packed.py) against Hugging Face's own padded forward of the same
+model: hidden states, the pruned last layer behind `select`, and LoRA / projector gradients, for the
+Llama, Qwen2 (biases) and Qwen3 (q/k norms) layouts, with per-row expert mixtures and CF slots."""
+
+import pytest
+import torch
+
+from tests.tiny_llama import VOCAB
+from tests.train_fixtures import NO, PAD, YES, USER_PH, ITEM_PH, sample_set, tiny_lm
+from thinkrec.model import LoRAConfig, ThinkRecLM
+from thinkrec.model.packed import Packing, packed_supported
+from thinkrec.train.batches import cf_inputs, collate
+from thinkrec.train.losses import batch_loss, loss_positions
+
+
+def _tiny(kind: str) -> ThinkRecLM:
+    if kind == "llama":
+        return tiny_lm(layers=3, n_experts=2, cf_dim=5)
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0)
+    if kind == "qwen2":  # q/k/v biases
+        cfg = transformers.Qwen2Config(**common)
+        llm = transformers.Qwen2ForCausalLM(cfg)
+    else:  # qwen3: per-head q/k RMSNorm, head_dim not hidden / heads
+        cfg = transformers.Qwen3Config(**common, head_dim=24)
+        llm = transformers.Qwen3ForCausalLM(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in llm.parameters():  # HF zero-inits biases and ones-inits norms: make every term visible
+            p.add_(0.05 * torch.randn_like(p))
+    lm = ThinkRecLM(llm.eval(), n_experts=2, lora=LoRAConfig(r=4, alpha=8.0, dropout=0.0), cf_dim=5,
+                    projector_mid=24, yes_token_id=YES, no_token_id=NO,
+                    placeholder_token_ids={"<UserID>": USER_PH, "<ItemID>": ITEM_PH})
+    with torch.no_grad():
+        for mod in lm.lora_layers().values():
+            for B in mod.lora_B:
+                B.copy_(0.1 * torch.randn(B.shape))
+    return lm
+
+
+def _batch(seed=3, idx=(0, 1, 2, 3, 4, 5)):
+    sset = sample_set(16, ids=True, seed=seed)
+    b = collate([sset.sample(i) for i in idx], sset.users[list(idx)], PAD)
+    g = torch.Generator().manual_seed(seed)
+    return b, cf_inputs(b, torch.randn(6, 5, generator=g), torch.randn(11, 5, generator=g))
+
+
+def _loss_and_grads(lm, b, cf, w, packed: bool):
+    lm.zero_grad(set_to_none=True)
+    lm.set_expert_weights(w)
+    if packed:
+        h = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=loss_positions(b))
+    else:
+        h = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, None)
+    loss = batch_loss(h, lm.lm_head_weight, YES, b)[0]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_packed_forward_matches_hf_padded_forward(kind):
+    lm = _tiny(kind)
+    assert lm.packed, lm.unpacked_reason
+    b, cf = _batch()
+    assert int(b.attention_mask.sum()) < b.attention_mask.numel()  # the batch really is padded
+    w = torch.softmax(torch.randn(len(b.labels), lm.n_adapters, generator=torch.Generator().manual_seed(1)), -1)
+    lm.set_expert_weights(w)
+    with torch.no_grad():
+        ref = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, None)
+        full = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask)
+        m = b.attention_mask.bool()
+        torch.testing.assert_close(full[m], ref[m], atol=2e-5, rtol=1e-4)
+        assert torch.count_nonzero(full[~m]) == 0  # padding comes back as zeros
+        # the pruned last layer: only the selected states, repeats and any order
+        rows, cols = loss_positions(b)
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(2))
+        sel = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=(rows[perm], cols[perm]))
+        torch.testing.assert_close(sel, ref[rows[perm], cols[perm]], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_packed_gradients_match_hf(kind):
+    lm = _tiny(kind)
+    lm.set_trainable(layers=None, adapters=None, projector=True)
+    b, cf = _batch(seed=4)
+    w = torch.softmax(torch.randn(len(b.labels), lm.n_adapters, generator=torch.Generator().manual_seed(5)), -1)
+    loss_p, g_p = _loss_and_grads(lm, b, cf, w, packed=True)
+    loss_h, g_h = _loss_and_grads(lm, b, cf, w, packed=False)
+    torch.testing.assert_close(loss_p, loss_h, atol=1e-5, rtol=1e-5)
+    assert g_p.keys() == g_h.keys() and any("projector" in n for n in g_p) and any("lora_A.2" in n for n in g_p)
+    for n in g_h:
+        torch.testing.assert_close(g_p[n], g_h[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_packing_layout_and_padding_error():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1], [1, 1, 0, 0, 0]])  # left, none, left, right
+    pk = Packing.from_mask(mask)
+    assert pk.L == 5 and pk.lengths.tolist() == [3, 5, 1, 2]
+    assert pk.pos.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 0, 1]
+    x = torch.arange(20.0).view(4, 5)
+    torch.testing.assert_close(pk.unpack(pk.pack(x)), x * mask)
+    assert pk.index(torch.tensor([0, 3]), torch.tensor([4, 1])).tolist() == [2, 10]
+    with pytest.raises(ValueError, match="padding"):
+        pk.index(torch.tensor([0]), torch.tensor([0]))
+
+
+def test_right_padded_row_equals_left_padded():
+    lm = tiny_lm(layers=2, n_experts=1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, VOCAB, (1, 7), generator=g)
+    left = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    right = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    ml = torch.tensor([[0, 0, 0] + [1] * 7])
+    mr = torch.tensor([[1] * 7 + [0, 0, 0]])
+    with torch.no_grad():
+        hl, hr = lm(left, ml), lm(right, mr)
+    torch.testing.assert_close(hl[:, 3:], hr[:, :7], atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_architectures_fall_back():
+    class Cfg:
+        model_type = "gemma2"
+    assert "gemma2" in packed_supported(Cfg())
+
+    class Slide:
+        model_type, sliding_window, use_sliding_window = "qwen2", 64, True
+    assert "sliding" in packed_supported(Slide())
+
+
+def test_gradient_checkpointing_recomputes_each_layer(monkeypatch):
+    import thinkrec.model.packed as packed
+
+    calls = []
+    real = packed.layer_forward
+    monkeypatch.setattr(packed, "layer_forward", lambda *a: calls.append(1) or real(*a))
+    lm = tiny_lm(layers=3, n_experts=1).train()
+    lm.gradient_checkpointing(True)
+    ids = torch.randint(10, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9])
+    lm(ids, mask).sum().backward()
+    assert len(calls) == 2 * 3  # forward + recompute in the backward, per layer
+    calls.clear()
+    lm.gradient_checkpointing(False)
+    lm(ids, mask).sum().backward()
+    assert len(calls) == 3

@@ -1,0 +1,167 @@
+"""Padding-free decoder forward for Llama-family models (Llama 2/3, SmolLM2, Qwen2, Qwen3, Mistral).
+
+A batch of B padded rows [B, T] holds N = sum_b len_b real tokens. Here everything but attention runs on
+the N packed tokens [N, D], so no FLOPs go to padding in the linear layers, norms and MLP (random batches of
+real ML-1M prompts are 15-20% padding); attention runs on a right-aligned copy [B, H, L, d], L = max len_b:
+
+    token (b, p)  ->  slot b * L + p            p = position of the token among row b's real tokens
+    o = SDPA(Q, K, V, is_causal=True)           a real query at p sees keys 0..p of its row, all real; the
+                                                zero slots past len_b are seen only by padding queries,
+                                                whose outputs are dropped when gathering back
+
+so no mask is built and the fused CPU/GPU attention kernels apply. Positions (RoPE) count real tokens, so a
+row's result does not depend on how it was padded. The layer's own modules are called (norms, projections,
+MLP, rotary embedding), so LoRALinear, RoPE scaling (Llama 3) and biases (Qwen2) work unchanged.
+
+Only the positions the loss reads (`keep`): in the last layer run, keys and values are computed for every
+token, but queries, attention, o_proj and the MLP only for the kept tokens (one Yes position per row plus
+the answer tokens), which removes ~1 layer of work. The kept queries attend through an explicit causal mask.
+
+Per-token adapter weights: a row's [E] weights are gathered per token (`w[row]`), and in the pruned layer
+per kept token for the modules that only see kept tokens; every LoRALinear is given the weights of the rows
+it will see just before the layer runs (so gradient checkpointing's recompute sees the same weights).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .lora import LoRALinear
+
+PACKED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+KV_MODULES = ("k_proj", "v_proj")  # the only modules of a pruned layer that see every token
+
+
+def packed_supported(config) -> str:
+    """'' if this config runs padding-free, else the reason it does not (the caller falls back to HF)."""
+    mt = getattr(config, "model_type", None)
+    if mt not in PACKED_MODEL_TYPES:
+        return f"model type {mt!r} is not one of {PACKED_MODEL_TYPES}"
+    window = getattr(config, "sliding_window", None)
+    if window and (mt == "mistral" or getattr(config, "use_sliding_window", False)):
+        return "sliding-window attention"
+    return ""
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded [B, T] batch go. All index tensors are on the batch's device."""
+
+    flat: torch.Tensor  # [N] indices of real tokens in the row-major [B * T] grid
+    row: torch.Tensor  # [N] row of each token
+    pos: torch.Tensor  # [N] position of each token among its row's real tokens (RoPE position)
+    slot: torch.Tensor  # [N] row * L + pos: the token's place in the right-aligned [B, L] attention layout
+    lengths: torch.Tensor  # [B]
+    B: int
+    T: int
+    L: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Packing":
+        B, T = attention_mask.shape
+        m = attention_mask.bool()
+        lengths = m.sum(1)
+        flat = m.reshape(-1).nonzero().squeeze(1)
+        row = torch.div(flat, T, rounding_mode="floor")
+        pos = (m.long().cumsum(1) - 1).reshape(-1)[flat]
+        L = max(int(lengths.max()), 1) if B else 1
+        return cls(flat, row, pos, row * L + pos, lengths, B, T, L)
+
+    def index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Packed index of grid positions (rows, cols); every position must be a real token."""
+        grid = torch.full((self.B * self.T,), -1, dtype=torch.long, device=self.flat.device)
+        grid[self.flat] = torch.arange(len(self.flat), device=self.flat.device)
+        out = grid[rows * self.T + cols]
+        if bool((out < 0).any()):
+            raise ValueError("thinkrec/model/packed.py: a selected position is a padding token")
+        return out
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]."""
+        return x.reshape(self.B * self.T, *x.shape[2:])[self.flat]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...] with zeros at padding."""
+        out = x.new_zeros(self.B * self.T, *x.shape[1:])
+        return out.index_copy(0, self.flat, x).view(self.B, self.T, *x.shape[1:])
+
+
+def _rope(x, cos, sin):
+    """x [n, H, d]; cos, sin [n, d] (HF's rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rot * sin[:, None]
+
+
+def _to_grid(x, pk: Packing):
+    """[N, H, d] packed -> [B, H, L, d] right-aligned (zeros past each row's end)."""
+    grid = x.new_zeros(pk.B * pk.L, *x.shape[1:]).index_copy(0, pk.slot, x)
+    return grid.view(pk.B, pk.L, *x.shape[1:]).transpose(1, 2)
+
+
+_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
+
+
+def _sdpa(q, k, v, **kw):
+    if q.shape[1] != k.shape[1]:  # grouped-query attention
+        if _GQA:  # K/V heads shared in the kernel: no repeated copies kept for the backward
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+def _set_weights(layer, w_all, w_kept) -> None:
+    for name, mod in layer.named_modules():
+        if isinstance(mod, LoRALinear):
+            mod.set_expert_weights(w_all if name.rsplit(".", 1)[-1] in KV_MODULES else w_kept)
+
+
+def layer_forward(layer, h, pk: Packing, cos, sin, keep=None):
+    """One decoder layer on packed tokens h [N, D] -> [N, D], or [len(keep), D] for the kept tokens only."""
+    attn = layer.self_attn
+    d = attn.head_dim
+    x = layer.input_layernorm(h)
+    xq = x if keep is None else x[keep]
+    q = attn.q_proj(xq).view(len(xq), -1, d)
+    k = attn.k_proj(x).view(len(x), -1, d)
+    v = attn.v_proj(x).view(len(x), -1, d)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    qcos, qsin = (cos, sin) if keep is None else (cos[keep], sin[keep])
+    q, k = _rope(q, qcos, qsin), _rope(k, cos, sin)
+    p = attn.attention_dropout if attn.training else 0.0
+    K, V = _to_grid(k, pk), _to_grid(v, pk)
+    if keep is None:
+        o = _sdpa(_to_grid(q, pk), K, V, is_causal=True, dropout_p=p, scale=attn.scaling)
+        o = o.transpose(1, 2).reshape(pk.B * pk.L, -1)[pk.slot]
+    else:
+        # kept queries, grouped per row into [B, Q, ...]; query j of row b sees keys 0..pos_j
+        krow, kpos = pk.row[keep], pk.pos[keep]
+        counts = torch.bincount(krow, minlength=pk.B)
+        nq = max(int(counts.max()), 1)
+        qslot = krow * nq + torch.arange(len(keep), device=h.device) - (counts.cumsum(0) - counts)[krow]
+        Q = q.new_zeros(pk.B * nq, *q.shape[1:]).index_copy(0, qslot, q).view(pk.B, nq, *q.shape[1:]).transpose(1, 2)
+        qpos = torch.zeros(pk.B * nq, dtype=torch.long, device=h.device).index_copy(0, qslot, kpos)
+        mask = torch.arange(pk.L, device=h.device)[None, :] <= qpos[:, None]  # [B * nq, L]; empty slots see key 0
+        o = _sdpa(Q, K, V, attn_mask=mask.view(pk.B, 1, nq, pk.L), dropout_p=p, scale=attn.scaling)
+        o = o.transpose(1, 2).reshape(pk.B * nq, -1)[qslot]
+        h = h[keep]
+    h = h + attn.o_proj(o)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def run_layers(layers, h, pk: Packing, cos, sin, w_tok=None, keep=None, grad_ckpt: bool = False):
+    """Decoder `layers` in order on packed h [N, D]. w_tok: per-token adapter weights [N, E], [E] or None
+    (global). keep: packed indices (sorted, unique) to return from the last layer; None = all tokens."""
+    for i, layer in enumerate(layers):
+        kp = keep if i == len(layers) - 1 else None
+        w_kept = w_tok if (kp is None or w_tok is None or w_tok.dim() == 1) else w_tok[kp]
+        _set_weights(layer, w_tok, w_kept)
+        if grad_ckpt and torch.is_grad_enabled():
+            h = checkpoint(layer_forward, layer, h, pk, cos, sin, kp, use_reentrant=False)
+        else:
+            h = layer_forward(layer, h, pk, cos, sin, kp)
+    return h
