@@ -25,15 +25,26 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _planted(n_users=61, n_items=47, rows_per_user=33, noise=0.1, seed=0, cold_users=3):
+def _planted(n_users=61, n_items=47, rows_per_user=33, noise=0.1, seed=0, cold_users=3, own_share=None):
     """Users and items each have a hidden type in {0, 1}; a user likes an item of their own type (labels
     flipped with prob `noise`). Item types are balanced and every user sees both, so item popularity alone
     gives AUC 0.5: a model must learn the user-item interaction to score well. Rows are split by time per
-    user (first 60% train, next 20% valid, rest test); the last `cold_users` users have no train rows."""
+    user (first 60% train, next 20% valid, rest test); the last `cold_users` users have no train rows.
+    own_share: the fraction of a user's rows drawn from their own type (None: items uniformly at random),
+    so that which items a user chose, SASRec's input without labels, tells the type, as in real logs."""
     rng = np.random.default_rng(seed)
     utype, itype = rng.integers(0, 2, n_users), np.arange(n_items) % 2
+
+    def pick(u):
+        if own_share is None:
+            return rng.choice(n_items, rows_per_user, replace=False)
+        n_own = round(own_share * rows_per_user)
+        own = rng.choice(np.flatnonzero(itype == utype[u]), n_own, replace=False)
+        other = rng.choice(np.flatnonzero(itype != utype[u]), rows_per_user - n_own, replace=False)
+        return rng.permutation(np.concatenate([own, other]))
+
     user = np.repeat(np.arange(n_users), rows_per_user)
-    item = np.concatenate([rng.choice(n_items, rows_per_user, replace=False) for _ in range(n_users)])
+    item = np.concatenate([pick(u) for u in range(n_users)])
     label = (utype[user] == itype[item]) ^ (rng.random(len(user)) < noise)
     ts = np.tile(np.arange(rows_per_user), n_users) * 100 + 1_000_000
     pos = np.tile(np.arange(rows_per_user), n_users) / rows_per_user
@@ -59,7 +70,7 @@ def _fit(name, prep, seed=0, lr=1e-2, dim=16, wd=1e-5):
 
 @pytest.mark.parametrize("name", ["mf", "lightgcn", "sasrec"])
 def test_learns_planted_signal(name):
-    prep = _planted()
+    prep = _planted(own_share=0.7 if name == "sasrec" else None)
     model, data, res = _fit(name, prep)
     test = split_metrics(model, data, "test")
     assert res["valid_auc"] > 0.75, res
@@ -147,7 +158,7 @@ def test_sasrec_user_emb_learns_and_exports_its_logits():
     seen = torch.zeros(prep.n_users, dtype=torch.bool)
     seen[data.user[data.rows("train")]] = True
     torch.manual_seed(0)
-    model = build_model("sasrec", prep, 12, user_emb=True, user_bias=True, n_heads=3)
+    model = build_model("sasrec", prep, 12, user_emb=True, user_bias=True, n_heads=3, use_labels=True)
     assert model.needs[0] == "user"
     res = fit(model, data, seen, 1e-2, 1e-5, batch_size=256, max_epochs=40, patience=6, select="official")
     assert res["valid_auc"] > 0.75 and res["valid_uauc"] > 0.7, res
@@ -181,3 +192,12 @@ def test_sasrec_param_groups_split_item_tables():
     assert {id(p) for p in item["params"]} == {id(model.item_emb.weight), id(model.item_bias.weight)}
     assert len(item["params"]) + len(rest["params"]) == len(list(model.parameters()))
     assert any(p is model.user_emb.weight for p in rest["params"])
+
+
+def test_cli_sasrec_labels_flag(tmp_path):
+    prep = _planted(n_users=9, rows_per_user=12, cold_users=1)
+    save_prepared(prep, tmp_path)
+    common = ["train", "--model", "sasrec", "--run", str(tmp_path), "--lr", "1e-2", "--dim", "8", "--weight-decay",
+              "1e-5", "--max-epochs", "1", "--threads", "1"]
+    assert cf_main(common)["selected"]["model_kw"] == {}  # default: SASRec's item sequence alone
+    assert cf_main(common + ["--sasrec-labels"])["selected"]["model_kw"] == {"use_labels": True}
