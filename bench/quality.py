@@ -24,6 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "ml1m-collm")
 
 
+def _logit_stats(scores, labels) -> dict:
+    """Mean Yes logit over liked and not-liked rows: how far training moved the logit, beside the ranking."""
+    return {"logit_pos": float(scores[labels == 1].mean()), "logit_neg": float(scores[labels == 0].mean())}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model spec (default SmolLM2-135M-Instruct)")
@@ -71,7 +76,7 @@ def main():
     if not a.no_zero_shot:
         t = time.perf_counter()
         s = score(lm, test, inputs, batch_size=16, progress=True, desc="zero-shot")
-        results["zero-shot"] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t}
+        results["zero-shot"] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t, **_logit_stats(s, labels)}
     setup(lm, "stage1")
     t = time.perf_counter()
     cfg = LoopConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, desc="stage1")
@@ -80,16 +85,18 @@ def main():
     t = time.perf_counter()
     s = score(lm, test, inputs, batch_size=16, progress=True, desc="test")
     results["stage1"] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t, "train_seconds": train_s,
-                         "steps": res["state"].step}
+                         "steps": res["state"].step, **_logit_stats(s, labels)}
 
-    print("| model | AUC | UAUC | NDCG@5 | MAP@5 | seconds |\n|---|---|---|---|---|---|")
+    print("| model | AUC | UAUC | NDCG@5 | MAP@5 | seconds | mean Yes logit (liked / not) |\n|---|---|---|---|---|---|---|")
     for name, m in results.items():
+        logit = f"{m['logit_pos']:.2f} / {m['logit_neg']:.2f}" if "logit_pos" in m else ""
         print(f"| {name} | {m['auc']:.4f} | {m['uauc']:.4f} | {m['ndcg@5']:.4f} | {m['map@5']:.4f} | "
-              f"{m['seconds'] + m.get('train_seconds', 0):.0f} |")
+              f"{m['seconds'] + m.get('train_seconds', 0):.0f} | {logit} |")
     out = {"train_samples": len(train_rows), "test_rows": len(test_rows), "test_users": int(len(np.unique(users))),
            "epochs": a.epochs, "lr": a.lr}
     for name, m in results.items():
-        out[name] = {k: round(float(m[k]), 4) for k in ("auc", "uauc", "ndcg@5", "map@5")}
+        out[name] = {k: round(float(m[k]), 4) for k in ("auc", "uauc", "ndcg@5", "map@5", "logit_pos", "logit_neg")
+                     if k in m}
     print(json.dumps(out))
 
 

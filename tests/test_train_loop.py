@@ -94,12 +94,34 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     # ~20 s per process on a busy 2-core machine)
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
+    _assert_equals_one_process(load_file(str(tmp_path / "ddp.safetensors")))
+
+
+def _assert_equals_one_process(ddp: dict) -> None:
     torch.manual_seed(0)
     lm = tiny_lm(layers=2, n_experts=1)
     lm.set_trainable(adapters=[0])
+    before = _trainable(lm)
     train_stage(lm, _inputs(n=21, traces=False), _cfg(batch_size=7, accum=1, eval_every=0, epochs=1.0), None,
                 log=lambda *_: None)
-    ddp = load_file(str(tmp_path / "ddp.safetensors"))
     one = _trainable(lm)
+    assert ddp.keys() == one.keys() and any(not torch.equal(one[n], before[n]) for n in one)  # it trained
     for n in one:  # 7 rows split 3 + 4: shard losses still sum to the batch loss
         torch.testing.assert_close(ddp[n], one[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_torchrun_launch_equals_one_process(tmp_path):
+    """A real `torchrun --standalone --nproc-per-node 2` launch: ranks join from the environment as in train.py."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "torchrun.safetensors"
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(root, "tests", "torchrun_worker.py"), str(out)]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    _assert_equals_one_process(load_file(str(out)))
