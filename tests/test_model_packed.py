@@ -145,3 +145,21 @@ def test_gradient_checkpointing_recomputes_each_layer(monkeypatch):
     lm.gradient_checkpointing(False)
     lm(ids, mask).sum().backward()
     assert len(calls) == 3
+
+
+def test_packed_forward_under_bf16_autocast():
+    """The GPU trainer runs under bf16 autocast: mixed dtypes (bf16 projections, fp32 residual stream and
+    RoPE tables) must flow through the grid copies and the pruned layer, forward and backward, and agree
+    with HF's forward under the same autocast to bf16 precision."""
+    lm = tiny_lm(layers=3, n_experts=2, cf_dim=5)
+    lm.set_trainable(layers=None, adapters=None, projector=True)
+    b, cf = _batch(seed=6)
+    lm.set_expert_weights(torch.softmax(torch.randn(len(b.labels), lm.n_adapters), -1))
+    rows, cols = loss_positions(b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sel = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=(rows, cols))
+        ref = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, (rows, cols))
+    torch.testing.assert_close(sel.float(), ref.float(), atol=0.05, rtol=0.05)
+    batch_loss(sel, lm.lm_head_weight, YES, b)[0].backward()
+    grads = [p.grad for n, p in lm.named_parameters() if "lora_B.1" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

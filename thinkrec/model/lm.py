@@ -185,6 +185,7 @@ class ThinkRecLM(nn.Module):
 
     def _forward_hf(self, input_ids, attention_mask, cf_embeds, placeholder_mask, select):
         """Hugging Face's padded forward, for architectures without a padding-free path."""
+        set_expert_weights(self.llm, self._w)  # per-row weights (a packed forward leaves per-token ones)
         embeds = self.embed(input_ids, cf_embeds, placeholder_mask)
         # positions count real tokens only, so a left-padded row matches the same row unpadded
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
