@@ -6,7 +6,8 @@ The trainer turns h into the Yes-logit BCE and the answer LM loss with `lm_head_
 the kernels (`yes_head_bce`, `linear_cross_entropy`), so [B, T, V] logits are never built.
 
 Per-row adapters: `set_expert_weights(w)` with w [B, E] (E = 1 + n_experts, index 0 = global) before
-`forward`; every LoRALinear broadcasts a row's weights over its T tokens.
+`forward`; the padded path broadcasts a row's weights over its T tokens, the padding-free one gathers
+them per token.
 
 Padding-free (Llama-family models, thinkrec/model/packed.py): the decoder runs on the batch's real
 tokens only, and `forward(..., select=(rows, cols))` returns just the states the losses read, which lets

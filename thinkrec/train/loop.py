@@ -32,7 +32,7 @@ from thinkrec.metrics import evaluate
 from . import checkpoint
 from .batches import cf_inputs, collate, shard
 from .ddp import Dist
-from .losses import batch_loss, loss_positions, yes_logits
+from .losses import batch_loss, loss_positions, yes_logits, yes_positions
 
 
 @dataclass
@@ -150,8 +150,7 @@ def score(lm, sset, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16,
         users = sset.users[np.asarray(idx, dtype=np.int64)]
         batch = collate([sset.sample(i) for i in idx], users, inputs.pad_id).to(d.device)
         with _autocast(d.device):
-            rows = torch.arange(len(batch.yes_col), device=batch.yes_col.device)
-            h = _run_forward(lm, inputs, batch, tag=f"score-{id(sset)}", select=(rows, batch.yes_col))
+            h = _run_forward(lm, inputs, batch, tag=f"score-{id(sset)}", select=yes_positions(batch))
         out[idx] = yes_logits(h, lm.lm_head_weight, lm.yes_token_id, batch.yes_col).double().cpu()
     lm.set_expert_weights(None)
     lm.train(was_training)

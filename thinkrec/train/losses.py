@@ -24,11 +24,16 @@ def loss_weights(reasoning: bool):
     return REASONING_WEIGHTS if reasoning else PLAIN_WEIGHTS
 
 
+def yes_positions(batch):
+    """(rows, cols) of each row's Yes position: the model's `select` for scoring."""
+    return torch.arange(len(batch.yes_col), device=batch.yes_col.device), batch.yes_col
+
+
 def loss_positions(batch):
     """(rows, cols) of the states the loss reads: the B Yes positions, then the answer positions. Passed
     as the model's `select`, so the forward returns only these [B + N_ans, D] (and prunes its last layer)."""
-    rows = torch.arange(len(batch.yes_col), device=batch.yes_col.device)
-    return torch.cat([rows, batch.ans_row]), torch.cat([batch.yes_col, batch.ans_col])
+    rows, cols = yes_positions(batch)
+    return torch.cat([rows, batch.ans_row]), torch.cat([cols, batch.ans_col])
 
 
 def batch_loss(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, batch):
