@@ -13,17 +13,13 @@ Budget: the default grids (thinkrec.cf.train.GRIDS) fit 15 minutes on 2 CPU core
 """
 
 import argparse
-import json
 import sys
-import time
-from pathlib import Path
 
 import torch
+from _util import ML1M, Stopwatch, print_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from thinkrec.cf.train import GRIDS, MAX_LEN, row_data, save, search, split_metrics  # noqa: E402
-from thinkrec.data.prepare import prepare  # noqa: E402
+from thinkrec.cf.train import GRIDS, MAX_LEN, CFConfig, row_data, save, search, split_metrics
+from thinkrec.data.prepare import prepare
 
 # ThinkRec paper, Table 2, ML-1M rows (AUC, UAUC, NDCG@5, MAP@5)
 PAPER = {
@@ -37,7 +33,7 @@ KEYS = ("auc", "uauc", "ndcg@5", "map@5")
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
-    p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/ml1m-collm"),
+    p.add_argument("--data", default=str(ML1M),
                    help="directory with the paper split's interactions.csv and items.csv")
     p.add_argument("--run", default=None, help="if given, also export embeddings to RUN/cf/<model>.*")
     # Model
@@ -46,11 +42,12 @@ def parse(argv=None):
     p.add_argument("--select", default=None, choices=["auc", "official"],
                    help="selection on valid: AUC or the official AUC/4 + UAUC/3; default: thinkrec.cf.train.SELECT")
     # Optimisation
-    p.add_argument("--max-epochs", type=int, default=100)
-    p.add_argument("--patience", type=int, default=5, help="epochs without a better valid score before stopping")
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--max-epochs", type=int, default=CFConfig.max_epochs)
+    p.add_argument("--patience", type=int, default=CFConfig.patience,
+                   help="epochs without a better valid score before stopping")
+    p.add_argument("--batch-size", type=int, default=CFConfig.batch_size)
+    p.add_argument("--seed", type=int, default=CFConfig.seed)
+    p.add_argument("--threads", type=int, default=CFConfig.threads,
                    help="torch CPU threads; 1 by default: these models are tiny and with 2 threads on a busy 2-core "
                         "box OpenMP spin-waits made steps up to 5x slower")
     return p.parse_args(argv)
@@ -63,16 +60,16 @@ def main(argv=None) -> dict:
     prep = prepare("csv", data_dir=args.data, quiet=True)
     print(f"data: {len(prep.inter)} rows, {prep.n_users} users, {prep.n_items} items", file=sys.stderr)
     # ---
-    results, table, t_all, c_all = {}, [], time.perf_counter(), time.process_time()
+    results, table, total = {}, [], Stopwatch()
     for name in args.models.split(","):
         grid = GRIDS[args.grid or name]
-        t, c = time.perf_counter(), time.process_time()  # CPU time: meaningful on a loaded machine too
+        clock = Stopwatch()
         data = row_data(prep.inter, prep.n_items, MAX_LEN if name == "sasrec" else 0)
         model, best, _, _ = search(name, prep, grid, seed=args.seed, data=data, batch_size=args.batch_size,
                                    max_epochs=args.max_epochs, patience=args.patience,
                                    **({"select": args.select} if args.select else {}))
         valid, test = split_metrics(model, data, "valid"), split_metrics(model, data, "test")
-        seconds, cpu = time.perf_counter() - t, time.process_time() - c
+        seconds, cpu = clock.wall(), clock.cpu()
         results[name] = {k: round(test[k], 4) for k in KEYS}
         cfg = f"lr={best['lr']:g} dim={best['dim']} wd={best['weight_decay']:g} ep={best['best_epoch'] + 1}"
         n_cfg = len(grid["lr"]) * len(grid["dim"]) * len(grid["weight_decay"])
@@ -86,8 +83,8 @@ def main(argv=None) -> dict:
     print(f"{'model':<9} {'row':<6} " + " ".join(f"{k:>7}" for k in KEYS) + "  selection")
     for name, row, vals, note in table:
         print(f"{name:<9} {row:<6} " + " ".join(f"{v:7.4f}" for v in vals) + f"  {note}")
-    print(f"total {time.perf_counter() - t_all:.0f} s wall, {time.process_time() - c_all:.0f} s cpu on {args.threads} threads")
-    print(json.dumps(results))
+    print(f"total {total.wall():.0f} s wall, {total.cpu():.0f} s cpu on {args.threads} threads")
+    print_json(results)
     return results
 
 

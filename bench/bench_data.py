@@ -20,21 +20,15 @@ Prints a table, then one JSON line.
 import argparse
 import json
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from _util import ML1M, Stopwatch, print_json
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from thinkrec.data import prepare  # noqa: E402
-from thinkrec.data.history import build_histories  # noqa: E402
-from thinkrec.data.tokenize import PromptBuilder  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data" / "ml1m-collm"
+from thinkrec.data import prepare
+from thinkrec.data.history import build_histories
+from thinkrec.data.tokenize import PromptBuilder
 
 
 def write_synthetic_yelp(d: Path, rows: int, items: int, seed: int = 0) -> None:
@@ -71,28 +65,28 @@ def get_tokenizer(gguf: str | None):
 
 def bench_prepared(name, prep, tok, n_assemble, seed=0):
     inter = prep.inter
-    t = time.perf_counter()
+    clock = Stopwatch()
     build_histories(inter.user, inter.timestamp, 10)
-    t_hist = time.perf_counter() - t
+    t_hist = clock.wall()
     ph = {k: tok.convert_tokens_to_ids(k) for k in ("<UserID>", "<ItemID>")}
-    t = time.perf_counter()
+    clock = Stopwatch()
     b = PromptBuilder(prep, tok, mode="reason", placeholder_ids=ph, max_len=1024)
-    t_init = time.perf_counter() - t
+    t_init = clock.wall()
     rows = np.random.default_rng(seed).choice(len(inter), size=min(n_assemble, len(inter)), replace=False)
-    t = time.perf_counter()
+    clock = Stopwatch()
     b.warm(rows)
-    t_warm = time.perf_counter() - t
+    t_warm = clock.wall()
     for r in rows[:200].tolist():  # check before timing
         s = b.sample(r)
         full = tok(b.text(r) + (" Yes" if s.label else " No"))["input_ids"]
         if s.n_history == int((b.hist[r] >= 0).sum()) and full != s.input_ids.tolist() + s.answer_ids.tolist():
             raise AssertionError(f"{name}: row {r}: assembled ids differ from tokenising the full prompt")
-    t, c = time.perf_counter(), time.process_time()
+    clock = Stopwatch()
     lengths = [len(b.sample(r)) for r in rows.tolist()]
-    t_asm, c_asm = time.perf_counter() - t, time.process_time() - c
-    t = time.perf_counter()
+    t_asm, c_asm = clock.wall(), clock.cpu()
+    clock = Stopwatch()
     vec = b.lengths(rows)
-    t_len = time.perf_counter() - t
+    t_len = clock.wall()
     assert np.array_equal(vec, lengths), f"{name}: vectorised lengths differ from the samples"
     return {"history_s": round(t_hist, 3), "history_rows_per_s": round(len(inter) / t_hist),
             "builder_init_s": round(t_init, 3), "warm_s": round(t_warm, 3), "assembled": len(rows),
@@ -114,11 +108,11 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if (SHARED / "interactions.csv").exists():
-            t, c = time.perf_counter(), time.process_time()
-            prep = prepare("csv", data_dir=SHARED, out=tmp / "ml1m", noun="movie", quiet=True)
-            results["ml1m-collm"] = {"prepare_s": round(time.perf_counter() - t, 3),
-                                     "prepare_cpu_s": round(time.process_time() - c, 3), "rows": len(prep.inter),
+        if (ML1M / "interactions.csv").exists():
+            clock = Stopwatch()
+            prep = prepare("csv", data_dir=ML1M, out=tmp / "ml1m", noun="movie", quiet=True)
+            results["ml1m-collm"] = {"prepare_s": round(clock.wall(), 3),
+                                     "prepare_cpu_s": round(clock.cpu(), 3), "rows": len(prep.inter),
                                      "split_rows": [prep.stats[s]["rows"] for s in ("train", "valid", "test")],
                                      "users": prep.n_users, "items": prep.n_items,
                                      **bench_prepared("ml1m-collm", prep, tok, args.assemble)}
@@ -126,16 +120,16 @@ def main():
         raw = Path(args.raw_dir) if args.raw_dir else tmp / "yelp_raw"
         raw.mkdir(parents=True, exist_ok=True)
         stamp = raw / f"rows{args.rows}_items{args.items}.done"
-        t = time.perf_counter()
+        clock = Stopwatch()
         if not stamp.exists():
             write_synthetic_yelp(raw, args.rows, args.items)
             stamp.write_text("")
-        t_write = time.perf_counter() - t
-        t, c = time.perf_counter(), time.process_time()
+        t_write = clock.wall()
+        clock = Stopwatch()
         prep = prepare("yelp", data_dir=raw, out=tmp / "yelp", quiet=True)
         results["yelp-synth"] = {"raw_rows": args.rows, "write_raw_s": round(t_write, 1),
-                                 "prepare_s": round(time.perf_counter() - t, 3),
-                                 "prepare_cpu_s": round(time.process_time() - c, 3), "rows": len(prep.inter),
+                                 "prepare_s": round(clock.wall(), 3),
+                                 "prepare_cpu_s": round(clock.cpu(), 3), "rows": len(prep.inter),
                                  "split_rows": [prep.stats[s]["rows"] for s in ("train", "valid", "test")],
                                  "users": prep.n_users, "items": prep.n_items,
                                  **bench_prepared("yelp-synth", prep, tok, args.assemble)}
@@ -150,7 +144,7 @@ def main():
             print(f"| {name} | {r['rows']:,} | {r['prepare_s']:.2f} ({r['prepare_cpu_s']:.2f}) | {r['history_s']:.2f} | "
                   f"{r['history_rows_per_s']:,} | {r['warm_s']:.2f} | {r['assemble_samples_per_s']:,} "
                   f"({r['assemble_samples_per_cpu_s']:,}) | {r['mean_tokens']} |")
-    print(json.dumps(results))
+    print_json(results)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,9 @@ Test rows: `--test-samples` random test rows (the same for every model). Prints 
 """
 
 import argparse
-import json
-import os
-import sys
-import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "ml1m-collm")
+from _util import ml1m_prepared, print_json
 
 
 def _logit_stats(scores, labels) -> dict:
@@ -46,17 +40,13 @@ def main():
     import torch
 
     from thinkrec.cf.train import predict, search
-    from thinkrec.data import load_prepared, prepare
     from thinkrec.data.tokenize import PromptBuilder
     from thinkrec.metrics import evaluate
     from thinkrec.model import ThinkRecLM
     from thinkrec.train import LoopConfig, SampleSet, StageInputs, score, setup, subsample, train_stage
 
     torch.manual_seed(a.seed)
-    run = os.path.join(tempfile.gettempdir(), "thinkrec-bench-ml1m")
-    if not os.path.exists(os.path.join(run, "data", "stats.json")):
-        prepare("csv", data_dir=DATA, out=run, noun="movie", quiet=True)
-    prep = load_prepared(run)
+    prep = ml1m_prepared()
     split = prep.inter.split
     test_rows = subsample(np.flatnonzero(split == 2), a.test_samples, a.seed + 2)
     train_rows = subsample(np.flatnonzero(split == 0), a.train_samples, a.seed)
@@ -97,7 +87,7 @@ def main():
     for name, m in results.items():
         out[name] = {k: round(float(m[k]), 4) for k in ("auc", "uauc", "ndcg@5", "map@5", "logit_pos", "logit_neg")
                      if k in m}
-    print(json.dumps(out))
+    print_json(out)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from thinkrec.cf import build_model, fit, row_data, save, search, split_metrics
 from thinkrec.cf.__main__ import main as cf_main
 from thinkrec.cf.lightgcn import normalized_adjacency
-from thinkrec.cf.train import _histories, user_train_histories
+from thinkrec.cf.train import user_train_histories
 from thinkrec.data.prepared import Interactions, Prepared, save_prepared
+from thinkrec.metrics import selection_score
 
 
 
@@ -96,19 +97,6 @@ def test_deterministic_under_seed(name):
         assert torch.equal(va, vb), k
 
 
-def test_histories_strictly_earlier_any_split():
-    user = np.array([1, 0, 1, 1, 0, 1, 1])
-    ts = np.array([5, 9, 5, 7, 3, 1, 9])
-    h = _histories(user, ts, 3)
-    assert h.shape == (7, 3)
-    # user 1 rows by time: row5 (t1), rows 0 and 2 (t5, tie), row3 (t7), row6 (t9)
-    assert h[5].tolist() == [-1, -1, -1]
-    assert h[0].tolist() == [-1, -1, 5] and h[2].tolist() == [-1, -1, 5]  # the tie is not history
-    assert h[3][:1].tolist() == [5] and sorted(h[3][1:].tolist()) == [0, 2]
-    assert h[6][0] in (0, 2) and h[6][2] == 3  # last 3, oldest first
-    assert h[1].tolist() == [-1, -1, 4] and h[4].tolist() == [-1, -1, -1]
-
-
 def test_user_train_histories_left_padded():
     prep = _planted(n_users=5, rows_per_user=10, cold_users=1)
     items, labels = user_train_histories(prep.inter, prep.n_users, prep.n_items, 8)
@@ -176,12 +164,14 @@ def test_sasrec_user_emb_learns_and_exports_its_logits():
     torch.testing.assert_close(logit, want, rtol=1e-5, atol=1e-5)
 
 
-def test_criterion():
-    from thinkrec.cf.train import criterion
+def test_selection_score():
     m = {"auc": 0.8, "uauc": 0.6}
-    assert criterion(m, "auc") == 0.8 and criterion(m, "official") == pytest.approx(0.2 + 0.2)
-    with pytest.raises(ValueError, match="select"):
-        criterion(m, "ndcg")
+    assert selection_score(m, "auc") == 0.8 and selection_score(m, "official") == pytest.approx(0.2 + 0.2)
+    one_label = {"auc": 0.8, "uauc": float("nan")}  # CF search: NaN, never selected; LLM loop: the part counts 0
+    assert np.isnan(selection_score(one_label)) and selection_score(one_label, nan_as_zero=True) == 0.2
+    assert selection_score({}, nan_as_zero=True) == 0.0
+    with pytest.raises(ValueError, match="ndcg"):
+        selection_score(m, "ndcg")
 
 
 def test_sasrec_param_groups_split_item_tables():

@@ -8,11 +8,18 @@ import pytest
 from tests.data_fixtures import tiny_tokenizer, toy_prepared
 from thinkrec.data import DataError
 from thinkrec.data import prompts
-from thinkrec.data.sampler import LengthBucketSampler, padding_fraction
+from thinkrec.data.sampler import LengthBucketSampler
 from thinkrec.data.tokenize import PromptBuilder
 
 ODD_TITLES = ['Toy Story (1995)', 'Say "Yes" or No?', "Amélie (Le Fabuleux Destin d'Amélie Poulain) (2001)",
               "Heat!!", "2001: A Space Odyssey", "x", "Ça va ... 42", "End with space (1999)"]
+
+
+def padding_fraction(lengths, batches) -> float:
+    """Fraction of padded positions when each batch pads to its longest member."""
+    real = sum(int(lengths[b].sum()) for b in batches)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    return 1.0 - real / padded
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""User groups for the LoRA experts: clustering of CF user embeddings, centroids, and the gate.
+"""User groups for the LoRA experts: clustering of CF user embeddings, centroids, the gate, routing tables.
 
     python -m thinkrec.experts --run RUN --model mf --groups 2            # faiss k-means (the default)
     python -m thinkrec.experts --run RUN --model mf --groups 2 --cluster ward   # official code's grouping
@@ -17,28 +17,52 @@ Special cases, so that no row is NaN and every row sums to 1:
   - users unseen in training (`known` False) and zero embeddings (cosine undefined) -> global;
   - N = 1: the formula gives max(w) = 1 > 1.1 false, H = 0 > 0 false, i.e. a "mixture" of the one expert;
     we return it as what it is, the single expert (route 1).
+
+Routing tables for stage 3 and the fused evaluation (`load_groups`, `train_table`, `table_router`): stage 3
+routes each row one-hot to adapter 1 + group; users without a group (none among training rows, by
+construction) take the nearest centroid by cosine, as the gate's similarity does.
 """
 
 import argparse
 import json
 import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
+
+from thinkrec.data.prepared import load_prepared
+from thinkrec.io import atomic_write_bytes, atomic_write_text
 
 ROUTE_GLOBAL, ROUTE_SINGLE, ROUTE_MIXTURE = 0, 1, 2
+
+
+@dataclass
+class GroupConfig:
+    """What `build_groups` clusters and how the gate routes (the flags of `python -m thinkrec.experts`)."""
+
+    model: str = "mf"  # CF model whose user embeddings are grouped: RUN/cf/<model>.safetensors
+    groups: int = 2  # number of expert groups N (>= 1)
+    cluster: str = "kmeans"  # "kmeans" (faiss) or "ward" (standard-scaled, the official code's grouping)
+    seed: int = 0
+    tau: float = 0.1  # softmax temperature over cosine similarities
+    single_threshold: float | None = None  # max weight above which one expert is used; None: 0.5 + 0.6/N
+    entropy_threshold: float | None = None  # entropy (nats) above which global is used; None: 0.95 log N
 
 
 def _as_f32(x, name: str) -> np.ndarray:
     x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float32)
     if x.ndim != 2:
-        raise ValueError(f"experts: {name} must be 2-D [rows, dim], got shape {x.shape}")
+        raise ValueError(f"{name} must be 2-D [rows, dim], got shape {x.shape}")
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"experts: {name} contains NaN/inf")
+        raise ValueError(f"{name} contains NaN/inf")
     return np.ascontiguousarray(x)
 
 
-def cluster(user_emb, n_groups: int, method: str = "kmeans", seed: int = 0, niter: int = 50) -> np.ndarray:
+def cluster(user_emb, n_groups: int, method: str = GroupConfig.cluster, seed: int = 0, niter: int = 50) -> np.ndarray:
     """Group labels [n] int64 in 0..N-1 for user_emb [n, D].
 
     kmeans: faiss k-means on the raw embeddings (L2), on GPU when the faiss build has one, fixed seed.
@@ -47,7 +71,7 @@ def cluster(user_emb, n_groups: int, method: str = "kmeans", seed: int = 0, nite
     """
     x = _as_f32(user_emb, "user_emb")
     if not 1 <= n_groups <= len(x):
-        raise ValueError(f"experts.cluster: n_groups must be in 1..{len(x)} (number of users), got {n_groups}")
+        raise ValueError(f"n_groups must be in 1..{len(x)} (number of users), got {n_groups}")
     if n_groups == 1:
         return np.zeros(len(x), np.int64)
     if method == "kmeans":
@@ -66,7 +90,7 @@ def cluster(user_emb, n_groups: int, method: str = "kmeans", seed: int = 0, nite
 
         scaled = StandardScaler().fit_transform(x)
         return _relabel(AgglomerativeClustering(n_clusters=n_groups, linkage="ward").fit_predict(scaled).astype(np.int64))
-    raise ValueError(f"experts.cluster: method must be 'kmeans' or 'ward', got {method!r}")
+    raise ValueError(f"method must be 'kmeans' or 'ward', got {method!r}")
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -84,7 +108,7 @@ def centroids(user_emb, labels, n_groups: int) -> np.ndarray:
     labels = np.asarray(labels)
     sizes = np.bincount(labels[labels >= 0], minlength=n_groups)
     if len(sizes) > n_groups or np.any(sizes == 0):
-        raise ValueError(f"experts.centroids: every group 0..{n_groups - 1} needs a member, sizes {sizes.tolist()}")
+        raise ValueError(f"every group 0..{n_groups - 1} needs a member, sizes {sizes.tolist()}")
     sums = np.zeros((n_groups, x.shape[1]), np.float64)
     np.add.at(sums, labels[labels >= 0], x[labels >= 0])
     return (sums / sizes[:, None]).astype(np.float32)
@@ -94,7 +118,7 @@ def _cosine(user_emb, cents):
     """cos [n, N] and a mask [n] of rows whose cosine is defined (non-zero user vector)."""
     x, c = _as_f32(user_emb, "user_emb").astype(np.float64), _as_f32(cents, "centroids").astype(np.float64)
     if x.shape[1] != c.shape[1]:
-        raise ValueError(f"experts: user_emb dim {x.shape[1]} != centroids dim {c.shape[1]}")
+        raise ValueError(f"user_emb dim {x.shape[1]} != centroids dim {c.shape[1]}")
     xn, cn = np.linalg.norm(x, axis=1), np.linalg.norm(c, axis=1)
     ok = xn > 0
     cos = (x @ c.T) / np.maximum(xn, 1e-300)[:, None] / np.where(cn > 0, cn, 1.0)[None, :]
@@ -107,13 +131,13 @@ def assign(user_emb, cents) -> np.ndarray:
     return np.where(ok, cos.argmax(1), -1).astype(np.int64)
 
 
-def gate(user_emb, cents, tau: float = 0.1, single_threshold: float | None = None,
+def gate(user_emb, cents, tau: float = GroupConfig.tau, single_threshold: float | None = None,
          entropy_threshold: float | None = None, known=None):
     """Adapter weights [n, N+1] float32 (column 0 = global) and route [n] int8 (0 global, 1 single,
     2 mixture); see the module docstring. Thresholds default to 0.5 + 0.6/N and 0.95 log N; `known`
     [n] bool marks users seen in training (others go to global)."""
     if tau <= 0:
-        raise ValueError(f"experts.gate: tau must be > 0, got {tau}")
+        raise ValueError(f"tau must be > 0, got {tau}")
     cos, ok = _cosine(user_emb, cents)
     n, n_groups = cos.shape
     single_threshold = 0.5 + 0.6 / n_groups if single_threshold is None else single_threshold
@@ -194,46 +218,97 @@ def report(labels, route, d_embedding, d_like_rate=None) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
-    import torch
-    from safetensors.torch import load_file, save
-
-    from thinkrec.data.prepared import atomic_write_bytes, atomic_write_text, load_prepared
-
-    p = argparse.ArgumentParser(description="Cluster CF user embeddings into expert groups and gate users.")
-    # Data
-    p.add_argument("--run", required=True, help="run directory with data/ and cf/")
-    p.add_argument("--model", default="mf", help="CF model whose user embeddings are grouped (mf|lightgcn|sasrec)")
-    # Grouping
-    p.add_argument("--groups", type=int, default=2, help="number of expert groups N (>= 1)")
-    p.add_argument("--cluster", default="kmeans", choices=["kmeans", "ward"], help="faiss k-means or standard-scaled Ward")
-    p.add_argument("--seed", type=int, default=0)
-    # Gate
-    p.add_argument("--tau", type=float, default=0.1, help="softmax temperature over cosine similarities")
-    p.add_argument("--single-threshold", type=float, default=None, help="max weight above which one expert is used; default 0.5 + 0.6/N")
-    p.add_argument("--entropy-threshold", type=float, default=None, help="entropy (nats) above which global is used; default 0.95 log N")
-    args = p.parse_args(argv)
-    print(vars(args))
-
-    run = Path(args.run)
-    emb = load_file(run / "cf" / f"{args.model}.safetensors")["user_emb"].numpy()
+def build_groups(run_dir, cfg: GroupConfig) -> dict:
+    """Cluster the users seen in training, gate every user, write RUN/experts/groups.safetensors and
+    RUN/experts/report.json; return the report."""
+    run = Path(run_dir)
+    emb = load_file(run / "cf" / f"{cfg.model}.safetensors")["user_emb"].numpy()
     prep = load_prepared(run)
     train = prep.inter.of_split("train")
     known = np.zeros(prep.n_users, bool)
     known[train.user] = True
     labels = np.full(prep.n_users, -1, np.int64)
-    labels[known] = cluster(emb[known], args.groups, args.cluster, seed=args.seed)
-    cents = centroids(emb, labels, args.groups)
-    weights, route = gate(emb, cents, args.tau, args.single_threshold, args.entropy_threshold, known=known)
-    like = np.bincount(train.user, weights=train.label, minlength=prep.n_users) / np.maximum(np.bincount(train.user, minlength=prep.n_users), 1)
+    labels[known] = cluster(emb[known], cfg.groups, cfg.cluster, seed=cfg.seed)
+    cents = centroids(emb, labels, cfg.groups)
+    weights, route = gate(emb, cents, cfg.tau, cfg.single_threshold, cfg.entropy_threshold, known=known)
+    rows = np.bincount(train.user, minlength=prep.n_users)
+    like = np.bincount(train.user, weights=train.label, minlength=prep.n_users) / np.maximum(rows, 1)  # like rate
     rep = report(labels, route, embedding_cohens_d(emb, labels, cents), cohens_d(like, labels))
-    rep["args"] = vars(args)
+    rep["args"] = {"run": str(run_dir), **asdict(cfg)}
     tensors = {"labels": torch.from_numpy(labels), "centroids": torch.from_numpy(cents),
                "weights": torch.from_numpy(weights), "route": torch.from_numpy(route.astype(np.int64))}
-    atomic_write_bytes(run / "experts" / "groups.safetensors", save(tensors))
+    atomic_write_bytes(run / "experts" / "groups.safetensors", st_save(tensors))
     atomic_write_text(run / "experts" / "report.json", json.dumps(rep, indent=1))
     print(json.dumps({k: v for k, v in rep.items() if k != "cohens_d_embedding_matrix"}))
     return rep
+
+
+def load_groups(run_dir) -> dict:
+    """The arrays of RUN/experts/groups.safetensors (labels, centroids, weights, route) as numpy."""
+    path = Path(run_dir) / "experts" / "groups.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run `python -m thinkrec.experts --run {run_dir}` first")
+    return {k: v.numpy() for k, v in load_file(str(path)).items()}
+
+
+def train_table(groups: dict, user_emb: np.ndarray) -> np.ndarray:
+    """[n_users, N + 1]: each user routed one-hot to adapter 1 + its group (stage 3's training routing)."""
+    labels = groups["labels"].copy()
+    missing = labels < 0
+    if missing.any():
+        labels[missing] = np.maximum(assign(user_emb[missing], groups["centroids"]), 0)
+    return one_hot_experts(labels, len(groups["centroids"])).numpy()
+
+
+def one_hot_experts(groups, n_groups: int) -> torch.Tensor:
+    """[B] group ids in 0..N-1 -> [B, N + 1] float32 weights routing each row to adapter 1 + group."""
+    groups = torch.as_tensor(np.asarray(groups), dtype=torch.long)
+    w = torch.zeros(len(groups), n_groups + 1, dtype=torch.float32)
+    w[torch.arange(len(groups)), groups + 1] = 1.0
+    return w
+
+
+def table_router(weights):
+    """route(users [B] tensor) -> [B, E] float32: rows of a per-user weight table."""
+    table = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+
+    def route(users: torch.Tensor) -> torch.Tensor:
+        return table[users.cpu().long()]
+
+    return route
+
+
+def routing_counts(weights: np.ndarray, users) -> dict:
+    """How many rows (users given per row) go to the global adapter, one expert, or a mixture."""
+    w = np.asarray(weights)[np.asarray(users)]
+    glob = w[:, 0] == 1.0
+    single = ~glob & (w.max(1) == 1.0)
+    out = {"global": int(glob.sum()), "mixture": int((~glob & ~single).sum())}
+    for e in range(1, w.shape[1]):
+        out[f"expert_{e}"] = int((single & (w[:, e] == 1.0)).sum())
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Cluster CF user embeddings into expert groups and gate users.")
+    # Data
+    p.add_argument("--run", required=True, help="run directory with data/ and cf/")
+    p.add_argument("--model", default=GroupConfig.model,
+                   help="CF model whose user embeddings are grouped (mf|lightgcn|sasrec)")
+    # Grouping
+    p.add_argument("--groups", type=int, default=GroupConfig.groups, help="number of expert groups N (>= 1)")
+    p.add_argument("--cluster", default=GroupConfig.cluster, choices=["kmeans", "ward"],
+                   help="faiss k-means or standard-scaled Ward")
+    p.add_argument("--seed", type=int, default=GroupConfig.seed)
+    # Gate
+    p.add_argument("--tau", type=float, default=GroupConfig.tau, help="softmax temperature over cosine similarities")
+    p.add_argument("--single-threshold", type=float, default=GroupConfig.single_threshold,
+                   help="max weight above which one expert is used; default 0.5 + 0.6/N")
+    p.add_argument("--entropy-threshold", type=float, default=GroupConfig.entropy_threshold,
+                   help="entropy (nats) above which global is used; default 0.95 log N")
+    args = p.parse_args(argv)
+    print(vars(args))
+    return build_groups(args.run, GroupConfig(**{f.name: getattr(args, f.name) for f in fields(GroupConfig)}))
 
 
 if __name__ == "__main__":

@@ -20,11 +20,15 @@ Definitions (match the official evaluation scripts, so numbers compare with the 
   P_u = all of the user's positives (the official definition, not min(k, P_u)); 0 when P_u = 0.
   Mean over U.
 - `hr@k`: 1 if any of the top k rows is positive, mean over U.
+
+Model selection on valid (`selection_score`): the official rule AUC/4 + UAUC/3, or AUC alone.
 """
+
+import math
 
 import numpy as np
 
-__all__ = ["evaluate", "auc", "per_user_auc"]
+__all__ = ["evaluate", "auc", "per_user_auc", "selection_score"]
 
 
 def _check(users, scores, labels):
@@ -148,3 +152,18 @@ def evaluate(users, scores, labels, k: int = 5) -> dict:
         "n_uauc_users": int(valid.sum()),
     })
     return out
+
+
+def selection_score(metrics: dict, rule: str = "official", nan_as_zero: bool = False) -> float:
+    """The valid score a run or epoch is selected on, higher is better: rule "official" = AUC/4 + UAUC/3 (the
+    official ThinkRec rule, which also rewards the per-user ranking) or
+    "auc". A part that is NaN (rows with one label only) or absent from `metrics` makes the score NaN; with
+    `nan_as_zero` it counts as 0 instead (the LLM loop, whose small valid samples may lack such users)."""
+    if rule not in ("auc", "official"):
+        raise ValueError(f"selection rule must be 'auc' or 'official', got {rule!r}")
+
+    def part(key):
+        value = metrics.get(key, float("nan"))
+        return 0.0 if nan_as_zero and math.isnan(value) else value
+
+    return part("auc") if rule == "auc" else part("auc") / 4 + part("uauc") / 3

@@ -6,7 +6,7 @@
 from .lightgcn import LightGCN
 from .mf import MF
 from .sasrec import SASRec
-from .train import GRIDS, MODELS, build_model, fit, row_data, save, search, split_metrics
+from .train import GRIDS, MODELS, CFConfig, build_model, fit, row_data, save, search, split_metrics, train_cf
 
-__all__ = ["MF", "LightGCN", "SASRec", "GRIDS", "MODELS", "build_model", "fit", "row_data", "save", "search",
-           "split_metrics"]
+__all__ = ["MF", "LightGCN", "SASRec", "GRIDS", "MODELS", "CFConfig", "build_model", "fit", "row_data", "save",
+           "search", "split_metrics", "train_cf"]

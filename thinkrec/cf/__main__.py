@@ -8,14 +8,9 @@ Writes RUN/cf/<model>.safetensors and RUN/cf/<model>.json (selected config, vali
 """
 
 import argparse
-import json
-import time
+from dataclasses import fields
 
-import torch
-
-from thinkrec.data.prepared import load_prepared
-
-from .train import GRIDS, MODELS, save, search, split_metrics
+from .train import GRIDS, MODELS, CFConfig, train_cf
 
 
 def parse(argv=None):
@@ -27,23 +22,24 @@ def parse(argv=None):
     t.add_argument("--run", required=True, help="run directory holding data/ (from python -m thinkrec.data prepare)")
     # Model
     t.add_argument("--model", required=True, choices=MODELS)
-    t.add_argument("--grid", default=None, choices=sorted(GRIDS),
+    t.add_argument("--grid", default=CFConfig.grid, choices=sorted(GRIDS),
                    help="named grid of (lr, dim, weight decay); default: the model's own; ignored when "
                         "--lr/--dim/--weight-decay are all given")
-    t.add_argument("--dim", type=int, default=None, help="embedding size")
-    t.add_argument("--select", default=None, choices=["auc", "official"],
+    t.add_argument("--dim", type=int, default=CFConfig.dim, help="embedding size")
+    t.add_argument("--select", default=CFConfig.select, choices=["auc", "official"],
                    help="selection on valid: AUC or the official AUC/4 + UAUC/3; default: the model's (train.SELECT)")
     # Optimisation
-    t.add_argument("--lr", type=float, default=None, help="Adam learning rate")
-    t.add_argument("--weight-decay", type=float, default=None, help="Adam L2 weight decay")
-    t.add_argument("--batch-size", type=int, default=2048, help="rows per step")
-    t.add_argument("--max-epochs", type=int, default=100)
-    t.add_argument("--patience", type=int, default=5, help="epochs without a better valid score before stopping")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=CFConfig.lr, help="Adam learning rate")
+    t.add_argument("--weight-decay", type=float, default=CFConfig.weight_decay, help="Adam L2 weight decay")
+    t.add_argument("--batch-size", type=int, default=CFConfig.batch_size, help="rows per step")
+    t.add_argument("--max-epochs", type=int, default=CFConfig.max_epochs)
+    t.add_argument("--patience", type=int, default=CFConfig.patience,
+                   help="epochs without a better valid score before stopping")
+    t.add_argument("--seed", type=int, default=CFConfig.seed)
     t.add_argument("--sasrec-labels", action="store_true",
                    help="SASRec: add each history item's like/dislike label to its embedding (default: the item "
                         "sequence alone, SASRec's own input; labels raise AUC and lower UAUC on ML-1M)")
-    t.add_argument("--threads", type=int, default=1,
+    t.add_argument("--threads", type=int, default=CFConfig.threads,
                    help="torch CPU threads; 1: these models are tiny and 2 threads spin-wait on a busy 2-core box")
     return p.parse_args(argv)
 
@@ -51,24 +47,7 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     args = parse(argv)
     print(vars(args))
-    torch.set_num_threads(args.threads)
-    prep = load_prepared(args.run)
-    grid = dict(GRIDS[args.grid or args.model])
-    for key, value in (("lr", args.lr), ("dim", args.dim), ("weight_decay", args.weight_decay)):
-        if value is not None:
-            grid[key] = [value]
-    # ---
-    t = time.perf_counter()
-    model, best, results, data = search(args.model, prep, grid, seed=args.seed, batch_size=args.batch_size,
-                                        max_epochs=args.max_epochs, patience=args.patience,
-                                        model_kw={"use_labels": True} if args.sasrec_labels and args.model == "sasrec" else None,
-                                        **({"select": args.select} if args.select else {}))
-    info = {"args": vars(args), "grid": grid, "selected": best, "results": results,
-            "valid": split_metrics(model, data, "valid"), "test": split_metrics(model, data, "test"),
-            "seconds": round(time.perf_counter() - t, 1)}
-    path = save(args.run, args.model, model, prep, info)
-    print(json.dumps({"model": args.model, "selected": best, "valid": info["valid"], "test": info["test"], "saved": str(path)}))
-    return info
+    return train_cf(args.run, CFConfig(**{f.name: getattr(args, f.name) for f in fields(CFConfig)}))
 
 
 if __name__ == "__main__":

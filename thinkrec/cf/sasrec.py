@@ -64,7 +64,7 @@ class SASRec(nn.Module):
                  item_wd: float = 1.0):
         super().__init__()
         if dim % n_heads:
-            raise ValueError(f"SASRec: dim {dim} must be divisible by n_heads {n_heads}")
+            raise ValueError(f"dim {dim} must be divisible by n_heads {n_heads}")
         self.n_items, self.max_len, self.use_labels, self.n_heads = n_items, max_len, use_labels, n_heads
         self.target_query, self.item_wd = target_query, item_wd
         # optional per-user vector P_u added to the state (an MF term inside SASRec); needs the user id
@@ -99,7 +99,7 @@ class SASRec(nn.Module):
         With `target_query`, the target items [B] join the read-out token's input (None: left out)."""
         b, length = hist_item.shape
         if length != self.max_len:
-            raise ValueError(f"SASRec.represent: history length {length} != max_len {self.max_len}")
+            raise ValueError(f"history length {length} != max_len {self.max_len}")
         x = self.item_emb(hist_item)
         if self.use_labels:
             x = x + self.label_emb(hist_label)

@@ -3,16 +3,17 @@
 Every model maps a batch of rows to logits and is trained with BCE on the train split:
     loss = mean_b BCEWithLogits(logit_b, y_b)
 with Adam (L2 weight decay, as the official code), shuffled mini-batches, and early stopping on a valid
-split score (the best epoch's weights are kept): AUC, or the official AUC/4 + UAUC/3 (`criterion`; the
-default per model is SELECT). `search` runs a grid of (lr, dim, weight decay) and keeps the configuration
-with the best valid score; `save` writes RUN/cf/<model>.safetensors and RUN/cf/<model>.json.
+split score (the best epoch's weights are kept): AUC, or the official AUC/4 + UAUC/3
+(`thinkrec.metrics.selection_score`; the default per model is SELECT). `search` runs a grid of (lr, dim,
+weight decay) and keeps the configuration with the best valid score; `save` writes RUN/cf/<model>.safetensors
+and RUN/cf/<model>.json; `train_cf(run_dir, CFConfig(...))` does all of it for a prepared run directory.
 """
 
 import copy
 import itertools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from thinkrec.data.history import build_histories
-from thinkrec.data.prepared import SPLITS, Interactions, Prepared, atomic_write_bytes, atomic_write_text
-from thinkrec.metrics import evaluate
+from thinkrec.data.prepared import SPLITS, Interactions, Prepared, load_prepared
+from thinkrec.io import atomic_write_bytes, atomic_write_text
+from thinkrec.metrics import evaluate, selection_score
 
 from .lightgcn import LightGCN, normalized_adjacency
 from .mf import MF
@@ -32,10 +34,23 @@ MODELS = ("mf", "lightgcn", "sasrec")
 MAX_LEN = 25  # SASRec history length (the paper's)
 
 
-def _histories(user: np.ndarray, timestamp: np.ndarray, max_len: int) -> np.ndarray:
-    """[n, max_len] row indices of each row's previous rows of the same user (strictly earlier timestamp,
-    any split), oldest first, -1 left padding: the data package's definition, shared with the prompts."""
-    return build_histories(user, timestamp, max_len)
+@dataclass
+class CFConfig:
+    """One CF training run (the flags of `python -m thinkrec.cf train`). lr, dim and weight_decay, when set,
+    replace the grid's values for that key (all three set: one configuration)."""
+
+    model: str  # one of MODELS
+    grid: str | None = None  # a key of GRIDS; None: the model's own grid
+    lr: float | None = None  # Adam learning rate
+    dim: int | None = None  # embedding size
+    weight_decay: float | None = None  # Adam L2 weight decay
+    batch_size: int = 2048  # rows per step
+    max_epochs: int = 100
+    patience: int = 5  # epochs without a better valid score before stopping
+    seed: int = 0
+    select: str | None = None  # "auc" or "official" (AUC/4 + UAUC/3) on valid; None: the model's, SELECT
+    sasrec_labels: bool = False  # SASRec: add each history item's like/dislike label to its embedding
+    threads: int = 1  # torch CPU threads; 1: these models are tiny and 2 threads spin-wait on a busy 2-core box
 
 
 @dataclass
@@ -59,8 +74,8 @@ class RowData:
 def row_data(inter: Interactions, n_items: int, max_len: int = 0) -> RowData:
     data = RowData(torch.from_numpy(inter.user.astype(np.int64)), torch.from_numpy(inter.item.astype(np.int64)),
                    torch.from_numpy(inter.label.astype(np.float32)), inter.split)
-    if max_len:
-        h = _histories(inter.user, inter.timestamp, max_len)
+    if max_len:  # previous rows of the same user, any split: the data package's histories, shared with the prompts
+        h = build_histories(inter.user, inter.timestamp, max_len)  # [n, max_len] row indices, -1 left padding
         pad = h < 0
         data.hist_item = torch.from_numpy(np.where(pad, n_items, inter.item[np.clip(h, 0, None)]).astype(np.int64))
         data.hist_label = torch.from_numpy(np.where(pad, 2, inter.label[np.clip(h, 0, None)]).astype(np.int64))
@@ -100,7 +115,7 @@ def build_model(name: str, prep: Prepared, dim: int, **kw) -> torch.nn.Module:
                       target_query=kw.get("target_query", False), tie_output=kw.get("tie_output", True),
                       n_users=prep.n_users if kw.get("user_emb", False) else 0, user_bias=kw.get("user_bias", False),
                       item_wd=kw.get("item_wd", 1.0))
-    raise ValueError(f"thinkrec.cf: unknown model {name!r}; choose one of {MODELS}")
+    raise ValueError(f"unknown CF model {name!r}; choose one of {MODELS}")
 
 
 @torch.no_grad()
@@ -117,20 +132,11 @@ def split_metrics(model, data: RowData, split: str) -> dict:
     return evaluate(data.user[idx].numpy(), predict(model, data, idx), data.label[idx].numpy())
 
 
-def criterion(metrics: dict, select: str) -> float:
-    """The selection score of valid metrics: "auc", or "official" = AUC/4 + UAUC/3 (the official ThinkRec
-    selection rule, /work/shared/OFFICIAL_CODE_NOTES.md), which also rewards the per-user ranking."""
-    if select == "auc":
-        return metrics["auc"]
-    if select == "official":
-        return metrics["auc"] / 4 + metrics["uauc"] / 3
-    raise ValueError(f"thinkrec.cf.fit: unknown select {select!r}; choose 'auc' or 'official'")
-
-
-def fit(model, data: RowData, seen_users: torch.Tensor, lr: float, weight_decay: float, batch_size: int = 2048,
-        max_epochs: int = 100, patience: int = 5, seed: int = 0, desc: str = "", select: str = "auc") -> dict:
+def fit(model, data: RowData, seen_users: torch.Tensor, lr: float, weight_decay: float,
+        batch_size: int = CFConfig.batch_size, max_epochs: int = CFConfig.max_epochs,
+        patience: int = CFConfig.patience, seed: int = 0, desc: str = "", select: str = "auc") -> dict:
     """Train `model` in place on the train rows; keep the weights of the epoch with the best valid
-    `criterion(select)` (default: AUC).
+    `selection_score(select)` (default: AUC).
 
     Returns {"valid_auc", "valid_uauc", "valid_score", "best_epoch", "epochs"}. Early stop after `patience`
     epochs without a better valid score. Users without train rows are filled with the mean user
@@ -156,7 +162,7 @@ def fit(model, data: RowData, seen_users: torch.Tensor, lr: float, weight_decay:
             opt.step()
         model.fill_cold_users(seen_users)
         valid = split_metrics(model, data, "valid")
-        score = float(np.nan_to_num(criterion(valid, select), nan=-np.inf))  # NaN (one label only) never wins
+        score = float(np.nan_to_num(selection_score(valid, select), nan=-np.inf))  # NaN (one label) never wins
         bar.set_postfix(loss=f"{loss.item():.4f}", valid_auc=f"{valid['auc']:.4f}", valid_uauc=f"{valid['uauc']:.4f}")
         if best["state"] is None or score > best["valid_score"]:  # the first epoch counts even if NaN
             best = {"valid_score": score, "valid_auc": valid["auc"], "valid_uauc": valid["uauc"], "best_epoch": epoch,
@@ -231,3 +237,28 @@ def save(run_dir, name: str, model, prep: Prepared, info: dict) -> Path:
             "user_ids": [str(u) for u in prep.users], "item_ids": [str(it.get("raw_id", i)) for i, it in enumerate(prep.items)]}
     atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=1))
     return out / f"{name}.safetensors"
+
+
+def train_cf(run_dir, cfg: CFConfig) -> dict:
+    """Grid-search cfg.model on the prepared RUN/data, export the selected model to RUN/cf/<model>.* (`save`);
+    return the info written to RUN/cf/<model>.json (config, grid, selected, results, valid/test metrics)."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown CF model {cfg.model!r}; choose one of {MODELS}")
+    torch.set_num_threads(cfg.threads)
+    prep = load_prepared(run_dir)
+    grid = dict(GRIDS[cfg.grid or cfg.model])
+    for key in ("lr", "dim", "weight_decay"):
+        if getattr(cfg, key) is not None:
+            grid[key] = [getattr(cfg, key)]
+    model_kw = {"use_labels": True} if cfg.sasrec_labels and cfg.model == "sasrec" else None  # None: MODEL_KW
+    t = time.perf_counter()
+    model, best, results, data = search(cfg.model, prep, grid, seed=cfg.seed, batch_size=cfg.batch_size,
+                                        max_epochs=cfg.max_epochs, patience=cfg.patience, model_kw=model_kw,
+                                        **({"select": cfg.select} if cfg.select else {}))
+    info = {"args": {"run": str(run_dir), **asdict(cfg)}, "grid": grid, "selected": best, "results": results,
+            "valid": split_metrics(model, data, "valid"), "test": split_metrics(model, data, "test"),
+            "seconds": round(time.perf_counter() - t, 1)}
+    path = save(run_dir, cfg.model, model, prep, info)
+    print(json.dumps({"model": cfg.model, "selected": best, "valid": info["valid"], "test": info["test"],
+                      "saved": str(path)}))
+    return info

@@ -62,7 +62,3 @@ def _sort_order(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
             return np.argsort(key, kind="stable")
     return np.lexsort((np.arange(n), timestamp, user))
 
-
-def history_lengths(hist: np.ndarray) -> np.ndarray:
-    """[n, L] padded histories -> [n] number of real entries."""
-    return (hist >= 0).sum(axis=1)

@@ -14,11 +14,12 @@ RUN/data/stats.json         rows per split, users, items, sigma/mu of interactio
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from thinkrec.io import atomic_write_text
 
 SPLITS = ("train", "valid", "test")
 _COLUMNS = {"user": np.int64, "item": np.int64, "label": np.int8, "timestamp": np.int64, "split": np.int8}
@@ -56,27 +57,6 @@ class Prepared:
     @property
     def n_items(self) -> int:
         return len(self.items)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_prepared(prep: Prepared, run_dir) -> None:

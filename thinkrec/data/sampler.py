@@ -47,10 +47,3 @@ class LengthBucketSampler(Sampler):
             return sum(-(-min(self.pool, n - s) // self.batch_size) for s in range(0, n, self.pool))
         return sum(min(self.pool, n - s) // self.batch_size for s in range(0, n, self.pool))
 
-
-def padding_fraction(lengths, batches) -> float:
-    """Fraction of padded positions when each batch pads to its longest member."""
-    lengths = np.asarray(lengths)
-    real = sum(int(lengths[b].sum()) for b in batches)
-    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
-    return 1.0 - real / padded if padded else 0.0

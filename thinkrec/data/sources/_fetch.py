@@ -7,8 +7,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from ...io import atomic_write_bytes
 from ..errors import DataError
-from ..prepared import atomic_write_bytes
 
 
 def cache_dir() -> Path:

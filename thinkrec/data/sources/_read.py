@@ -127,9 +127,3 @@ def parse_int(path, line, name, text) -> int:
             raise malformed(path, line, f"{name} = {text!r} is not an integer")
         return int(value)
 
-
-def parse_float(path, line, name, text) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise malformed(path, line, f"{name} = {text!r} is not a number") from None
