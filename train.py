@@ -22,16 +22,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from thinkrec.cf import CFConfig, train_cf
 from thinkrec.data import load_prepared, prepare
-from thinkrec.data.prepared import atomic_write_text
 from thinkrec.data.prompts import load_keywords
 from thinkrec.data.tokenize import PromptBuilder
+from thinkrec.experts import GroupConfig, build_groups, load_groups, routing_counts, table_router, train_table
+from thinkrec.io import atomic_write_text
 from thinkrec.metrics import evaluate
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters, save_adapters
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             score, setup, stage_dir, subsample, train_stage)
 from thinkrec.train.ddp import shutdown
-from thinkrec.train.routing import load_groups, routing_counts, table_router, train_table
+from thinkrec.train.stages import EXPERT_LAYERS
 
 
 def parse(argv=None):
@@ -52,22 +54,23 @@ def parse(argv=None):
     p.add_argument("--experts", type=int, default=2, help="number of user groups / LoRA experts N")
     p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
     p.add_argument("--cf-dim", type=int, default=256, help="CF embedding size (official 256)")
-    p.add_argument("--expert-layers", type=int, default=8, help="stage 3 trains the LoRA of this many last layers")
+    p.add_argument("--expert-layers", type=int, default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
     p.add_argument("--prefix-cache-mb", type=float, default=4096,
                    help="stage 3 keeps the frozen layers' output per sample up to this many MB, so epochs after "
                         "the first run only the trainable layers (0 = recompute every step)")
     # Optimisation
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training rows per stage")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch (all ranks together)")
-    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (stages 1 and 2)")
+    p.add_argument("--epochs", type=float, default=LoopConfig.epochs, help="passes over the training rows per stage")
+    p.add_argument("--batch-size", type=int, default=LoopConfig.batch_size, help="rows per micro-batch (all ranks together)")
+    p.add_argument("--accum", type=int, default=LoopConfig.accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=LoopConfig.lr, help="AdamW peak learning rate (stages 1 and 2)")
     p.add_argument("--stage3-lr", type=float, default=None, help="stage 3 learning rate (default --lr; official 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200, help="warmup steps (capped at 10%% of a stage's steps)")
-    p.add_argument("--eval-every", type=int, default=0, help="optimizer steps between valid evaluations (0 = at the end)")
-    p.add_argument("--patience", type=int, default=15, help="evaluations without improvement before stopping")
+    p.add_argument("--weight-decay", type=float, default=LoopConfig.weight_decay)
+    p.add_argument("--warmup", type=int, default=LoopConfig.warmup, help="warmup steps (capped at 10%% of a stage's steps)")
+    p.add_argument("--eval-every", type=int, default=LoopConfig.eval_every,
+                   help="optimizer steps between valid evaluations (0 = at the end)")
+    p.add_argument("--patience", type=int, default=LoopConfig.patience, help="evaluations without improvement before stopping")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=LoopConfig.seed)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from RUN/<stage>/ckpt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,14 +102,11 @@ def main(argv=None) -> dict:
     # --- CF model and expert groups
     cf_path = run / "cf" / f"{args.cf_model}.safetensors"
     if d.is_main and not cf_path.exists():
-        from thinkrec.cf.__main__ import main as cf_main
-        cf_main(["train", "--model", args.cf_model, "--run", str(run), "--lr", "1e-3", "--dim", str(args.cf_dim),
-                 "--weight-decay", "1e-6", "--seed", str(args.seed), "--threads", str(torch.get_num_threads()),
-                 "--max-epochs", "30", "--patience", "3"])
+        # one configuration, no grid search: a short, fixed schedule that the LLM stages only read embeddings of
+        train_cf(run, CFConfig(model=args.cf_model, lr=1e-3, dim=args.cf_dim, weight_decay=1e-6, max_epochs=30,
+                               patience=3, seed=args.seed, threads=torch.get_num_threads()))
     if d.is_main and not (run / "experts" / "groups.safetensors").exists():
-        from thinkrec.experts import main as experts_main
-        experts_main(["--run", str(run), "--model", args.cf_model, "--groups", str(args.experts),
-                      "--seed", str(args.seed)])
+        build_groups(run, GroupConfig(model=args.cf_model, groups=args.experts, seed=args.seed))
     d.barrier()
     cf = load_file(str(cf_path))
     user_emb, item_emb = cf["user_emb"].to(d.device), cf["item_emb"].to(d.device)  # moved once, indexed per batch
@@ -143,8 +143,8 @@ def main(argv=None) -> dict:
             if d.is_main:
                 log(f"[{stage}] {out} exists: loaded, skipped")
             continue
-        forward = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
-        mode = "text" if stage == "stage1" else "ids"
+        prefix = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
+        mode = "text" if stage == "stage1" else "ids"  # stage 1's prompts have no CF slots
         route = table_router(train_table(groups, cf["user_emb"].numpy())) if stage == "stage3" else None
         reason_rows = np.array(sorted(traces), dtype=np.int64)
         inputs = StageInputs(
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
                                               keywords=keywords, with_ids=mode == "ids",
                                               placeholder_ids=lm.placeholder_token_ids), reason_rows, traces)
             if traces else None,
-            route=route, user_emb=user_emb, item_emb=item_emb, forward=forward, pad_id=tok.pad_token_id)
+            route=route, user_emb=user_emb, item_emb=item_emb, prefix=prefix, pad_id=tok.pad_token_id)
         lr = args.stage3_lr if (stage == "stage3" and args.stage3_lr) else args.lr
         cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, eval_every=args.eval_every,

@@ -23,40 +23,23 @@ stage3_speedup_cached (official / ours-cached).
 """
 
 import argparse
-import json
+import itertools
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _util import ml1m_prepared, peak_memory, print_json, reset_peak_memory, run_worker, time_runs
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "ml1m-collm")
 YES_W, LM_W = 0.9, 0.1  # plain samples
-
-
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 def _batches(lm, tok, mode, n_batches, batch_size, seed=0):
     """Real prompts: the first train rows of n_batches * batch_size random users' histories."""
     import numpy as np
 
-    from thinkrec.data import load_prepared, prepare
     from thinkrec.data.tokenize import PromptBuilder
     from thinkrec.train.batches import collate
 
-    run = os.path.join(tempfile.gettempdir(), "thinkrec-bench-ml1m")
-    if not os.path.exists(os.path.join(run, "data", "stats.json")):
-        prepare("csv", data_dir=DATA, out=run, noun="movie", quiet=True)
-    prep = load_prepared(run)
+    prep = ml1m_prepared()
     b = PromptBuilder(prep, tok, mode=mode, max_len=1024, placeholder_ids=lm.placeholder_token_ids)
     rows = np.random.default_rng(seed).choice(np.flatnonzero(prep.inter.split == 0), n_batches * batch_size, False)
     out = []
@@ -123,13 +106,13 @@ def _official_step(model, lm, batch, cf):
 
 
 def _our_step(lm, fwd, batch, cf, groups, cached):
-    from thinkrec.train.batches import one_hot_experts
+    from thinkrec.experts import one_hot_experts
     from thinkrec.train.losses import batch_loss, loss_positions
 
-    lm.set_expert_weights(None if groups is None else one_hot_experts(groups, lm.n_adapters))
+    w = None if groups is None else one_hot_experts(groups, lm.n_experts).to(batch.input_ids.device)
     kw = {"keys": [("plain", int(r)) for r in batch.rows]} if cached else {}
     h = fwd(batch.input_ids, batch.attention_mask, cf_embeds=cf, placeholder_mask=batch.ph_mask,
-            select=loss_positions(batch), **kw)
+            select=loss_positions(batch), expert_weights=w, **kw)
     return batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)[0]
 
 
@@ -170,46 +153,30 @@ def worker(args):
     if args.check:  # first loss with dropout off, compared across providers by the parent
         (model if args.provider == "official" else lm).eval()
         with torch.no_grad():
-            print(json.dumps({"check_loss": float(step(batches[0], cfs[0], groups[0]))}), flush=True)
+            print_json({"check_loss": float(step(batches[0], cfs[0], groups[0]))})
         return
+
+    def train_step(b):
+        step(batches[b], cfs[b], groups[b]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     for b in range(len(batches) if cached else 1):  # warm-up (allocator, first calls; fills the prefix cache)
-        step(batches[b], cfs[b], groups[b]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        base = _rss_kb("VmRSS:") * 1024
-    times = []
-    for r in range(args.repeats):
-        b = r % len(batches)
-        t = time.perf_counter()
-        step(batches[b], cfs[b], groups[b]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_kb("VmHWM:") * 1024) - base
+        train_step(b)
+    base = reset_peak_memory(dev)
+    repeat = itertools.count()
+    times = time_runs(lambda: train_step(next(repeat) % len(batches)), args.repeats, dev)
+    peak = peak_memory(dev) - base
     tokens = sum(int(batches[r % len(batches)].attention_mask.sum()) for r in range(args.repeats)) / args.repeats
-    print(json.dumps({"median_s": statistics.median(times), "times": times, "peak_mb": peak / 2**20,
-                      "tokens_per_batch": tokens}), flush=True)
+    print_json({"median_s": statistics.median(times), "times": times, "peak_mb": peak / 2**20,
+                "tokens_per_batch": tokens})
 
 
 def _run(stage, provider, a, check=False):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--stage", str(stage), "--provider", provider,
-           "--repeats", str(a.repeats), "--batches", str(a.batches), "--batch-size", str(a.batch_size),
-           "--device", a.device, "--experts", str(a.experts)] + (["--model", a.model] if a.model else [])
-    cmd += ["--check"] if check else []
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not lines:
-        raise RuntimeError(f"bench/train_step.py worker stage {stage} {provider} failed:\n{p.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    args = ["--worker", "--stage", stage, "--provider", provider, "--repeats", a.repeats, "--batches", a.batches,
+            "--batch-size", a.batch_size, "--device", a.device, "--experts", a.experts]
+    args += (["--model", a.model] if a.model else []) + (["--check"] if check else [])
+    return run_worker(os.path.abspath(__file__), args)
 
 
 def main():
@@ -255,7 +222,7 @@ def main():
             out[f"stage{stage}_speedup_cached"] = round(o["median_s"] / c["median_s"], 3)
             out[f"stage{stage}_samples_per_s"]["ours-cached"] = round(c["samples_per_s"], 3)
             out[f"stage{stage}_peak_mb"]["ours-cached"] = round(c["peak_mb"], 1)
-    print(json.dumps(out))
+    print_json(out)
 
 
 if __name__ == "__main__":

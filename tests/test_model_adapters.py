@@ -28,9 +28,8 @@ def test_save_load_round_trip(tmp_path):
         if "lora_" in k or k.startswith("projector."):
             assert torch.equal(v, fresh.state_dict()[k]), k
     ids = torch.randint(3, VOCAB, (2, 5))
-    lm.set_expert_weights(torch.tensor([0.2, 0.3, 0.5]))
-    fresh.set_expert_weights(torch.tensor([0.2, 0.3, 0.5]))
-    assert torch.equal(lm(ids), fresh(ids))
+    w = torch.tensor([0.2, 0.3, 0.5])
+    assert torch.equal(lm(ids, expert_weights=w), fresh(ids, expert_weights=w))
 
 
 def test_load_errors_are_clear(tmp_path):
@@ -63,8 +62,7 @@ def test_peft_export_round_trip(tmp_path, adapter):
     ids = torch.randint(3, VOCAB, (2, 7))
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
-        lm.set_expert_weights(torch.eye(3)[adapter])
-        h = lm(ids, torch.ones_like(ids))
+        h = lm(ids, torch.ones_like(ids), expert_weights=torch.eye(3)[adapter])
         ours = h @ lm.lm_head_weight.T
     assert (expected - tiny_llama(5)(input_ids=ids).logits).abs().max() > 1e-3, "the adapter changes nothing"
     assert torch.allclose(ours, expected, atol=1e-5, rtol=0), f"max |diff| {(ours - expected).abs().max():.2e}"

@@ -61,18 +61,16 @@ def test_placeholders_replaced_in_order_and_differentiable():
 
 def test_left_padding_does_not_change_a_row():
     lm = make_lm()
-    lm.set_expert_weights(torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.25, 0.25]]))
+    w = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.25, 0.25]])
     short = torch.randint(3, VOCAB, (5,))
     long = torch.randint(3, VOCAB, (8,))
     ids = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])
     mask = (torch.arange(8) >= 3).long()[None].repeat(2, 1)
     mask[1] = 1
-    h = lm(ids, mask)
-    lm.set_expert_weights(torch.tensor([[0.0, 1.0, 0.0]]))
-    h_short = lm(short[None], torch.ones(1, 5, dtype=torch.long))
+    h = lm(ids, mask, expert_weights=w)
+    h_short = lm(short[None], torch.ones(1, 5, dtype=torch.long), expert_weights=w[:1])
     assert_close(h[0, 3:], h_short[0].double(), dtype=torch.float32, name="left-padded row")
-    lm.set_expert_weights(torch.tensor([[0.5, 0.25, 0.25]]))
-    h_long = lm(long[None], torch.ones(1, 8, dtype=torch.long))
+    h_long = lm(long[None], torch.ones(1, 8, dtype=torch.long), expert_weights=w[1:])
     assert_close(h[1], h_long[0].double(), dtype=torch.float32, name="unpadded row in a mixed batch")
 
 
@@ -81,40 +79,34 @@ def test_per_row_expert_weights_select_adapters():
     ids = torch.randint(3, VOCAB, (3, 6))
     mask = torch.ones_like(ids)
     w = torch.eye(4)[[2, 0, 3]]
-    lm.set_expert_weights(w)
-    h = lm(ids, mask)
+    h = lm(ids, mask, expert_weights=w)
     for b in range(3):
-        lm.set_expert_weights(w[b])
-        assert_close(h[b], lm(ids[b:b + 1], mask[b:b + 1])[0].double(), dtype=torch.float32, name=f"row {b}")
-    lm.set_expert_weights(torch.eye(4)[[1, 0, 3]])
-    assert not torch.allclose(h[0], lm(ids, mask)[0]), "changing row 0's expert changed nothing"
+        assert_close(h[b], lm(ids[b:b + 1], mask[b:b + 1], expert_weights=w[b])[0].double(), dtype=torch.float32,
+                     name=f"row {b}")
+    assert not torch.allclose(h[0], lm(ids, mask, expert_weights=torch.eye(4)[[1, 0, 3]])[0]), \
+        "changing row 0's expert changed nothing"
+    assert torch.equal(lm(ids, mask), lm(ids, mask, expert_weights=torch.eye(4)[0])), "no weights = global"
 
 
-def test_gradient_checkpointing_keeps_lora_gradients():
+@pytest.mark.parametrize("path", ["packed", "hf"])
+def test_gradient_checkpointing_keeps_lora_gradients(path):
+    """Also through Hugging Face's padded forward, whose recompute runs outside the forward's
+    `expert_weights` block and must still see the rows' weights."""
     grads = []
     for on in (False, True):
         lm = make_lm(seed=4).train()
+        if path == "hf":
+            lm.unpacked_reason = "forced for the test"  # what a model without the padding-free path gets
         lm.gradient_checkpointing(on)
-        lm.set_expert_weights(torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.0, 1.0]]))
         torch.manual_seed(0)
         ids = torch.randint(3, VOCAB, (2, 6))
-        (lm(ids, torch.ones_like(ids)) * torch.randn(2, 6, 64)).sum().backward()
+        w = torch.tensor([[0.3, 0.7, 0.0], [0.0, 0.0, 1.0]])
+        (lm(ids, torch.ones_like(ids), expert_weights=w) * torch.randn(2, 6, 64)).sum().backward()
         grads.append([p.grad.clone() for p in lm.parameters() if p.requires_grad and p.grad is not None])
     assert len(grads[1]) == len(grads[0]) == 2 * 2 * 3 * 2  # layers x (q, v) x adapters x (A, B)
     for g0, g1 in zip(*grads):
         assert g0.abs().max() > 1e-2, "gradient too small for the comparison to mean anything"
         assert_close(g1, g0.double(), dtype=torch.float32, name="grad with checkpointing")
-
-
-def test_cf_rows_picks_user_or_item_table():
-    from thinkrec.model.projector import cf_rows
-
-    users, items = torch.randn(3, 5), torch.randn(7, 5)
-    kind, index = torch.tensor([0, 1, 1, 0]), torch.tensor([2, 6, 0, 0])
-    out = cf_rows(users, items, kind, index)
-    assert torch.equal(out, torch.stack([users[2], items[6], items[0], users[0]]))
-    with pytest.raises(ValueError, match="user index 3 out of range"):
-        cf_rows(users, items, torch.tensor([0]), torch.tensor([3]))
 
 
 def test_bf16_base_keeps_fp32_lora_masters():
@@ -126,8 +118,7 @@ def test_bf16_base_keeps_fp32_lora_masters():
     probe = torch.randn(2, 5, 64)  # a random linear loss: sum(h^2) after the RMSNorm nearly cancels in grad
     grads = []
     for lm in (lm32, lm16):
-        lm.set_expert_weights(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]))
-        h = lm(ids, torch.ones_like(ids), cf)
+        h = lm(ids, torch.ones_like(ids), cf, expert_weights=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]))
         (h.float() * probe).sum().backward()
         grads.append(lm.lora_layers()["model.layers.1.self_attn.v_proj"].lora_B[1].grad)
     assert h.dtype == torch.bfloat16 and grads[1].dtype == torch.float32

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from kernels import reference as ref
 from tests.utils import assert_close
 from thinkrec.model.lora import (LoRAConfig, LoRALinear, init_experts_from_global, inject_lora, last_layers,
-                                 lora_modules, merge_lora, set_expert_weights, set_trainable)
+                                 lora_modules, merge_lora, set_trainable)
+from thinkrec.model.lora import expert_weights
 
 
 def make_layer(K, N, E, r=4, bias=True, dropout=0.0, dtype=torch.float64, seed=0):
@@ -28,8 +29,7 @@ def test_forward_and_grads_match_reference(K, N, E, r, bias):
     layer = make_layer(K, N, E, r, bias)
     x = torch.randn(3, 5, K, dtype=torch.float64, requires_grad=True)
     w = torch.softmax(torch.randn(3, E, dtype=torch.float64), -1)
-    layer.set_expert_weights(w)
-    y = layer(x)
+    y = layer(x, w)
     g = torch.randn_like(y)
     y.backward(g)
 
@@ -48,20 +48,19 @@ def test_forward_and_grads_match_reference(K, N, E, r, bias):
 def test_expert_weight_shapes():
     layer = make_layer(10, 6, 3)
     x = torch.randn(2, 4, 10, dtype=torch.float64)
-    layer.set_expert_weights(None)  # None = global adapter alone
-    y_none = layer(x)
-    layer.set_expert_weights(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
-    assert torch.equal(y_none, layer(x))
+    y_none = layer(x)  # no weights = global adapter alone
+    assert torch.equal(y_none, layer(x, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)))
     w_row = torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64)
-    layer.set_expert_weights(w_row)
-    y_row = layer(x)
-    layer.set_expert_weights(w_row[:, None, :].expand(2, 4, 3).contiguous())
-    assert_close(y_row, layer(x), name="[B,E] vs [B,T,E]")
-    with pytest.raises(ValueError, match="2 adapter weights"):
-        layer.set_expert_weights(torch.ones(2))
-    layer.set_expert_weights(torch.ones(5, 3))
+    y_row = layer(x, w_row)
+    assert_close(y_row, layer(x, w_row[:, None, :].expand(2, 4, 3).contiguous()), name="[B,E] vs [B,T,E]")
+    with expert_weights(w_row):  # a block's weights reach calls without their own; the call's win
+        assert torch.equal(layer(x), y_row)
+        assert torch.equal(layer(x, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)), y_none)
+    assert torch.equal(layer(x), y_none), "the block's weights outlived the block"
+    with pytest.raises(ValueError, match="2 columns"):
+        layer(x, torch.ones(2))
     with pytest.raises(ValueError, match="do not fit"):
-        layer(x)
+        layer(x, torch.ones(5, 3))
 
 
 def test_dropout_only_on_lora_input():
@@ -69,9 +68,8 @@ def test_dropout_only_on_lora_input():
     layer = make_layer(12, 7, 2, dropout=p).train()
     x = torch.randn(4, 12, dtype=torch.float64)
     w = torch.tensor([0.4, 0.6], dtype=torch.float64)
-    layer.set_expert_weights(w)
     torch.manual_seed(7)
-    y = layer(x)
+    y = layer(x, w)
     torch.manual_seed(7)
     xd = F.dropout(x, p, training=True)
     A, B = layer.stacked()
@@ -97,8 +95,7 @@ def test_merge_is_exact_and_leaves_base_untouched():
     assert torch.equal(layer.weight, W0), "merge changed the frozen base weight"
     assert not lin.weight.requires_grad and lin.weight.data_ptr() != layer.weight.data_ptr()
     x = torch.randn(5, 19)
-    layer.set_expert_weights(w)
-    assert_close(lin(x), layer(x).double(), dtype=torch.float32, name="merged linear vs LoRA forward")
+    assert_close(lin(x), layer(x, w).double(), dtype=torch.float32, name="merged linear vs LoRA forward")
 
 
 class TwoBlocks(nn.Module):
@@ -153,10 +150,10 @@ def test_frozen_adapters_get_zero_update_under_adamw():
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)  # decay would move any slice it was handed
     x = torch.randn(4, 9)
-    set_expert_weights(net, torch.eye(4)[[1, 2, 3, 1]])  # rows routed one-hot to experts 1..3
     for _ in range(2):
         opt.zero_grad()
-        net(x).square().sum().backward()
+        with expert_weights(torch.eye(4)[[1, 2, 3, 1]]):  # rows routed one-hot to experts 1..3
+            net(x).square().sum().backward()
         opt.step()
     after = net.state_dict()
     for k, v in before.items():
@@ -175,9 +172,9 @@ def test_merge_lora_model_matches_lora_forward():
             for B in m.lora_B:
                 B.normal_()
     w = torch.tensor([0.2, 0.0, 0.8])
-    set_expert_weights(net, w)
     x = torch.randn(3, 7)
-    y = net(x)
+    with expert_weights(w):
+        y = net(x)
     merged = merge_lora(copy.deepcopy(net), w)
     assert not lora_modules(merged)
     assert_close(merged(x), y.double(), dtype=torch.float32, name="merged model")
@@ -190,6 +187,5 @@ def test_merge_linear_combination_matches_its_forward():
     x = torch.randn(4, 11, dtype=torch.float64)
     A, B = layer.stacked()
     expected = F.linear(x, layer.weight, layer.bias) + ref.lora_mix_linear(x, A, B, w.expand(4, 3), layer.scale)
-    layer.set_expert_weights(w)
-    assert_close(layer(x), expected, name="linear-mode forward")
+    assert_close(layer(x, w), expected, name="linear-mode forward")
     assert_close(layer.merge(w)(x), expected, name="linear-mode merge")

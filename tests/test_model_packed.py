@@ -49,11 +49,11 @@ def _batch(seed=3, idx=(0, 1, 2, 3, 4, 5)):
 
 def _loss_and_grads(lm, b, cf, w, packed: bool):
     lm.zero_grad(set_to_none=True)
-    lm.set_expert_weights(w)
     if packed:
-        h = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=loss_positions(b))
+        h = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=loss_positions(b),
+               expert_weights=w)
     else:
-        h = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, None)
+        h = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, None, w)
     loss = batch_loss(h, lm.lm_head_weight, YES, b)[0]
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
@@ -66,17 +66,17 @@ def test_packed_forward_matches_hf_padded_forward(kind):
     b, cf = _batch()
     assert int(b.attention_mask.sum()) < b.attention_mask.numel()  # the batch really is padded
     w = torch.softmax(torch.randn(len(b.labels), lm.n_adapters, generator=torch.Generator().manual_seed(1)), -1)
-    lm.set_expert_weights(w)
     with torch.no_grad():
-        ref = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, None)
-        full = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask)
+        ref = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, None, w)
+        full = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, expert_weights=w)
         m = b.attention_mask.bool()
         torch.testing.assert_close(full[m], ref[m], atol=2e-5, rtol=1e-4)
         assert torch.count_nonzero(full[~m]) == 0  # padding comes back as zeros
         # the pruned last layer: only the selected states, repeats and any order
         rows, cols = loss_positions(b)
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(2))
-        sel = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=(rows[perm], cols[perm]))
+        sel = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=(rows[perm], cols[perm]),
+                 expert_weights=w)
         torch.testing.assert_close(sel, ref[rows[perm], cols[perm]], atol=2e-5, rtol=1e-4)
 
 
@@ -154,11 +154,12 @@ def test_packed_forward_under_bf16_autocast():
     lm = tiny_lm(layers=3, n_experts=2, cf_dim=5)
     lm.set_trainable(layers=None, adapters=None, projector=True)
     b, cf = _batch(seed=6)
-    lm.set_expert_weights(torch.softmax(torch.randn(len(b.labels), lm.n_adapters), -1))
+    w = torch.softmax(torch.randn(len(b.labels), lm.n_adapters), -1)
     rows, cols = loss_positions(b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        sel = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=(rows, cols))
-        ref = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, (rows, cols))
+        sel = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=(rows, cols),
+                 expert_weights=w)
+        ref = lm._forward_hf(b.input_ids, b.attention_mask, cf, b.ph_mask, (rows, cols), w)
     torch.testing.assert_close(sel.float(), ref.float(), atol=0.05, rtol=0.05)
     batch_loss(sel, lm.lm_head_weight, YES, b)[0].backward()
     grads = [p.grad for n, p in lm.named_parameters() if "lora_B.1" in n]

@@ -4,6 +4,7 @@ both sets, best-model selection, and two gloo ranks equal one process at the sam
 import os
 
 import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -34,18 +35,33 @@ def _model():
     return lm
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+class Killed(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     torch.manual_seed(0)
     lm_a = _model()
     ra = train_stage(lm_a, _inputs(), _cfg(), tmp_path / "a", log=lambda *_: None)
     torch.manual_seed(0)
     lm_b = _model()
-    rb = train_stage(lm_b, _inputs(), _cfg(stop_after=2), tmp_path / "b", log=lambda *_: None)
-    assert rb["interrupted"] and checkpoint.exists(tmp_path / "b")
+    saved = []
+    real_save = checkpoint.save
+
+    def save_then_die(*a, **kw):  # the process dies right after its first checkpoint (step 2's evaluation)
+        real_save(*a, **kw)
+        saved.append(a[3]["step"])
+        raise Killed
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(Killed):
+        train_stage(lm_b, _inputs(), _cfg(), tmp_path / "b", log=lambda *_: None)
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert saved == [2] and checkpoint.exists(tmp_path / "b")
     torch.manual_seed(123)  # a fresh process: different RNG, untrained weights
     lm_c = _model()
     rc = train_stage(lm_c, _inputs(), _cfg(), tmp_path / "b", log=lambda *_: None)
-    assert not rc["interrupted"]
+    assert rc["state"].step == ra["state"].step
     assert [h["criterion"] for h in rc["state"].history] == [h["criterion"] for h in ra["state"].history]
     a, c = _trainable(lm_a), _trainable(lm_c)
     assert a.keys() == c.keys()

@@ -5,7 +5,8 @@ import torch
 
 from tests.train_fixtures import PAD, YES, sample_set, tiny_lm
 from thinkrec.train import stages
-from thinkrec.train.batches import cf_inputs, collate, one_hot_experts
+from thinkrec.experts import one_hot_experts
+from thinkrec.train.batches import cf_inputs, collate
 from thinkrec.train.losses import batch_loss
 
 
@@ -19,8 +20,8 @@ def _batch(lm, idx=(0, 1, 2, 3, 4, 5, 6)):
 
 def _grads(lm, fwd, b, cf, groups):
     lm.zero_grad(set_to_none=True)
-    lm.set_expert_weights(one_hot_experts(groups, lm.n_adapters))
-    h = fwd(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask)
+    h = fwd(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask,
+            expert_weights=one_hot_experts(groups, lm.n_experts))
     loss, _, _ = batch_loss(h, lm.lm_head_weight, YES, b)
     loss.backward()
     return h.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.requires_grad and p.grad is not None}
@@ -50,30 +51,36 @@ def test_frozen_prefix_matches_full_forward_and_trains_only_top_experts():
     assert all(g.abs().sum() == 0 for n, g in g_two.items() if ".lora_B.2" in n or ".lora_A.2" in n)
 
 
-def test_model_is_restored_after_prefix_forward():
+def test_prefix_forward_never_touches_the_model():
     lm = tiny_lm(layers=4, n_experts=2, cf_dim=5)
     prefix = stages.setup(lm, "stage3", expert_layers=1)
+    modules = dict(lm.named_modules())
+    state = {k: v.clone() for k, v in lm.state_dict().items()}
     b, cf = _batch(lm, (1, 4, 9))
     prefix(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask)
-    assert len(lm.llm.model.layers) == 4 and len(lm.lora_layers()) == 2 * 4
-    assert not isinstance(lm.llm.model.norm, torch.nn.Identity)
+    after = dict(lm.named_modules())
+    assert after.keys() == modules.keys() and all(after[k] is m for k, m in modules.items())
+    assert all(torch.equal(v, state[k]) for k, v in lm.state_dict().items())
+    assert all(m not in modules.values() for m in prefix.merged.values())  # the prefix owns its merged copies
 
 
 def test_prefix_cache_reuses_rows_across_batches_and_padding():
     lm = tiny_lm(layers=4, n_experts=2, cf_dim=5)
     prefix = stages.setup(lm, "stage3", expert_layers=1, prefix_cache_mb=1.0)
-    lm.set_expert_weights(one_hot_experts(torch.tensor([0, 1, 1]), lm.n_adapters))
     b1, cf1 = _batch(lm, (2, 4, 9))
     with torch.no_grad():
-        fresh = prefix(b1.input_ids, b1.attention_mask, cf_embeds=cf1, placeholder_mask=b1.ph_mask)
+        fresh = prefix(b1.input_ids, b1.attention_mask, cf_embeds=cf1, placeholder_mask=b1.ph_mask,
+                       expert_weights=one_hot_experts(torch.tensor([0, 1, 1]), lm.n_experts))
     # the same rows again, now padded inside a batch with a longer row: cached prefix, same outputs
     b2, cf2 = _batch(lm, (9, 2, 4, 11))
     keys = [("plain", int(r)) for r in b2.rows]
-    lm.set_expert_weights(one_hot_experts(torch.tensor([1, 0, 1, 0]), lm.n_adapters))
+    w2 = one_hot_experts(torch.tensor([1, 0, 1, 0]), lm.n_experts)
     with torch.no_grad():
-        prefix(b2.input_ids, b2.attention_mask, cf_embeds=cf2, placeholder_mask=b2.ph_mask, keys=keys)  # fills
+        prefix(b2.input_ids, b2.attention_mask, cf_embeds=cf2, placeholder_mask=b2.ph_mask, expert_weights=w2,
+               keys=keys)  # fills
         assert prefix.misses == 3 + 4 and prefix.hits == 0 and len(prefix.cache) == 4
-        again = prefix(b2.input_ids, b2.attention_mask, cf_embeds=cf2, placeholder_mask=b2.ph_mask, keys=keys)
+        again = prefix(b2.input_ids, b2.attention_mask, cf_embeds=cf2, placeholder_mask=b2.ph_mask, expert_weights=w2,
+                       keys=keys)
     assert prefix.hits == 4
     T1, T2 = b1.input_ids.shape[1], b2.input_ids.shape[1]
     for r1, r2 in ((0, 1), (1, 2), (2, 0)):  # rows 2, 4, 9 in both batches

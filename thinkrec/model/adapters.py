@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from thinkrec.data.prepared import atomic_write_bytes, atomic_write_text
+from thinkrec.io import atomic_write_bytes, atomic_write_text
 
 from .lora import adapter_names
 
@@ -68,27 +68,24 @@ def read_adapters(directory):
     d = Path(directory)
     for f in (CONFIG, WEIGHTS):
         if not (d / f).is_file():
-            raise AdapterFileError(f"thinkrec/model/adapters.py: {d / f} is missing; an adapter directory holds "
+            raise AdapterFileError(f"{d / f} is missing; an adapter directory holds "
                                    f"{CONFIG} and {WEIGHTS} (written by save_adapters)")
     cfg = json.loads((d / CONFIG).read_text())
     if cfg.get("format") != "thinkrec-lora":
-        raise AdapterFileError(f"thinkrec/model/adapters.py: {d / CONFIG} is not a thinkrec-lora config")
+        raise AdapterFileError(f"{d / CONFIG} is not a thinkrec-lora config")
     return cfg, st_load((d / WEIGHTS).read_bytes())
 
 
-def load_adapters(lm, directory, strict_projector: bool = True) -> dict:
+def load_adapters(lm, directory) -> dict:
     """Copy saved adapters (and projector) into `lm`; checks r, alpha, experts, names and shapes first
     and changes nothing when any differs. Returns the saved config."""
     cfg, tensors = read_adapters(directory)
-    where = f"thinkrec/model/adapters.py load_adapters({directory})"
+    where = f"adapters in {directory}"
     mine = _config(lm)
     for key in ("r", "alpha", "n_experts", "target_modules"):
         if cfg[key] != mine[key]:
             raise AdapterFileError(f"{where}: saved {key}={cfg[key]!r} but the model has {key}={mine[key]!r}")
     want = _tensors(lm)
-    if not strict_projector:
-        want = {k: v for k, v in want.items() if not k.startswith("projector.")}
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("projector.")}
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
         raise AdapterFileError(f"{where}: tensor names differ; missing {missing[:4]} ({len(missing)} in all), "
@@ -102,7 +99,7 @@ def load_adapters(lm, directory, strict_projector: bool = True) -> dict:
             for e, name in enumerate(names):
                 mod.lora_A[e].copy_(tensors[f"{path}.lora_A.{name}"])
                 mod.lora_B[e].copy_(tensors[f"{path}.lora_B.{name}"])
-        if lm.projector is not None and strict_projector:
+        if lm.projector is not None:
             lm.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items()
                                           if k.startswith("projector.")})
     return cfg
@@ -118,7 +115,7 @@ def export_peft(directory, out, adapters=None, base_model: str = None) -> list:
     names = cfg["adapters"] if adapters is None else list(adapters)
     unknown = sorted(set(names) - set(cfg["adapters"]))
     if unknown:
-        raise AdapterFileError(f"thinkrec/model/adapters.py export_peft: no adapter {unknown} in {directory}; "
+        raise AdapterFileError(f"no adapter {unknown} in {directory}; "
                                f"it has {cfg['adapters']}")
     peft_cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["alpha"],
                 "lora_dropout": cfg["dropout"], "target_modules": cfg["target_modules"], "bias": "none",

@@ -5,9 +5,10 @@
 The trainer turns h into the Yes-logit BCE and the answer LM loss with `lm_head_weight` [V, D] through
 the kernels (`yes_head_bce`, `linear_cross_entropy`), so [B, T, V] logits are never built.
 
-Per-row adapters: `set_expert_weights(w)` with w [B, E] (E = 1 + n_experts, index 0 = global) before
-`forward`; the padded path broadcasts a row's weights over its T tokens, the padding-free one gathers
-them per token.
+Per-row adapters: `forward(..., expert_weights=w)` with w [B, E] (E = 1 + n_experts, index 0 = global),
+[E] for every row, or None for the global adapter alone. The weights are an argument of each call and
+never stored in the model: the padding-free path gathers them per token and hands them to every linear
+layer; the padded fallback broadcasts a row's weights over its T tokens (`lora.expert_weights`).
 
 Padding-free (Llama-family models, thinkrec/model/packed.py): the decoder runs on the batch's real
 tokens only, and `forward(..., select=(rows, cols))` returns just the states the losses read, which lets
@@ -18,8 +19,8 @@ the last layer skip every other position. Other architectures run Hugging Face's
 import torch
 import torch.nn as nn
 
-from .lora import LoRAConfig, adapter_names, init_experts_from_global, inject_lora, last_layers, lora_modules
-from .lora import set_expert_weights, set_trainable
+from .lora import LoRAConfig, adapter_names, checkpoint_context, expert_weights, init_experts_from_global
+from .lora import inject_lora, last_layers, lora_modules, set_trainable
 from .packed import Packing, packed_supported, run_layers
 from .projector import CFProjector, scatter_placeholders
 from .tokens import add_placeholder_tokens, answer_token_ids
@@ -42,7 +43,6 @@ class ThinkRecLM(nn.Module):
         self.register_buffer("_ph_ids", torch.tensor(sorted(self.placeholder_token_ids.values()), dtype=torch.long),
                              persistent=False)
         self.unpacked_reason = packed_supported(llm.config)  # '' = padding-free forward available
-        self._w = None
         self.grad_ckpt = False
 
     # ------------------------------------------------------------------------------------ construction
@@ -73,11 +73,6 @@ class ThinkRecLM(nn.Module):
         """{path inside the HF model: LoRALinear}."""
         return lora_modules(self.llm)
 
-    def set_expert_weights(self, w) -> None:
-        """w: [B, E] per-row adapter weights, [E] for all rows, or None for the global adapter alone."""
-        set_expert_weights(self.llm, w)
-        self._w = w
-
     @property
     def packed(self) -> bool:
         return not self.unpacked_reason
@@ -97,12 +92,16 @@ class ThinkRecLM(nn.Module):
     def gradient_checkpointing(self, on: bool = True) -> None:
         """Recompute decoder layers in the backward (memory for time). Non-reentrant checkpointing,
         because the reentrant kind drops LoRA gradients when the layer inputs do not require grad
-        (frozen embeddings in stage 1)."""
+        (frozen embeddings in stage 1); its recompute re-enters the forward's expert weights."""
         self.grad_ckpt = on  # the padding-free path checkpoints each layer itself (packed.run_layers)
         if self.packed:
             return
-        if on:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kw = {"use_reentrant": False, "context_fn": checkpoint_context}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers 5.x's name for it
+            (self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw) if on
+             else self.llm.activation_checkpointing_disable())
+        elif on:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         else:
             self.llm.gradient_checkpointing_disable()
 
@@ -120,7 +119,7 @@ class ThinkRecLM(nn.Module):
         mask = self.placeholder_mask(input_ids) if placeholder_mask is None else placeholder_mask
         has_slots = bool(mask.any())
         if has_slots and (cf_embeds is None or self.projector is None):
-            raise ValueError("thinkrec/model/lm.py ThinkRecLM: the input has placeholder tokens but "
+            raise ValueError("the input has placeholder tokens but "
                              + ("no cf_embeds were given" if self.projector is not None
                                 else "the model was built without a CF projector (cf_dim=None)"))
         # placeholder ids may lie past the embedding table (see tokens.py): look up id 0 there instead
@@ -130,22 +129,24 @@ class ThinkRecLM(nn.Module):
             return embeds
         return scatter_placeholders(embeds, mask, self.projector(cf_embeds))
 
-    def forward(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, select=None):
+    def forward(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, select=None,
+                expert_weights=None):
         """Final hidden states (after the last norm): [B, T, D] (zeros at padding), or [S, D] at the grid
         positions select = (rows [S], cols [S]) (repeats allowed; padding positions are an error).
 
         input_ids: [B, T] (left- or right-padded), attention_mask: [B, T] 1 = token, cf_embeds: [P, d_cf]
         for the P placeholder positions in row-major order, placeholder_mask: [B, T] bool (default: from
-        the ids). Positions count real tokens only, so a row's result does not depend on its padding.
+        the ids), expert_weights: [B, E] per-row adapter weights, [E] for all rows, or None (global).
+        Positions count real tokens only, so a row's result does not depend on its padding.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not self.packed:
-            return self._forward_hf(input_ids, attention_mask, cf_embeds, placeholder_mask, select)
+            return self._forward_hf(input_ids, attention_mask, cf_embeds, placeholder_mask, select, expert_weights)
         pk = Packing.from_mask(attention_mask)
         h = self.embed_packed(pk, input_ids, cf_embeds, placeholder_mask)
         keep, inv = self.select_index(pk, select)
-        h = self.run_layers(h, pk, 0, len(self.llm.model.layers), keep)
+        h = self.run_layers(h, pk, 0, len(self.llm.model.layers), keep, expert_weights)
         return self.finish(h, pk, inv)
 
     # ------------------------------------------------------------------------- padding-free pieces
@@ -165,32 +166,35 @@ class ThinkRecLM(nn.Module):
         cos, sin = self.llm.model.rotary_emb(like, pk.pos[None])
         return cos[0], sin[0]
 
-    def run_layers(self, h, pk: Packing, start: int, end: int, keep=None) -> torch.Tensor:
-        """Decoder layers [start, end) on packed states h [N, D] with the rows' adapter weights; with
-        `keep`, the last of them computes only those tokens ([len(keep), D])."""
+    def run_layers(self, h, pk: Packing, start: int, end: int, keep=None, expert_weights=None,
+                   merged=None) -> torch.Tensor:
+        """Decoder layers [start, end) on packed states h [N, D] with per-row adapter weights
+        expert_weights ([B, E], [E] or None); with `keep`, the last of them computes only those tokens
+        ([len(keep), D]); `merged` ({LoRALinear: nn.Linear}) runs those modules merged."""
         layers = list(self.llm.model.layers)[start:end]
         if not layers:
             return h if keep is None else h[keep]
-        w = self._w
+        w = expert_weights
         if w is not None:
             w = w.to(h.device)
             if w.dim() == 2:
-                w = w[pk.row]
+                w = w[pk.row]  # [B, E] -> [N, E], one row per token
         cos, sin = self.rope(pk, h)
-        return run_layers(layers, h, pk, cos, sin, w, keep, grad_ckpt=self.grad_ckpt and self.training)
+        return run_layers(layers, h, pk, cos, sin, w, keep, grad_ckpt=self.grad_ckpt and self.training,
+                          merged=merged)
 
     def finish(self, h, pk: Packing, inverse=None) -> torch.Tensor:
         """Final norm, then [B, T, D] (no selection) or the selected rows in the caller's order."""
         h = self.llm.model.norm(h)
         return pk.unpack(h) if inverse is None else h[inverse]
 
-    def _forward_hf(self, input_ids, attention_mask, cf_embeds, placeholder_mask, select):
+    def _forward_hf(self, input_ids, attention_mask, cf_embeds, placeholder_mask, select, w=None):
         """Hugging Face's padded forward, for architectures without a padding-free path."""
-        set_expert_weights(self.llm, self._w)  # per-row weights (a packed forward leaves per-token ones)
         embeds = self.embed(input_ids, cf_embeds, placeholder_mask)
         # positions count real tokens only, so a left-padded row matches the same row unpadded
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False)
+        with expert_weights(w):  # HF calls each projection with x alone
+            out = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False)
         h = out.last_hidden_state
         return h if select is None else h[select[0], select[1]]

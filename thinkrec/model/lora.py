@@ -7,6 +7,12 @@ E = n_experts + 1 adapters: index 0 is the global adapter, index n (1..N) is exp
 batch carries its own weights w[m, :] (one-hot for a single adapter, dense for a mixture), so rows of
 different users share one pass (`kernels.lora_linear`).
 
+The weights travel with the call, never in module state: `layer(x, w)`. Forwards we write ourselves
+(thinkrec/model/packed.py, a decode loop) pass w down explicitly. Hugging Face's own forward calls each
+projection with x alone, so for it (and only for it) `with expert_weights(w):` makes w the weights of
+every LoRALinear called inside that block; w given to the call wins over the block's, and without either
+the global adapter runs alone.
+
 Each adapter's A_e and B_e are separate Parameters (stacked to [E, r, K] / [E, N, r] in the forward, a
 copy of E*r*(K+N) numbers: 0.4 MB per layer at E=11, r=8, K=N=4096, against activations of MBs). The
 alternative, one [E, r, K] tensor with a gradient hook zeroing frozen adapters, is not enough: AdamW's
@@ -15,6 +21,8 @@ slice whose gradient is zero. With separate Parameters a frozen adapter has requ
 never handed to the optimizer, so it cannot change (tests/test_model_lora.py checks this bit for bit).
 """
 
+import contextlib
+import contextvars
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,10 +31,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.lora_linear import lora_linear
-from kernels.lora_mix import lora_mix
+from kernels import lora_linear, lora_mix
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_BLOCK_WEIGHTS = contextvars.ContextVar("thinkrec_expert_weights", default=None)
+
+
+@contextlib.contextmanager
+def expert_weights(w):
+    """Inside this block every LoRALinear called without weights uses w ([E], [B, E] or None = global).
+    For forwards that are not ours (Hugging Face's padded decoder); ours pass w to each call."""
+    token = _BLOCK_WEIGHTS.set(w)
+    try:
+        yield
+    finally:
+        _BLOCK_WEIGHTS.reset(token)
+
+
+def checkpoint_context():
+    """torch.utils.checkpoint `context_fn`: the recompute in the backward runs outside the forward's
+    `expert_weights` block, so it re-enters a block with the weights the forward saw."""
+    return contextlib.nullcontext(), expert_weights(_BLOCK_WEIGHTS.get())
 
 
 @dataclass
@@ -52,9 +77,9 @@ class LoRALinear(nn.Module):
     """A frozen linear layer (its own `weight`/`bias` Parameters, so state-dict keys stay those of the
     base model) plus E LoRA adapters `lora_A[e]` [r, K] and `lora_B[e]` [N, r].
 
-    The per-row adapter weights are set with `set_expert_weights(w)` before the forward: w is [E] (all
-    rows), [B, E] (one per sequence, broadcast over the T tokens of x [B, T, K] without copying) or
-    [..., E] matching x's leading dims; None means the global adapter alone (w = e_0).
+    `forward(x, w)`: w is [E] (all rows), [B, E] (one per sequence, broadcast over the T tokens of
+    x [B, T, K] without copying) or [..., E] matching x's leading dims; None means the enclosing
+    `expert_weights` block's weights, or the global adapter alone (w = e_0).
     `combination` is "delta" (exact sum of deltas, default) or "linear" (peft's cross-term mix).
     """
 
@@ -62,7 +87,7 @@ class LoRALinear(nn.Module):
                  dropout: float = 0.0, combination: str = "delta", dtype=torch.float32):
         super().__init__()
         if n_adapters < 1 or r < 1:
-            raise ValueError(f"thinkrec/model/lora.py LoRALinear: n_adapters={n_adapters}, r={r} must be >= 1")
+            raise ValueError(f"LoRALinear: n_adapters={n_adapters}, r={r} must be >= 1")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
@@ -80,7 +105,6 @@ class LoRALinear(nn.Module):
         for A in self.lora_A:
             # standard LoRA init: A ~ kaiming-uniform(a=sqrt(5)) (nn.Linear's), B = 0 so the delta starts at 0
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        self._w = None
 
     @property
     def n_adapters(self) -> int:
@@ -92,30 +116,28 @@ class LoRALinear(nn.Module):
         B = torch.stack(list(self.lora_B))
         return (A, B) if dtype is None else (A.to(dtype), B.to(dtype))
 
-    def set_expert_weights(self, w) -> None:
-        if w is not None and w.shape[-1] != self.n_adapters:
-            raise ValueError(f"thinkrec/model/lora.py set_expert_weights: w has {w.shape[-1]} adapter weights, "
-                             f"the layer has {self.n_adapters} adapters (global + experts)")
-        self._w = w
-
-    def _row_weights(self, x: torch.Tensor) -> torch.Tensor:
+    def _row_weights(self, x: torch.Tensor, w) -> torch.Tensor:
         lead, E = x.shape[:-1], self.n_adapters
-        w = self._w
+        if w is None:
+            w = _BLOCK_WEIGHTS.get()
         if w is None:
             w = torch.zeros(E, device=x.device, dtype=x.dtype)
             w[0] = 1.0
+        if w.shape[-1] != E:
+            raise ValueError(f"expert weights have {w.shape[-1]} columns, the layer has {E} adapters "
+                             f"(global + experts)")
         w = w.to(device=x.device, dtype=x.dtype)
         if w.dim() == 1:
             return w.expand(*lead, E)
         if w.dim() == 2 and len(lead) == 2 and w.shape[0] == lead[0]:
             return w[:, None, :].expand(*lead, E)  # [B, E] -> [B, T, E] view, stride 0 over T
         if tuple(w.shape[:-1]) != tuple(lead):
-            raise ValueError(f"thinkrec/model/lora.py LoRALinear: expert weights {tuple(w.shape)} do not fit "
-                             f"the input {tuple(x.shape)} (want [E], [B, E] or x.shape[:-1] + (E,))")
+            raise ValueError(f"expert weights {tuple(w.shape)} do not fit the input {tuple(x.shape)} "
+                             f"(want [E], [B, E] or x.shape[:-1] + (E,))")
         return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._row_weights(x)
+    def forward(self, x: torch.Tensor, w: torch.Tensor = None) -> torch.Tensor:
+        w = self._row_weights(x, w)
         A, B = self.stacked(x.dtype)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             # no dropout: base GEMM and LoRA delta in one op, the delta added into y in place
@@ -130,8 +152,7 @@ class LoRALinear(nn.Module):
         scale * (sum_e sqrt(w_e) B_e) @ (sum_e sqrt(w_e) A_e) (combination "linear")."""
         w = torch.as_tensor(w, dtype=torch.float64).flatten()
         if w.numel() != self.n_adapters:
-            raise ValueError(f"thinkrec/model/lora.py delta_weight: w has {w.numel()} weights, "
-                             f"the layer has {self.n_adapters} adapters")
+            raise ValueError(f"delta_weight: w has {w.numel()} weights, the layer has {self.n_adapters} adapters")
         acc = self.lora_A[0].dtype
         if self.combination == "linear":
             A, B = self.stacked()
@@ -186,7 +207,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, n_experts: int, combination: 
                if name.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(mod, nn.Linear)]
     if not targets:
         linear_names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"thinkrec/model/lora.py inject_lora: no nn.Linear named {cfg.target_modules} in "
+        raise ValueError(f"no nn.Linear named {cfg.target_modules} (LoRA target modules) in "
                          f"{type(model).__name__}; its linear layers are named {linear_names}")
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
@@ -228,12 +249,6 @@ def last_layers(model: nn.Module, k: int) -> list:
     """Indices of the last k decoder layers that hold LoRA modules."""
     idx = sorted({layer_index(p) for p in lora_modules(model)} - {None})
     return idx[-k:] if k > 0 else []
-
-
-def set_expert_weights(model: nn.Module, w) -> None:
-    """Set the per-row adapter weights ([E], [B, E] or None) on every LoRALinear of `model`."""
-    for mod in lora_modules(model).values():
-        mod.set_expert_weights(w)
 
 
 def init_experts_from_global(model: nn.Module) -> None:

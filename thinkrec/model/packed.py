@@ -18,8 +18,10 @@ token, but queries, attention, o_proj and the MLP only for the kept tokens (one 
 the answer tokens), which removes ~1 layer of work. The kept queries attend through an explicit causal mask.
 
 Per-token adapter weights: a row's [E] weights are gathered per token (`w[row]`), and in the pruned layer
-per kept token for the modules that only see kept tokens; every LoRALinear is given the weights of the rows
-it will see just before the layer runs (so gradient checkpointing's recompute sees the same weights).
+per kept token for the modules that only see kept tokens; every linear layer is called here with the
+weights of the tokens it sees (`_linear`), so nothing is stored in the modules and gradient checkpointing's
+recompute gets the same weights as arguments. `merged` ({LoRALinear: nn.Linear}) runs given layers with
+merged weights instead (stage 3's frozen prefix) without touching the model.
 """
 
 from dataclasses import dataclass
@@ -31,7 +33,6 @@ from torch.utils.checkpoint import checkpoint
 from .lora import LoRALinear
 
 PACKED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-KV_MODULES = ("k_proj", "v_proj")  # the only modules of a pruned layer that see every token
 
 
 def packed_supported(config) -> str:
@@ -75,7 +76,7 @@ class Packing:
         grid[self.flat] = torch.arange(len(self.flat), device=self.flat.device)
         out = grid[rows * self.T + cols]
         if bool((out < 0).any()):
-            raise ValueError("thinkrec/model/packed.py: a selected position is a padding token")
+            raise ValueError("a selected position is a padding token")
         return out
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,21 +114,29 @@ def _sdpa(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
-def _set_weights(layer, w_all, w_kept) -> None:
-    for name, mod in layer.named_modules():
-        if isinstance(mod, LoRALinear):
-            mod.set_expert_weights(w_all if name.rsplit(".", 1)[-1] in KV_MODULES else w_kept)
+def _linear(mod, x, w, merged):
+    """mod(x) with adapter weights w [n, E] (or [E], None) when mod is a LoRALinear; its merged copy
+    instead when `merged` holds one."""
+    if merged and mod in merged:
+        return merged[mod](x)
+    return mod(x, w) if isinstance(mod, LoRALinear) else mod(x)
 
 
-def layer_forward(layer, h, pk: Packing, cos, sin, keep=None):
-    """One decoder layer on packed tokens h [N, D] -> [N, D], or [len(keep), D] for the kept tokens only."""
-    attn = layer.self_attn
+def layer_forward(layer, h, pk: Packing, cos, sin, keep=None, w_tok=None, merged=None):
+    """One decoder layer on packed tokens h [N, D] -> [N, D], or [len(keep), D] for the kept tokens only.
+    w_tok: per-token adapter weights [N, E], [E] or None (global)."""
+    attn, mlp = layer.self_attn, layer.mlp
     d = attn.head_dim
+    w_kept = w_tok if (keep is None or w_tok is None or w_tok.dim() == 1) else w_tok[keep]
+
+    def lin(mod, x, w=w_kept):
+        return _linear(mod, x, w, merged)
+
     x = layer.input_layernorm(h)
     xq = x if keep is None else x[keep]
-    q = attn.q_proj(xq).view(len(xq), -1, d)
-    k = attn.k_proj(x).view(len(x), -1, d)
-    v = attn.v_proj(x).view(len(x), -1, d)
+    q = lin(attn.q_proj, xq).view(len(xq), -1, d)
+    k = lin(attn.k_proj, x, w_tok).view(len(x), -1, d)  # keys and values: every token
+    v = lin(attn.v_proj, x, w_tok).view(len(x), -1, d)
     if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
     qcos, qsin = (cos, sin) if keep is None else (cos[keep], sin[keep])
@@ -149,19 +158,20 @@ def layer_forward(layer, h, pk: Packing, cos, sin, keep=None):
         o = _sdpa(Q, K, V, attn_mask=mask.view(pk.B, 1, nq, pk.L), dropout_p=p, scale=attn.scaling)
         o = o.transpose(1, 2).reshape(pk.B * nq, -1)[qslot]
         h = h[keep]
-    h = h + attn.o_proj(o)
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    h = h + lin(attn.o_proj, o)
+    # the Llama-family MLP, down(act(gate(x)) * up(x)), written out so LoRA on its linears gets w too
+    x = layer.post_attention_layernorm(h)
+    return h + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x)) * lin(mlp.up_proj, x))
 
 
-def run_layers(layers, h, pk: Packing, cos, sin, w_tok=None, keep=None, grad_ckpt: bool = False):
+def run_layers(layers, h, pk: Packing, cos, sin, w_tok=None, keep=None, grad_ckpt: bool = False, merged=None):
     """Decoder `layers` in order on packed h [N, D]. w_tok: per-token adapter weights [N, E], [E] or None
-    (global). keep: packed indices (sorted, unique) to return from the last layer; None = all tokens."""
+    (global). keep: packed indices (sorted, unique) to return from the last layer; None = all tokens.
+    merged: {LoRALinear: nn.Linear} run in place of those modules."""
     for i, layer in enumerate(layers):
         kp = keep if i == len(layers) - 1 else None
-        w_kept = w_tok if (kp is None or w_tok is None or w_tok.dim() == 1) else w_tok[kp]
-        _set_weights(layer, w_tok, w_kept)
         if grad_ckpt and torch.is_grad_enabled():
-            h = checkpoint(layer_forward, layer, h, pk, cos, sin, kp, use_reentrant=False)
+            h = checkpoint(layer_forward, layer, h, pk, cos, sin, kp, w_tok, merged, use_reentrant=False)
         else:
-            h = layer_forward(layer, h, pk, cos, sin, kp)
+            h = layer_forward(layer, h, pk, cos, sin, kp, w_tok, merged)
     return h

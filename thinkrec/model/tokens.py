@@ -33,14 +33,14 @@ def add_placeholder_tokens(tokenizer) -> dict:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in PLACEHOLDERS}
     for t, i in ids.items():
         if tokenizer.encode(f"a {t} b", add_special_tokens=False).count(i) != 1:
-            raise ValueError(f"thinkrec/model/tokens.py: placeholder {t} does not tokenise to its single id {i}")
+            raise ValueError(f"placeholder {t} does not tokenise to its single id {i}")
     return ids
 
 
 def single_token_id(tokenizer, text: str) -> int:
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(f"thinkrec/model/tokens.py: {text!r} is {len(ids)} tokens {ids} for this tokenizer, "
+        raise ValueError(f"{text!r} is {len(ids)} tokens {ids} for this tokenizer, "
                          f"the Yes/No head needs it to be exactly one token")
     return ids[0]
 
@@ -53,6 +53,6 @@ def answer_token_ids(tokenizer, tail: str = "#Answer:", yes: str = " Yes", no: s
     for text, tid in ((yes, yes_id), (no, no_id)):
         joined = tokenizer.encode(tail + text, add_special_tokens=False)
         if joined != head + [tid]:
-            raise ValueError(f"thinkrec/model/tokens.py: {tail + text!r} tokenises to {joined}, not the prompt's "
+            raise ValueError(f"{tail + text!r} tokenises to {joined}, not the prompt's "
                              f"{head} + [{tid}] for {text!r}; the answer's first token would differ in training")
     return yes_id, no_id

@@ -51,7 +51,7 @@ def collate(samples, users, pad_id: int, reasoning: bool = False, n_rows: int = 
     n_rows / n_tokens: sizes of the global batch when these samples are one rank's shard (default: this).
     """
     if not samples:
-        raise ValueError("thinkrec/train/batches.py collate: empty list of samples")
+        raise ValueError("collate: empty list of samples")
     lens = [len(s.input_ids) + len(s.answer_ids) - 1 for s in samples]
     B, T = len(samples), max(lens)
     ids = np.full((B, T), pad_id, dtype=np.int64)
@@ -64,10 +64,10 @@ def collate(samples, users, pad_id: int, reasoning: bool = False, n_rows: int = 
         x = np.concatenate([s.input_ids, s.answer_ids[:-1]])
         ids[b, o:] = x
         mask[b, o:] = 1
-        P, A = len(s.input_ids), len(s.answer_ids)
-        yes_col[b] = o + P - 1
+        A = len(s.answer_ids)
+        yes_col[b] = o + s.yes_pos
         ans_row.append(np.full(A, b, dtype=np.int64))
-        ans_col.append(o + P - 1 + np.arange(A, dtype=np.int64))
+        ans_col.append(yes_col[b] + np.arange(A, dtype=np.int64))
         ans_tgt.append(np.asarray(s.answer_ids, dtype=np.int64))
         ph[b, o + np.asarray(s.ph_pos, dtype=np.int64)] = True
         kinds.append(np.asarray(s.ph_kind, dtype=np.int64))
@@ -101,9 +101,3 @@ def cf_inputs(batch: Batch, user_emb: torch.Tensor, item_emb: torch.Tensor):
     out[~is_user] = item_emb[batch.ph_index[~is_user]]
     return out
 
-
-def one_hot_experts(groups: torch.Tensor, n_adapters: int) -> torch.Tensor:
-    """[B] group ids in 0..N-1 -> [B, E] weights routing each row to adapter 1 + group (0 = global)."""
-    w = torch.zeros(len(groups), n_adapters, dtype=torch.float32)
-    w[torch.arange(len(groups)), groups.long() + 1] = 1.0
-    return w

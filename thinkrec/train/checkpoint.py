@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from thinkrec.data.prepared import atomic_write_bytes, atomic_write_text
+from thinkrec.io import atomic_write_bytes, atomic_write_text
 
 TENSORS, META = "ckpt.safetensors", "ckpt.json"
 
@@ -44,7 +44,7 @@ def save(directory, params: dict, optimizer, state: dict, best: dict = None) -> 
     for i, st in opt_sd["state"].items():
         for k, v in st.items():
             if not torch.is_tensor(v):
-                raise CheckpointError(f"thinkrec/train/checkpoint.py: optimizer state {k!r} of parameter {i} is "
+                raise CheckpointError(f"optimizer state {k!r} of parameter {i} is "
                                       f"a {type(v).__name__}, only tensors are stored")
             tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
@@ -64,12 +64,12 @@ def load(directory, params: dict, optimizer) -> tuple:
     # safetensors layout: 8-byte little-endian header length, then the JSON header with __metadata__
     tag = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {}).get("tag")
     if tag != meta["tag"]:
-        raise CheckpointError(f"thinkrec/train/checkpoint.py: {d / TENSORS} (tag {tag}) and {d / META} "
+        raise CheckpointError(f"{d / TENSORS} (tag {tag}) and {d / META} "
                               f"(tag {meta['tag']}) come from different saves; delete both to restart the stage")
     tensors = st_load(raw)
     missing = [n for n in params if f"param.{n}" not in tensors]
     if missing:
-        raise CheckpointError(f"thinkrec/train/checkpoint.py: {d / TENSORS} lacks parameters {missing[:3]} "
+        raise CheckpointError(f"{d / TENSORS} lacks parameters {missing[:3]} "
                               f"({len(missing)} in all); it was written for a different stage or model")
     with torch.no_grad():
         for n, p in params.items():
@@ -90,9 +90,3 @@ def load(directory, params: dict, optimizer) -> tuple:
     best = {k[len("best."):]: v for k, v in tensors.items() if k.startswith("best.")} or None
     return meta["state"], best
 
-
-def remove(directory) -> None:
-    for f in (TENSORS, META):
-        p = Path(directory) / f
-        if p.exists():
-            p.unlink()

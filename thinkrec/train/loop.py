@@ -21,18 +21,21 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from thinkrec.data.sampler import LengthBucketSampler
-from thinkrec.metrics import evaluate
+from thinkrec.metrics import evaluate, selection_score
 
 from . import checkpoint
-from .batches import cf_inputs, collate, shard
+from .batches import Batch, cf_inputs, collate, shard
+from .data import SampleSet
 from .ddp import Dist
 from .losses import batch_loss, loss_positions, yes_logits, yes_positions
+from .prefix import FrozenPrefix
 
 
 @dataclass
@@ -52,36 +55,31 @@ class LoopConfig:
     grad_ckpt: bool = False
     eval_batch_size: int = 16
     ckpt_every: int = 10  # optimizer steps between checkpoints (also after every evaluation and at the end)
-    stop_after: int = 0  # testing: return after this many optimizer steps, as if killed (0 = never)
     progress: bool = True
     desc: str = "train"
 
 
 @dataclass
 class StageInputs:
-    """What the loop trains on. route(users [B]) -> [B, E] adapter weights or None (global adapter)."""
+    """What the loop trains on and how a batch reaches the model."""
 
-    plain: object  # SampleSet
-    valid: object = None  # SampleSet
-    reasoning: object = None  # SampleSet with traces
-    route: object = None
-    user_emb: torch.Tensor = None
-    item_emb: torch.Tensor = None
-    forward: object = None  # callable like ThinkRecLM.forward (e.g. FrozenPrefix); default the model
+    plain: SampleSet  # Yes/No samples
+    valid: SampleSet | None = None  # scored for selection and early stopping
+    reasoning: SampleSet | None = None  # samples whose answers are reasoning traces
+    route: Callable[[torch.Tensor], torch.Tensor] | None = None  # users [B] -> adapter weights [B, E]; None: global
+    user_emb: torch.Tensor | None = None  # [n_users, d_cf] for the CF slots
+    item_emb: torch.Tensor | None = None  # [n_items, d_cf]
+    prefix: FrozenPrefix | None = None  # stage 3's frozen lower layers; None: the model's own forward
     pad_id: int = 0
 
 
 @dataclass
-class _Cursor:
-    epoch: int = 0
-    pos: int = 0
-
-
-@dataclass
 class LoopState:
+    """Everything the loop counts; with the parameters, optimizer and RNG it is a complete checkpoint."""
+
     micro: int = 0
     step: int = 0
-    cursors: dict = field(default_factory=lambda: {"plain": [0, 0], "reason": [0, 0]})
+    cursors: dict = field(default_factory=lambda: {"plain": [0, 0], "reason": [0, 0]})  # set -> [epoch, batch]
     best_score: float = -math.inf
     best_step: int = -1
     evals_since_best: int = 0
@@ -97,46 +95,28 @@ def lr_at(step: int, total: int, cfg: LoopConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
-def criterion(m: dict) -> float:
-    uauc = m.get("uauc", float("nan"))
-    auc = m.get("auc", float("nan"))
-    return (0.0 if math.isnan(auc) else auc / 4) + (0.0 if math.isnan(uauc) else uauc / 3)
-
-
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()  # fp32 on CPU
 
 
-def _micro_batch(sset, idx, inputs: StageInputs, d: Dist, reasoning: bool):
-    """Collate this rank's shard of global batch `idx` (indices into sset) and move it to the device."""
-    mine = shard(idx, d.rank, d.world)  # contiguous: idx[lo:lo + len(mine)]
-    lo = d.rank * len(idx) // d.world
-    samples = [sset.sample(i) for i in idx]  # all rows: global counts for the loss normalisation
-    n_tokens = sum(len(s.answer_ids) for s in samples)
-    part = samples[lo:lo + len(mine)]
-    users = sset.users[np.asarray(mine, dtype=np.int64)] if mine else np.zeros(0, np.int64)
-    return collate(part, users, inputs.pad_id, reasoning, n_rows=len(idx), n_tokens=n_tokens).to(d.device)
-
-
-def _run_forward(lm, inputs: StageInputs, batch, tag: str = None, select=None):
-    """Hidden states at `select` = (rows, cols) ([B, T, D] if None); `tag` names the sample set so a
-    FrozenPrefix can cache rows by (tag, row)."""
-    ue = None if inputs.user_emb is None else inputs.user_emb.to(batch.input_ids.device)
-    ie = None if inputs.item_emb is None else inputs.item_emb.to(batch.input_ids.device)
-    cf = cf_inputs(batch, ue, ie)
-    lm.set_expert_weights(None if inputs.route is None else inputs.route(batch.users).to(batch.input_ids.device))
-    fwd = inputs.forward or lm
-    kw = {}
-    if tag is not None and getattr(fwd, "cache_limit", 0) > 0:
-        kw["keys"] = [(tag, int(r)) for r in batch.rows]
-    return fwd(batch.input_ids, batch.attention_mask, cf_embeds=cf, placeholder_mask=batch.ph_mask, select=select,
-               **kw)
+def _forward(lm, inputs: StageInputs, batch: Batch, select=None, cache_tag: str = None):
+    """Hidden states at `select` = (rows, cols) ([B, T, D] if None), each row with its route's adapter
+    weights. `cache_tag` names the sample set, so the frozen prefix can cache rows by (tag, data row)."""
+    dev = batch.input_ids.device
+    ue = None if inputs.user_emb is None else inputs.user_emb.to(dev)
+    ie = None if inputs.item_emb is None else inputs.item_emb.to(dev)
+    w = None if inputs.route is None else inputs.route(batch.users).to(dev)
+    kw = dict(cf_embeds=cf_inputs(batch, ue, ie), placeholder_mask=batch.ph_mask, select=select, expert_weights=w)
+    if inputs.prefix is None:
+        return lm(batch.input_ids, batch.attention_mask, **kw)
+    keys = None if cache_tag is None else [(cache_tag, int(r)) for r in batch.rows]
+    return inputs.prefix(batch.input_ids, batch.attention_mask, keys=keys, **kw)
 
 
 @torch.no_grad()
-def score(lm, sset, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16, progress=False,
+def score(lm, sset: SampleSet, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16, progress=False,
           desc="score") -> np.ndarray:
     """Yes logits [len(sset)] for every sample (eval mode, no grad), batched by length; ranks split the
     batches and the scores are summed across ranks (each row is scored by exactly one rank)."""
@@ -147,99 +127,107 @@ def score(lm, sset, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16,
     starts = list(range(0, len(order), batch_size))[d.rank::d.world]
     for s in tqdm(starts, desc=desc, disable=not (progress and d.is_main), leave=False):
         idx = order[s:s + batch_size].tolist()
-        users = sset.users[np.asarray(idx, dtype=np.int64)]
-        batch = collate([sset.sample(i) for i in idx], users, inputs.pad_id).to(d.device)
+        batch = collate([sset.sample(i) for i in idx], sset.users[idx], inputs.pad_id).to(d.device)
         with _autocast(d.device):
-            h = _run_forward(lm, inputs, batch, tag=f"score-{id(sset)}", select=yes_positions(batch))
+            h = _forward(lm, inputs, batch, yes_positions(batch), cache_tag=f"score-{id(sset)}")
         out[idx] = yes_logits(h, lm.lm_head_weight, lm.yes_token_id, batch.yes_col).double().cpu()
-    lm.set_expert_weights(None)
     lm.train(was_training)
     return d.all_reduce_sum(out).numpy()
 
 
-def evaluate_set(lm, sset, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16, progress=False,
+def evaluate_set(lm, sset: SampleSet, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16, progress=False,
                  desc="eval") -> dict:
     scores = score(lm, sset, inputs, d, batch_size, progress, desc)
     return evaluate(sset.users, scores, sset.labels)
 
 
-def _next_batch(sampler: LengthBucketSampler, cur: list, cache: dict) -> list:
-    """Batch at cursor [epoch, pos] of `sampler`; advances the cursor (wrapping into the next epoch)."""
-    epoch, pos = cur
-    if cache.get("epoch") != epoch:
-        sampler.set_epoch(epoch)
-        cache.update(epoch=epoch, batches=sampler.batches())
-    batches = cache["batches"]
-    b = batches[pos]
-    cur[:] = [epoch + 1, 0] if pos + 1 >= len(batches) else [epoch, pos + 1]
-    return b
-
-
 def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist = Dist(), resume=True,
                 log=print) -> dict:
     """Train the parameters of `lm` that require grad; returns {"state": LoopState, "best": {name: tensor}
-    or None, "interrupted": bool (stop_after hit)}. The best evaluated parameters are left in `lm`.
+    or None}. The best evaluated parameters are left in `lm`.
 
     ckpt_dir: where mid-stage checkpoints go (None = none). With resume and a checkpoint there, training
     continues from it.
     """
+    # --- what trains, the optimizer, one length-bucketed sampler per sample set
     named = {n: p for n, p in lm.named_parameters() if p.requires_grad}
     if not named:
-        raise ValueError("thinkrec/train/loop.py train_stage: the model has no trainable parameters")
+        raise ValueError("the model has no trainable parameters (see ThinkRecLM.set_trainable)")
     params = list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    samplers = {"plain": LengthBucketSampler(inputs.plain.lengths, cfg.batch_size, seed=cfg.seed)}
+    sets = {"plain": inputs.plain}
     if inputs.reasoning is not None and len(inputs.reasoning) and cfg.reason_prob > 0:
-        samplers["reason"] = LengthBucketSampler(inputs.reasoning.lengths, cfg.batch_size, seed=cfg.seed + 1)
+        sets["reason"] = inputs.reasoning
+    samplers = {k: LengthBucketSampler(s.lengths, cfg.batch_size, seed=cfg.seed + i)  # plain: seed, reason: seed + 1
+                for i, (k, s) in enumerate(sets.items())}
     n_micro = max(1, round(cfg.epochs * len(samplers["plain"])))
     total = math.ceil(n_micro / cfg.accum)
+
+    # --- resume from the last checkpoint
     st, best = LoopState(), None
     if ckpt_dir is not None and resume and checkpoint.exists(ckpt_dir):
         raw, best = checkpoint.load(ckpt_dir, named, opt)
         st = LoopState(**raw)
         log(f"[{cfg.desc}] resumed at step {st.step}/{total} from {ckpt_dir}")
+
     if cfg.grad_ckpt:
         lm.gradient_checkpointing(True)
     lm.train()
-    caches = {k: {} for k in samplers}
+    epoch_batches = {k: (None, []) for k in sets}  # set -> (epoch, that epoch's batch order)
     bar = tqdm(total=total, initial=st.step, desc=cfg.desc, disable=not (cfg.progress and d.is_main),
                mininterval=1.0)
-    steps_this_run, t0 = 0, time.perf_counter()
+    t0 = time.perf_counter()
     while not st.done and st.step < total:
         lr = lr_at(st.step, total, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
+
+        # --- accumulate micro-batches; micro-batch m reads the reasoning set with probability reason_prob
+        #     (a generator seeded by (seed, m)), else the plain set, at that set's cursor
         parts = {"loss": 0.0, "bce": 0.0, "lm": 0.0}
         for _ in range(cfg.accum):
             if st.micro >= n_micro:
                 break
             rng = np.random.default_rng([cfg.seed, st.micro])
-            kind = "reason" if "reason" in samplers and rng.random() < cfg.reason_prob else "plain"
-            sset = inputs.reasoning if kind == "reason" else inputs.plain
-            idx = _next_batch(samplers[kind], st.cursors[kind], caches[kind])
-            batch = _micro_batch(sset, idx, inputs, d, kind == "reason")
+            kind = "reason" if "reason" in sets and rng.random() < cfg.reason_prob else "plain"
+            epoch, pos = st.cursors[kind]
+            if epoch_batches[kind][0] != epoch:
+                samplers[kind].set_epoch(epoch)
+                epoch_batches[kind] = (epoch, samplers[kind].batches())
+            batches = epoch_batches[kind][1]
+            idx = batches[pos]
+            st.cursors[kind] = [epoch + 1, 0] if pos + 1 >= len(batches) else [epoch, pos + 1]
+            # this rank's contiguous shard; the loss divides by the whole batch's rows and answer tokens
+            samples = [sets[kind].sample(i) for i in idx]
+            mine = shard(range(len(idx)), d.rank, d.world)
+            batch = collate([samples[i] for i in mine], sets[kind].users[[idx[i] for i in mine]], inputs.pad_id,
+                            kind == "reason", n_rows=len(idx),
+                            n_tokens=sum(len(s.answer_ids) for s in samples)).to(d.device)
             with _autocast(d.device):
-                h = _run_forward(lm, inputs, batch, tag=kind, select=loss_positions(batch))
+                h = _forward(lm, inputs, batch, loss_positions(batch), cache_tag=kind)
             loss, p, _ = batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)
             (loss / cfg.accum).backward()
             parts["loss"] += float(loss.detach()) / cfg.accum
             parts["bce"] += p["bce"] / cfg.accum
             parts["lm"] += p["lm"] / cfg.accum
             st.micro += 1
+
+        # --- optimizer step on the gradients summed over ranks
         d.all_reduce_grads(params)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         st.step += 1
-        steps_this_run += 1
         bar.update(1)
         bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}")
+
+        # --- evaluate on valid: keep the best parameters, stop after `patience` evaluations without gain
         last = st.step >= total
         evaluated = inputs.valid is not None and ((cfg.eval_every and st.step % cfg.eval_every == 0) or last)
         if evaluated:
             m = evaluate_set(lm, inputs.valid, inputs, d, cfg.eval_batch_size, cfg.progress, f"{cfg.desc} eval")
-            crit = criterion(m)
+            crit = selection_score(m, nan_as_zero=True)  # AUC/4 + UAUC/3, a NaN part counts 0
             st.history.append({"step": st.step, "loss": parts["loss"], "auc": m["auc"], "uauc": m["uauc"],
                                "criterion": crit, "seconds": round(time.perf_counter() - t0, 1)})
             if crit > st.best_score:
@@ -251,21 +239,19 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
             if d.is_main:
                 log(f"[{cfg.desc}] step {st.step}/{total} loss {parts['loss']:.4f} valid auc {m['auc']:.4f} "
                     f"uauc {m['uauc']:.4f} (best {st.best_score:.4f} @ {st.best_step})")
+
+        # --- checkpoint every ckpt_every steps, after each evaluation and at the end
         if ckpt_dir is not None and d.is_main and (last or st.done or evaluated
                                                    or st.step % max(1, cfg.ckpt_every) == 0):
             checkpoint.save(ckpt_dir, named, opt, st.__dict__, best)
         d.barrier()
-        if cfg.stop_after and steps_this_run >= cfg.stop_after and not last:
-            if ckpt_dir is not None and d.is_main:
-                checkpoint.save(ckpt_dir, named, opt, st.__dict__, best)
-            bar.close()
-            return {"state": st, "best": best, "interrupted": True}
     bar.close()
+
+    # --- leave the best evaluated parameters in the model
     if cfg.grad_ckpt:
         lm.gradient_checkpointing(False)
     if best is not None:
         with torch.no_grad():
             for n, p in named.items():
                 p.copy_(best[n])
-    lm.set_expert_weights(None)
-    return {"state": st, "best": best, "interrupted": False}
+    return {"state": st, "best": best}

@@ -7,8 +7,8 @@ so for ANY routing weights w (one-hot or a mixture summing to 1):
     sum_e w_e B_e A_e = (sum_e w_e) B_0 A_0 = B_0 A_0       in every layer below L - k
 
 and each LoRA layer there equals the plain linear layer with weight W + s B_0 A_0. `FrozenPrefix` builds
-those merged linears once and swaps them in for the prefix forward, which runs under torch.no_grad: no
-LoRA work, no saved activations, no graph. The top k layers then run with the rows' own adapter weights
+those merged linears once, owns them, and hands them to the layer-range forward (`merged`), which runs
+under torch.no_grad: no LoRA work, no saved activations, no graph, and the model itself is never touched. The top k layers then run with the rows' own adapter weights
 and autograd. (Rounding: (W + sBA)x differs from Wx + sB(Ax) by float error only, ~1e-7 relative in fp32.)
 LoRA dropout in the frozen layers is off; dropout of a frozen adapter only adds noise to the inputs of
 the trainable layers.
@@ -30,8 +30,6 @@ Both parts run ThinkRecLM's padding-free layer range (`lm.run_layers`); models w
 still records nothing below the first trainable layer.
 """
 
-from contextlib import contextmanager
-
 import torch
 
 from thinkrec.model.lora import layer_index
@@ -43,54 +41,38 @@ class FrozenPrefix:
 
     def __init__(self, lm, k_trainable: int, cache_mb: float = 0.0):
         if not lm.packed:
-            raise ValueError(f"thinkrec/train/prefix.py: no padding-free forward for this model ({lm.unpacked_reason})")
+            raise ValueError(f"no padding-free forward for this model ({lm.unpacked_reason})")
         self.lm = lm
         self.cache, self.cache_bytes, self.cache_limit = {}, 0, int(cache_mb * 2**20)
         self.hits = self.misses = 0
         L = len(lm.llm.model.layers)
         if not 0 < k_trainable <= L:
-            raise ValueError(f"thinkrec/train/prefix.py: k_trainable={k_trainable} must be in 1..{L}")
+            raise ValueError(f"k_trainable={k_trainable} must be in 1..{L}")
         self.split, self.n_layers = L - k_trainable, L
         lower_lora = {p: m for p, m in lm.lora_layers().items() if (layer_index(p) or 0) < self.split}
-        self.merged = {}
+        self.merged = {}  # {LoRALinear: nn.Linear with W + s B_0 A_0}, this object's own copies
         if all(self._experts_equal_global(m) for m in lower_lora.values()):
-            self.merged = {p: m.merge([1.0] + [0.0] * (m.n_adapters - 1)) for p, m in lower_lora.items()}
+            self.merged = {m: m.merge() for m in lower_lora.values()}
         for p in (q for m in lower_lora.values() for q in m.parameters()):
             if p.requires_grad:
-                raise ValueError("thinkrec/train/prefix.py: a LoRA parameter below the trainable layers requires "
-                                 "grad; call lm.set_trainable(layers=lm.last_layers(k), ...) first")
+                raise ValueError("a LoRA parameter below the trainable layers requires grad; call "
+                                 "lm.set_trainable(layers=lm.last_layers(k), ...) first")
 
     @staticmethod
     def _experts_equal_global(mod) -> bool:
         return all(torch.equal(mod.lora_A[e], mod.lora_A[0]) and torch.equal(mod.lora_B[e], mod.lora_B[0])
                    for e in range(1, mod.n_adapters))
 
-    @contextmanager
-    def _merged_lower(self):
-        """Swap the merged linears into the model for the duration of the prefix (restored after)."""
-        llm, originals = self.lm.llm, {}
-        try:
-            for path, lin in self.merged.items():
-                parent, _, child = path.rpartition(".")
-                mod = llm.get_submodule(parent)
-                originals[path] = getattr(mod, child)
-                setattr(mod, child, lin)
-            yield
-        finally:
-            for path, orig in originals.items():
-                parent, _, child = path.rpartition(".")
-                setattr(llm.get_submodule(parent), child, orig)
-
-    def _prefix(self, pk, input_ids, cf_embeds, placeholder_mask) -> torch.Tensor:
+    def _prefix(self, pk, input_ids, cf_embeds, placeholder_mask, expert_weights) -> torch.Tensor:
         """[N, D] packed output of layers [0, split), no autograd."""
-        with torch.no_grad(), self._merged_lower():
+        with torch.no_grad():
             h = self.lm.embed_packed(pk, input_ids, cf_embeds, placeholder_mask)
-            return self.lm.run_layers(h, pk, 0, self.split)
+            return self.lm.run_layers(h, pk, 0, self.split, expert_weights=expert_weights, merged=self.merged)
 
-    def __call__(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, keys=None,
-                 select=None):
-        """Same contract as ThinkRecLM.forward (expert weights already set). keys: one hashable per row
-        naming the sample, for the prefix cache (None = no caching)."""
+    def __call__(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, select=None,
+                 expert_weights=None, keys=None):
+        """Same contract as ThinkRecLM.forward. keys: one hashable per row naming the sample, for the
+        prefix cache (None = no caching)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pk = Packing.from_mask(attention_mask)
@@ -99,12 +81,12 @@ class FrozenPrefix:
             mid = torch.cat([self.cache[k].to(input_ids.device) for k in keys])
             self.hits += len(keys)
         else:
-            mid = self._prefix(pk, input_ids, cf_embeds, placeholder_mask)
+            mid = self._prefix(pk, input_ids, cf_embeds, placeholder_mask, expert_weights)
             self.misses += len(input_ids)
             if use_cache:
                 self._store(keys, pk, mid)
         keep, inv = self.lm.select_index(pk, select)
-        h = self.lm.run_layers(mid, pk, self.split, self.n_layers, keep)
+        h = self.lm.run_layers(mid, pk, self.split, self.n_layers, keep, expert_weights)
         return self.lm.finish(h, pk, inv)
 
     def _store(self, keys, pk, mid):

@@ -18,7 +18,6 @@ from thinkrec.model.adapters import CONFIG
 from .prefix import FrozenPrefix
 
 STAGES = ("stage1", "stage2", "stage3")
-STAGE_MODE = {"stage1": "text", "stage2": "ids", "stage3": "ids"}
 EXPERT_LAYERS = 8  # stage 3 trains the LoRA of the last 8 decoder layers (the paper's choice)
 
 
@@ -30,21 +29,20 @@ def is_done(run_dir, stage: str) -> bool:
     return (stage_dir(run_dir, stage) / CONFIG).is_file()
 
 
-def setup(lm, stage: str, expert_layers: int = EXPERT_LAYERS, prefix_cache_mb: float = 0.0):
-    """Set requires_grad for `stage`; returns the forward to use (None = the model's own). Stage 3's is a
-    FrozenPrefix, caching up to `prefix_cache_mb` MB of prefix outputs (0 = no cache)."""
+def setup(lm, stage: str, expert_layers: int = EXPERT_LAYERS, prefix_cache_mb: float = 0.0) -> FrozenPrefix | None:
+    """Set requires_grad for `stage`; returns stage 3's FrozenPrefix (caching up to `prefix_cache_mb` MB of
+    prefix outputs, 0 = no cache), or None where the model's own forward runs."""
     if stage == "stage1":
         lm.set_trainable(layers=None, adapters=[0], projector=False)
         return None
     if stage == "stage2":
         if lm.projector is None:
-            raise ValueError("thinkrec/train/stages.py: stage 2 trains the CF projector but the model has none "
-                             "(build ThinkRecLM with cf_dim)")
+            raise ValueError("stage 2 trains the CF projector but the model has none (build ThinkRecLM with cf_dim)")
         lm.set_trainable(layers=[], adapters=[], projector=True)
         return None
     if stage == "stage3":
         if lm.n_experts < 1:
-            raise ValueError("thinkrec/train/stages.py: stage 3 needs n_experts >= 1")
+            raise ValueError("stage 3 needs n_experts >= 1")
         lm.init_experts_from_global()
         layers = lm.last_layers(expert_layers)
         lm.set_trainable(layers=layers, adapters=range(1, lm.n_experts + 1), projector=False)
@@ -52,4 +50,4 @@ def setup(lm, stage: str, expert_layers: int = EXPERT_LAYERS, prefix_cache_mb: f
         if not lm.packed:  # no layer-range forward: the plain one (no graph below the trainable layers)
             return None
         return FrozenPrefix(lm, n_layers - min(layers), cache_mb=prefix_cache_mb)
-    raise ValueError(f"thinkrec/train/stages.py: unknown stage {stage!r}; one of {STAGES}")
+    raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
