@@ -174,7 +174,7 @@ def main():
 
     import torch
 
-    from kernels.linear_cross_entropy import CHUNK_BYTES, _chunk_rows
+    from kernels.linear_ce import CHUNK_BYTES, _chunk_rows
 
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     elt = 4 if dtype == "float32" else 2

@@ -3,6 +3,7 @@
     python bench/bench_lora_mix.py                       # CPU, fp32 (the PyTorch path), ~1-2 min idle
     python bench/bench_lora_mix.py --quick               # fewer repeats, smaller Llama M
     python bench/bench_lora_mix.py --device cuda --dtype bf16   # Triton kernels, with roofline fractions
+    python bench/bench_lora_mix.py --device cuda --experts 8    # E * r = 64: the widest kernel blocks
 
 Providers:
 - ours:       kernels.lora_mix (one shrink GEMM against A_cat [E*r, K], weight columns, one expand GEMM)
@@ -11,7 +12,8 @@ Providers:
               LoRA on them, index-add back (with dense weights every row visits every expert)
 Modes: fwd (output only), bwd (backward of x, A, B given the graph), full (fwd + bwd).
 Shapes: SmolLM2-135M q_proj (K = N = 576, M = 4096) and Llama-3-8B q_proj (K = N = 4096, M = 4096 on
-CUDA, 2048 on CPU; half that with --quick), E = 3, r = 8, dense (softmax) and one-hot weights.
+CUDA, 2048 on CPU; half that with --quick), E = 3, r = 8 (--experts, --rank), dense (softmax) and one-hot
+weights.
 Prints a table, then one JSON line.
 """
 
@@ -26,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import lora_mix  # noqa: E402
 from kernels import reference as ref  # noqa: E402
-from kernels.lora_mix import lora_mix  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK = {"bytes_per_s": 3.35e12, "flops_per_s": 990e12}  # H100 SXM: HBM3 bandwidth, dense bf16 tensor cores
@@ -134,6 +136,8 @@ def main():
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on cpu, bf16 on cuda")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per cell (median reported)")
     ap.add_argument("--quick", action="store_true", help="3 repeats, Llama shape at half its M")
+    ap.add_argument("--experts", type=int, default=3, help="E, experts per layer")
+    ap.add_argument("--rank", type=int, default=8, help="r, LoRA rank (E * r > 32 takes the 64-column blocks)")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     repeats = args.repeats or (3 if args.quick else 5)
@@ -143,7 +147,7 @@ def main():
     llama_m = 4096 if args.device == "cuda" else 2048
     llama_m = llama_m // 2 if args.quick else llama_m
     shapes = {"smollm2-135m": (4096, 576, 576), "llama3-8b": (llama_m, 4096, 4096)}
-    E, r, scale = 3, 8, 2.0
+    E, r, scale = args.experts, args.rank, 2.0
     elt = torch.tensor([], dtype=dtype).element_size()
     rows, ratios = [], {}
     print(f"device={args.device} dtype={dtype} threads={torch.get_num_threads()} repeats={repeats} E={E} r={r}")

@@ -1,10 +1,12 @@
 """ThinkRec's Triton ops, each with a plain-PyTorch path for CPUs.
 
-- `lora_mix` / `lora_linear`: per-row weighted multi-expert LoRA, forward and backward.
-- `yes_head_bce`: BCE on the "Yes" logit without touching the rest of the vocabulary.
-- `linear_cross_entropy`: chunked token cross-entropy of `h @ W.T`, never holding full logits.
+- `lora_mix` / `lora_linear` (kernels/lora.py): per-row weighted multi-expert LoRA, forward and backward.
+- `yes_head_bce` (kernels/yes_head.py): BCE on the "Yes" logit without touching the rest of the vocabulary.
+- `linear_cross_entropy` (kernels/linear_ce.py): chunked token cross-entropy of `h @ W.T`, never holding
+  full logits.
 
-Dispatch: see `kernels/_dispatch.py` (`THINKREC_KERNELS=auto|triton|torch`).
+Dispatch: see `kernels/_dispatch.py` (`THINKREC_KERNELS=auto|triton|torch`). Module names differ from the
+functions they export, so `kernels.lora_mix` is always the function.
 """
 
 import os as _os
@@ -25,9 +27,8 @@ if _os.environ.get("THINKREC_KERNELS", "auto").strip().lower() == "triton" and n
                        "environment when triton is imported before kernels (it was)", stacklevel=2)
 
 from kernels._dispatch import kernel_mode, use_triton  # noqa: E402
-from kernels.lora_mix import lora_mix  # noqa: E402
-from kernels.lora_linear import lora_linear  # noqa: E402
-from kernels.yes_head_bce import yes_head_bce  # noqa: E402
-from kernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from kernels.linear_ce import linear_cross_entropy  # noqa: E402
+from kernels.lora import lora_linear, lora_mix  # noqa: E402
+from kernels.yes_head import yes_head_bce  # noqa: E402
 
 __all__ = ["kernel_mode", "use_triton", "lora_mix", "lora_linear", "yes_head_bce", "linear_cross_entropy"]

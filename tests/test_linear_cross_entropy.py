@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.linear_cross_entropy import CHUNK_BYTES, _chunk_rows, compile_specs, linear_cross_entropy
+from kernels import linear_cross_entropy, reference
+from kernels.compile_check import spec_from_case
+from kernels.linear_ce import CHUNK_BYTES, _chunk_rows, compile_cases
 from tests.utils import CUDA, assert_close
 
 IGNORE = -100
@@ -136,8 +137,9 @@ def test_bad_arguments_name_the_problem():
 
 
 def test_compile_specs_follow_the_launcher():
-    specs = compile_specs()
+    specs = [spec_from_case(c) for c in compile_cases()]
     assert {s["signature"]["logits_ptr"] for s in specs} == {"*bf16", "*fp16"}
+    assert {s["signature"]["targets_ptr"] for s in specs} == {"*i64"}
     for s in specs:
         assert all(v >= 16 for v in s["constexprs"].values()), f"{s['name']}: block below 16"
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels import lora_linear, lora_mix
 from kernels import reference as ref
-from kernels.lora_linear import lora_linear
-from kernels.lora_mix import lora_mix
+from kernels._dispatch import use_triton
+from kernels.lora import _TritonOps, launch_config
 from tests.utils import CUDA, TOL, assert_close
 
 DEV = "cuda" if CUDA else "cpu"
@@ -135,10 +136,10 @@ def test_mixed_dtypes_and_w_without_grad(path):
 
 @pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)
 def test_dispatch_picks_the_requested_path(path):
-    from kernels.lora_mix import _TorchOps, _TritonOps, ops_for
-
-    x = torch.zeros(2, 2, device=DEV)
-    assert ops_for(x) is (_TritonOps if path == "triton" else _TorchOps)
+    """THINKREC_KERNELS picks the path for every kernel dtype; fp64 (no kernel) always takes PyTorch."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert use_triton(torch.zeros(2, 2, device=DEV, dtype=dtype)) is (path == "triton")
+    assert use_triton(torch.zeros(2, 2, device=DEV, dtype=torch.float64), torch.zeros(2, device=DEV)) is False
 
 
 def test_bad_shapes_are_named():
@@ -215,8 +216,6 @@ def test_strided_views_and_frozen_inputs(path):
 def test_float64_takes_the_pytorch_path(monkeypatch):
     """tl.dot of fp64 does not compile for a GPU (fp64 result into the fp32 accumulator), so fp64 inputs
     must never reach the kernels, even with THINKREC_KERNELS=triton."""
-    from kernels.lora_mix import _TritonOps
-
     def boom(*a, **k):
         raise AssertionError("fp64 reached a Triton kernel")
 
@@ -235,16 +234,14 @@ def test_shrink_at_the_large_grid_block(path, monkeypatch):
     """At >= 264 shrink tiles (M = 1100, E * r = 1024 here) the launcher switches to BLOCK_M = 64, the block
     large batches get on a GPU; the other tests' shapes stay below that, so run the kernel at that block
     here (forced on a small M: the interpreter takes ~25 ms a program)."""
-    import importlib
+    import kernels.lora as lora
 
-    lm = importlib.import_module("kernels.lora_mix")  # the package attribute is the function
-
-    assert lm.block_sizes("shrink", 16 * 64, 1100)["BLOCK_M"] == 64
-    real = lm.block_sizes
-    monkeypatch.setattr(lm, "block_sizes", lambda kernel, J, M=1 << 20: real(kernel, J, 1 << 20))
+    assert launch_config("shrink", 16 * 64, 1100)["BLOCK_M"] == 64
+    monkeypatch.setattr(lora, "launch_config",
+                        lambda kernel, J, M=1 << 20, dtype=torch.bfloat16: launch_config(kernel, J, 1 << 20, dtype))
     M, K, E, r = 70, 24, 3, 8
-    assert lm.block_sizes("shrink", E * r, M)["BLOCK_M"] == 64
+    assert lora.launch_config("shrink", E * r, M)["BLOCK_M"] == 64
     g = torch.Generator().manual_seed(11)
     x, A = torch.randn(M, K, generator=g).to(DEV), torch.randn(E, r, K, generator=g).to(DEV)
-    got = lm._TritonOps.shrink(x, A, "A", r)
+    got = _TritonOps.shrink(x, A, "A", r)
     assert_close(got, x.double() @ A.double().reshape(E * r, K).T, name="shrink BLOCK_M=64")

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
-from kernels.yes_head_bce import compile_specs, yes_head_bce
+from kernels import reference, yes_head_bce
+from kernels.compile_check import spec_from_case
+from kernels.yes_head import compile_cases
 from tests.utils import CUDA, assert_close
 
 SHAPES = [(1, 72, 50), (37, 136, 257), (37, 72, 1000)]  # (M, D, V), odd on purpose
@@ -127,8 +128,9 @@ def test_bad_arguments_name_the_problem():
 
 
 def test_compile_specs_follow_the_launcher():
-    specs = compile_specs()
+    specs = [spec_from_case(c) for c in compile_cases()]
     assert {s["signature"]["h_ptr"] for s in specs} == {"*bf16", "*fp16"}
+    assert {s["signature"]["labels_ptr"] for s in specs} == {"*fp32"} and specs[0]["signature"]["M"] == "i32"
     for s in specs:
         assert all(v >= 16 for v in s["constexprs"].values()), f"{s['name']}: block below 16"
         assert set(s["constexprs"]) <= {k for k, v in s["signature"].items() if v == "constexpr"}

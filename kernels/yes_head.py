@@ -17,8 +17,8 @@ only LoRA trains) nothing vocabulary-sized is allocated. When it does, autograd 
 gradient for a leaf, so the backward returns zeros with only row `id` filled: one weight-sized buffer
 (what `.grad` holds anyway), no vocabulary-sized compute.
 
-Layers: `_yes_head_bce_fwd_kernel` (Triton) -> `_forward_triton` / `_forward_torch` (launcher / CPU
-path) -> `_YesHeadBCE` (autograd) -> `yes_head_bce` (public).
+Layers: `_yes_head_bce_fwd_kernel` (Triton) -> `launch_config` -> `_TritonOps.forward` /
+`_TorchOps.forward` (launcher / PyTorch path) -> `_YesHeadBCE` (autograd) -> `yes_head_bce` (public).
 """
 
 import torch
@@ -61,44 +61,46 @@ def _yes_head_bce_fwd_kernel(
     tl.store(dlogit_ptr + rows, dz, mask=row_mask)
 
 
-def _block_sizes(D: int) -> dict:
-    """Launch configuration for hidden size D: 16 rows per program, up to 128 columns per step.
+def launch_config(D: int) -> dict:
+    """Constexprs and launch options for hidden size D: 16 rows per program, up to 128 columns per step.
 
     The op is a GEMV (memory-bound, ~M*D*2 bytes), so the blocks only need to keep loads coalesced
     and registers small (16 x 128 fp32 = 16 values per thread at 4 warps). Blocks stay >= 16:
     smaller ones pass in the interpreter but fail to compile for a GPU.
     """
-    return {"BLOCK_M": 16, "BLOCK_D": max(16, min(128, triton.next_power_of_2(D))), "num_warps": 4, "num_stages": 2}
+    return dict(BLOCK_M=16, BLOCK_D=max(16, min(128, triton.next_power_of_2(D))), num_warps=4, num_stages=2)
 
 
-def _forward_triton(h, w_row, labels, grad_scale):
-    """Launch the fused kernel. Returns (logits [M] in h.dtype, loss rows [M] fp32, dz [M] fp32)."""
-    M, D = h.shape
-    logits = torch.empty(M, device=h.device, dtype=h.dtype)
-    loss_rows = torch.empty(M, device=h.device, dtype=torch.float32)
-    dlogit = torch.empty(M, device=h.device, dtype=torch.float32)
-    cfg = _block_sizes(D)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _yes_head_bce_fwd_kernel[grid](
-        h, w_row, labels, logits, loss_rows, dlogit,
-        M, D, h.stride(0), h.stride(1), w_row.stride(0), grad_scale,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return logits, loss_rows, dlogit
+class _TritonOps:
+    @staticmethod
+    def forward(h, w_row, labels, grad_scale):
+        """Launch the fused kernel. Returns (logits [M] in h.dtype, loss rows [M] fp32, dz [M] fp32)."""
+        M, D = h.shape
+        logits = torch.empty(M, device=h.device, dtype=h.dtype)
+        loss_rows = torch.empty(M, device=h.device, dtype=torch.float32)
+        dlogit = torch.empty(M, device=h.device, dtype=torch.float32)
+        cfg = launch_config(D)
+        _yes_head_bce_fwd_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+            h_ptr=h, w_ptr=w_row, labels_ptr=labels, logits_ptr=logits, loss_ptr=loss_rows, dlogit_ptr=dlogit,
+            M=M, D=D, stride_hm=h.stride(0), stride_hd=h.stride(1), stride_wd=w_row.stride(0),
+            grad_scale=grad_scale, **cfg)
+        return logits, loss_rows, dlogit
 
 
-def _forward_torch(h, w_row, labels, grad_scale):
-    """The same three outputs with torch ops (fp32 math): the CPU path."""
-    with no_autocast(h):  # CUDA autocast would run this mv in bf16 (THINKREC_KERNELS=torch on a GPU)
-        z = torch.mv(h.float(), w_row.float())  # [M]
-    loss_rows = z.clamp(min=0) - z * labels + torch.log1p(torch.exp(-z.abs()))
-    dlogit = (torch.sigmoid(z) - labels) * grad_scale
-    return z.to(h.dtype), loss_rows, dlogit
+class _TorchOps:
+    @staticmethod
+    def forward(h, w_row, labels, grad_scale):
+        """The same three outputs with torch ops (fp32 math): the CPU path."""
+        with no_autocast(h):  # CUDA autocast would run this mv in bf16 (THINKREC_KERNELS=torch on a GPU)
+            z = torch.mv(h.float(), w_row.float())  # [M]
+        loss_rows = z.clamp(min=0) - z * labels + torch.log1p(torch.exp(-z.abs()))
+        dlogit = (torch.sigmoid(z) - labels) * grad_scale
+        return z.to(h.dtype), loss_rows, dlogit
 
 
 class _YesHeadBCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, lm_weight, token_id, labels, reduction):
+    def forward(ctx, h, lm_weight, token_id, labels, reduction, ops):
         M = h.shape[0]
         w_row = lm_weight[token_id]  # [D], a view: the rest of the vocabulary is never read
         y = labels.to(device=h.device, dtype=torch.float32).contiguous()  # the kernel reads labels[m] at m
@@ -106,8 +108,7 @@ class _YesHeadBCE(torch.autograd.Function):
         # An empty batch (M = 0) gives loss 0 for "mean" too, as linear_cross_entropy does (not a
         # ZeroDivisionError here, nor F.binary_cross_entropy_with_logits' NaN).
         grad_scale = 1.0 / max(M, 1) if reduction == "mean" else 1.0
-        fwd = _forward_triton if use_triton(h, lm_weight) else _forward_torch
-        logits, loss_rows, dlogit = fwd(h, w_row, y, grad_scale)
+        logits, loss_rows, dlogit = ops.forward(h, w_row, y, grad_scale)
         if reduction == "none":
             loss = loss_rows.to(h.dtype)
         else:
@@ -132,7 +133,7 @@ class _YesHeadBCE(torch.autograd.Function):
             # dW[id] = dz @ h; other rows zero (dense because autograd wants a [V, D] grad for a leaf)
             dw = torch.zeros(ctx.weight_shape, device=w_row.device, dtype=w_row.dtype)
             dw[ctx.token_id] = torch.mv(h.float().T, dz).to(w_row.dtype)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def yes_head_bce(h, lm_weight, token_id, labels, reduction="mean"):
@@ -144,47 +145,26 @@ def yes_head_bce(h, lm_weight, token_id, labels, reduction="mean"):
     """
     if h.dim() != 2 or lm_weight.dim() != 2 or h.shape[1] != lm_weight.shape[1]:
         raise ValueError(
-            f"kernels/yes_head_bce.py: h must be [M, D] and lm_weight [V, D], got h {tuple(h.shape)}, "
+            f"kernels/yes_head.py: h must be [M, D] and lm_weight [V, D], got h {tuple(h.shape)}, "
             f"lm_weight {tuple(lm_weight.shape)}"
         )
     if labels.shape != (h.shape[0],):
-        raise ValueError(f"kernels/yes_head_bce.py: labels must be [M={h.shape[0]}], got {tuple(labels.shape)}")
+        raise ValueError(f"kernels/yes_head.py: labels must be [M={h.shape[0]}], got {tuple(labels.shape)}")
     token_id = int(token_id)
     if not 0 <= token_id < lm_weight.shape[0]:
-        raise ValueError(f"kernels/yes_head_bce.py: token_id {token_id} outside [0, V={lm_weight.shape[0]})")
+        raise ValueError(f"kernels/yes_head.py: token_id {token_id} outside [0, V={lm_weight.shape[0]})")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"kernels/yes_head_bce.py: reduction {reduction!r} is not one of {REDUCTIONS}")
+        raise ValueError(f"kernels/yes_head.py: reduction {reduction!r} is not one of {REDUCTIONS}")
     if h.dtype != lm_weight.dtype:
-        raise ValueError(f"kernels/yes_head_bce.py: h is {h.dtype} but lm_weight is {lm_weight.dtype}")
-    return _YesHeadBCE.apply(h, lm_weight, token_id, labels, reduction)
+        raise ValueError(f"kernels/yes_head.py: h is {h.dtype} but lm_weight is {lm_weight.dtype}")
+    ops = _TritonOps if use_triton(h, lm_weight) else _TorchOps
+    return _YesHeadBCE.apply(h, lm_weight, token_id, labels, reduction, ops)
 
 
-def compile_specs() -> list[dict]:
-    """Every kernel of this module with the configuration its launcher picks, for bf16 and fp16.
-
-    Hidden sizes: SmolLM2-135M (576) and Llama-3-8B (4096); both give the same blocks today, the
-    dedupe keeps one spec per distinct configuration.
-    """
-    specs, seen = [], set()
-    for dtype in ("bf16", "fp16"):
-        for D in (576, 4096):
-            cfg = _block_sizes(D)
-            key = (dtype, cfg["BLOCK_M"], cfg["BLOCK_D"], cfg["num_warps"])
-            if key in seen:
-                continue
-            seen.add(key)
-            specs.append({
-                "name": f"yes_head_bce_fwd_{dtype}_D{D}",
-                "fn": _yes_head_bce_fwd_kernel,
-                "signature": {
-                    "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "labels_ptr": "*fp32", "logits_ptr": f"*{dtype}",
-                    "loss_ptr": "*fp32", "dlogit_ptr": "*fp32", "M": "i32", "D": "i32", "stride_hm": "i32",
-                    "stride_hd": "i32", "stride_wd": "i32", "grad_scale": "fp32",
-                    "BLOCK_M": "constexpr", "BLOCK_D": "constexpr",
-                },
-                "constexprs": {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]},
-                "num_warps": cfg["num_warps"],
-                "num_stages": cfg["num_stages"],
-                "matmul": False,
-            })
-    return specs
+def compile_cases() -> list[dict]:
+    """What kernels/compile_check.py compiles: the kernel at the configurations launch_config gives for
+    SmolLM2-135M (D = 576) and Llama-3-8B (D = 4096), bf16 and fp16; pointers not named in args are in the
+    case's dtype."""
+    args = {"labels_ptr": "*fp32", "loss_ptr": "*fp32", "dlogit_ptr": "*fp32", "grad_scale": "fp32"}
+    return [dict(kernel=_yes_head_bce_fwd_kernel, dtype=dtype, config=launch_config(D), args=args)
+            for dtype in (torch.bfloat16, torch.float16) for D in (576, 4096)]

@@ -1,7 +1,7 @@
-"""Per-row weighted multi-expert LoRA: `lora_mix`.
+"""Per-row weighted multi-expert LoRA: `lora_mix` (the delta) and `lora_linear` (base linear + delta).
 
     delta[m] = scale * sum_e w[m, e] * B_e @ (A_e @ x[m])        x: [..., K], A: [E, r, K], B: [E, N, r],
-                                                                 w: [..., E] -> delta: [..., N]
+    y[m]     = x[m] @ weight.T + bias + delta[m]                 w: [..., E], weight: [N, K] -> [..., N]
 
 Written with the experts concatenated (J = E * r, column j = e * r + i):
 
@@ -29,6 +29,9 @@ parallelism); dw is an elementwise product and a sum over r on [M, J], done in P
 (xa, gb) are stored in x's dtype, every product accumulates in fp32. On CPU the same math runs as dense
 GEMMs in PyTorch (`_TorchOps`). xa is saved for the backward rather than recomputed: it is [M, E*r]
 (24 columns at E=3, r=8) while recomputing it would re-read x [M, K] (576..4096 columns).
+
+Layers: kernels -> `launch_config` -> `_TritonOps` / `_TorchOps` (same launcher names) -> `mix_forward` /
+`mix_backward` -> `LoRAMixFunction`, `LoRALinearFunction` (autograd) -> `lora_mix`, `lora_linear` (public).
 """
 
 import itertools
@@ -41,9 +44,6 @@ from kernels._amp import compute_dtype, no_autocast
 from kernels._dispatch import use_triton
 
 _MODES = ("delta", "linear")
-# dtypes the kernels take: tl.dot into an fp32 accumulator. fp64 does not compile for a GPU (tl.dot of fp64
-# returns fp64, which cannot be carried in the fp32 loop accumulator), so it takes the PyTorch path.
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -141,44 +141,41 @@ def _lora_grad_weight_kernel(
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _block_j(J: int) -> int:
-    """Block over the E*r columns: the whole of J up to 64 (one pass over x), at least 16 for tl.dot."""
-    return max(16, min(64, triton.next_power_of_2(J)))
+def launch_config(kernel: str, J: int, M: int = 1 << 20, dtype=torch.bfloat16) -> dict:
+    """Constexprs (block sizes, DOT_PRECISION) and launch options of `kernel` ("shrink", "expand",
+    "grad_weight") at J = E * r columns, M rows, operands in `dtype`; compile_cases() is built from this too.
 
+    BLOCK_J covers J up to 64 (one pass over x), >= 16 for tl.dot. The shrink grid is only cdiv(M, BLOCK_M) x
+    cdiv(J, BLOCK_J) (64 programs at M = 4096, J = 24) and streams all of x, so below ~2 programs per SM (H100:
+    132 SMs) it halves BLOCK_M to put more SMs on the read (sm_90 then gets mma.sync rather than wgmma, which
+    needs 64 rows a warp group; at ~J/2 FLOPs a byte the shrink is bandwidth-bound either way). fp32 operands
+    multiply in full precision ("ieee", an FMA loop), as torch.mm does by default, not TF32.
 
-def block_sizes(kernel: str, J: int, M: int = 1 << 20) -> dict:
-    """Block sizes and launch options the launchers use; compile_specs() derives its list from this.
-
-    64x64 fp32 accumulators are 32 registers a thread at 4 warps, so nothing spills; blocks of >= 16 keep
-    each tl.dot deep enough for tensor cores. The shrink grid is only cdiv(M, BLOCK_M) x cdiv(J, BLOCK_J)
-    (64 programs at M = 4096, J = 24) and it streams all of x, so below ~2 programs per SM (H100: 132 SMs)
-    it halves BLOCK_M to put more SMs on the read. (At BLOCK_M = 32 sm_90 gets mma.sync rather than wgmma,
-    which needs 64 rows a warp group; the shrink does ~J/2 FLOPs a byte, far below the ~300 where H100
-    stops being bandwidth-bound, so the instruction does not matter there.)
+    Registers, from `ptxas -v` (python -m kernels.compile_check, sm_80 / sm_90): expand and grad_weight
+    scale a [64, BLOCK_J] operand in fp32 before the dot; at BLOCK_J = 64 and 4 warps both spilled (255
+    registers and 32..396 B of spill stores), at 8 warps they take 179..246 and do not. The fp32 dot holds
+    both operand tiles in registers: 64 deep and 4 warps, every kernel spilled (up to 8 KB on sm_80); 16 deep
+    (BLOCK_K, BLOCK_J, BLOCK_M of the three kernels), 8 warps and 2 pipeline stages, 76..146 registers and no
+    spills (at 3 stages the fp32 shrink spilled 8 B on sm_90).
     """
-    bj = _block_j(J)
+    bj = max(16, min(64, triton.next_power_of_2(J)))
+    fp32 = dtype == torch.float32
+    depth = 16 if fp32 else 64  # the reduction step of one tl.dot
     if kernel == "shrink":
         bm = 64 if triton.cdiv(M, 64) * triton.cdiv(J, bj) >= 264 else 32
-        return dict(BLOCK_M=bm, BLOCK_J=bj, BLOCK_K=64, num_warps=4, num_stages=3)
-    if kernel == "expand":
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_J=bj, num_warps=4, num_stages=3)
-    if kernel == "grad_weight":
-        return dict(BLOCK_P=64, BLOCK_J=bj, BLOCK_M=64, num_warps=4, num_stages=3)
-    raise ValueError(f"kernels/lora_mix.py: unknown kernel {kernel!r}")
+        blocks = dict(BLOCK_M=bm, BLOCK_J=bj, BLOCK_K=depth)
+    elif kernel == "expand":
+        blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_J=min(bj, depth))
+    elif kernel == "grad_weight":
+        blocks = dict(BLOCK_P=64, BLOCK_J=bj, BLOCK_M=depth)
+    else:
+        raise ValueError(f"kernels/lora.py: unknown kernel {kernel!r}")
+    warps = 8 if fp32 or (kernel != "shrink" and bj == 64) else 4
+    return dict(blocks, DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=warps,
+                num_stages=2 if fp32 else 3)
 
 
-def _launch_opts(bs, dtype=torch.bfloat16):
-    """(constexpr block sizes + DOT_PRECISION, num_warps, num_stages). fp32 operands multiply in full
-    precision ("ieee"), as torch.mm does by default, not in TF32; the setting is unused for 16-bit operands.
-    fp32 runs 2 pipeline stages, not 3: at 3 the fp32 expand/grad_weight tiles take 112 KB of shared memory,
-    over the 99 KB a block can have on sm_86/sm_89 (RTX 30xx/40xx, A10, L4), where the launch would fail;
-    at 2 they take 64 KB (kernels/compile_check.py checks the fp32 expand spec against that limit)."""
-    consts = {k: v for k, v in bs.items() if k.startswith("BLOCK")}
-    consts["DOT_PRECISION"] = "ieee" if dtype == torch.float32 else "tf32"
-    return consts, bs["num_warps"], 2 if dtype == torch.float32 else bs["num_stages"]
-
-
-# A "J-view" of A [E, r, K] or B [E, N, r]: (tensor, stride of e, stride of i, stride of the other dim).
+# A "J-view" of A [E, r, K] or B [E, N, r]: (tensor, stride of e, stride of i, stride of the other dim, C).
 def _jview(W, layout):
     if layout == "A":  # A_cat[j, k] = A[j // r, j % r, k]
         return W, W.stride(0), W.stride(1), W.stride(2), W.shape[2]
@@ -194,10 +191,12 @@ class _TritonOps:
         V, s_e, s_i, s_c, C = _jview(W, layout)
         M, J = x.shape[0], W.shape[0] * r
         out = torch.empty(M, J, device=x.device, dtype=x.dtype)
-        blocks, nw, ns = _launch_opts(block_sizes("shrink", J, M), x.dtype)
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(J, blocks["BLOCK_J"]))
-        _lora_shrink_kernel[grid](x, V, out, M, C, J, x.stride(0), x.stride(1), s_e, s_i, s_c,
-                                  out.stride(0), out.stride(1), R=r, num_warps=nw, num_stages=ns, **blocks)
+        cfg = launch_config("shrink", J, M, x.dtype)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(J, cfg["BLOCK_J"]))
+        _lora_shrink_kernel[grid](
+            x_ptr=x, v_ptr=V, out_ptr=out, M=M, K=C, J=J, stride_xm=x.stride(0), stride_xk=x.stride(1),
+            stride_ve=s_e, stride_vi=s_i, stride_vk=s_c, stride_om=out.stride(0), stride_oj=out.stride(1),
+            R=r, **cfg)
         return out
 
     @staticmethod
@@ -209,12 +208,13 @@ class _TritonOps:
         if out is None:
             out = torch.empty(M, C, device=h.device, dtype=h.dtype)
         wt = w if w is not None else h  # dummy pointer when HAS_W is off
-        blocks, nw, ns = _launch_opts(block_sizes("expand", J), V.dtype)
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(C, blocks["BLOCK_N"]))
-        _lora_expand_kernel[grid](h, wt, V, out, M, C, J, float(scale), h.stride(0), h.stride(1),
-                                  wt.stride(0), wt.stride(1), s_e, s_i, s_c, out.stride(0), out.stride(1),
-                                  R=r, HAS_W=w is not None, ACCUMULATE=accumulate,
-                                  num_warps=nw, num_stages=ns, **blocks)
+        cfg = launch_config("expand", J, M, V.dtype)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(C, cfg["BLOCK_N"]))
+        _lora_expand_kernel[grid](
+            h_ptr=h, w_ptr=wt, v_ptr=V, out_ptr=out, M=M, N=C, J=J, scale=float(scale),
+            stride_hm=h.stride(0), stride_hj=h.stride(1), stride_wm=wt.stride(0), stride_we=wt.stride(1),
+            stride_ve=s_e, stride_vi=s_i, stride_vn=s_c, stride_om=out.stride(0), stride_on=out.stride(1),
+            R=r, HAS_W=w is not None, ACCUMULATE=accumulate, **cfg)
         return out
 
     @staticmethod
@@ -222,19 +222,20 @@ class _TritonOps:
         """L.T @ (scale * Rt * w_rep) -> [P, J] in fp32 (split over M, partial sums added in PyTorch)."""
         M, P = L.shape
         J = Rt.shape[1]
-        blocks, nw, ns = _launch_opts(block_sizes("grad_weight", J), L.dtype)
-        tiles = triton.cdiv(P, blocks["BLOCK_P"]) * triton.cdiv(J, blocks["BLOCK_J"])
+        cfg = launch_config("grad_weight", J, M, L.dtype)
+        tiles = triton.cdiv(P, cfg["BLOCK_P"]) * triton.cdiv(J, cfg["BLOCK_J"])
         # Split M so that ~2 programs run per SM (H100: 132 SMs); each split reduces >= 8 row blocks.
-        n_split = max(1, min(triton.cdiv(264, tiles), triton.cdiv(M, 8 * blocks["BLOCK_M"])))
-        rows = triton.cdiv(triton.cdiv(M, n_split), blocks["BLOCK_M"]) * blocks["BLOCK_M"]
+        n_split = max(1, min(triton.cdiv(264, tiles), triton.cdiv(M, 8 * cfg["BLOCK_M"])))
+        rows = triton.cdiv(triton.cdiv(M, n_split), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
         n_split = triton.cdiv(M, rows) if M else 1
         part = torch.zeros(n_split, P, J, device=L.device, dtype=torch.float32)
         wt = w if w is not None else Rt
-        grid = (triton.cdiv(P, blocks["BLOCK_P"]), triton.cdiv(J, blocks["BLOCK_J"]), n_split)
-        _lora_grad_weight_kernel[grid](L, Rt, wt, part, M, P, J, float(scale), rows, L.stride(0), L.stride(1),
-                                       Rt.stride(0), Rt.stride(1), wt.stride(0), wt.stride(1),
-                                       part.stride(0), part.stride(1), part.stride(2), R=r,
-                                       HAS_W=w is not None, num_warps=nw, num_stages=ns, **blocks)
+        grid = (triton.cdiv(P, cfg["BLOCK_P"]), triton.cdiv(J, cfg["BLOCK_J"]), n_split)
+        _lora_grad_weight_kernel[grid](
+            l_ptr=L, r_ptr=Rt, w_ptr=wt, out_ptr=part, M=M, P=P, J=J, scale=float(scale), rows_per_split=rows,
+            stride_lm=L.stride(0), stride_lp=L.stride(1), stride_rm=Rt.stride(0), stride_rj=Rt.stride(1),
+            stride_wm=wt.stride(0), stride_we=wt.stride(1), stride_os=part.stride(0), stride_op=part.stride(1),
+            stride_oj=part.stride(2), R=r, HAS_W=w is not None, **cfg)
         return part.sum(0) if n_split > 1 else part[0]
 
 
@@ -265,10 +266,6 @@ class _TorchOps:
     @classmethod
     def grad_weight(cls, L, Rt, w, scale, r):
         return L.T @ cls._scaled(Rt, w, scale, r)  # [P, J]
-
-
-def ops_for(*tensors):
-    return _TritonOps if use_triton(*tensors) else _TorchOps
 
 
 # ----------------------------------------------------------------------------------- forward/backward
@@ -319,8 +316,7 @@ def mix_backward(ops, g, x2, A, B, w2, xa, scale, mode, need, dx_out=None):
 
 class LoRAMixFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, A, B, w2, scale, mode, use_kernels):
-        ops = _TritonOps if use_kernels else _TorchOps
+    def forward(ctx, x2, A, B, w2, scale, mode, ops):
         with no_autocast(x2):
             delta, xa = mix_forward(ops, x2, A, B, w2, scale, mode)
         ctx.save_for_backward(x2, A, B, w2, xa)
@@ -336,24 +332,61 @@ class LoRAMixFunction(torch.autograd.Function):
         return dx, dA, dB, dw, None, None, None
 
 
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x @ weight.T + bias + delta, fused as Punica/vLLM do: the base GEMM in cuBLAS (`torch.addmm`), then
+    shrink and an expand that adds into y in place (backward: dx = g @ weight, then the expand into dx).
+    Fusing the expand into the GEMM's epilogue would save one read+write of y (4 MB at M=4096, N=576 against
+    the 10 MB the GEMM moves anyway) but means matching cuBLAS on the K x N product, nearly all the FLOPs."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias, A, B, w2, scale, mode, ops):
+        with no_autocast(x2):  # under autocast the addmm would run in bf16 and the kernels in x's dtype
+            # y = bias + x @ weight.T (one cuBLAS/MKL GEMM), then y += LoRA delta in place
+            y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
+            y, xa = mix_forward(ops, x2, A, B, w2, scale, mode, out=y)
+        ctx.save_for_backward(x2, weight, A, B, w2, xa)
+        ctx.scale, ctx.mode, ctx.ops, ctx.has_bias = scale, mode, ops, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight, A, B, w2, xa = ctx.saved_tensors
+        g = g.contiguous()
+        need_x, need_wt, need_b, need_A, need_B, need_w = ctx.needs_input_grad[:6]
+        with no_autocast(g):
+            dx_base = g @ weight if need_x else None  # [M, K]; the LoRA part is accumulated into it
+            dx, dA, dB, dw = mix_backward(ctx.ops, g, x2, A, B, w2, xa, ctx.scale, ctx.mode,
+                                          (need_x, need_A, need_B, need_w), dx_out=dx_base)
+            dweight = g.T @ x2 if need_wt else None
+            dbias = g.sum(0) if (need_b and ctx.has_bias) else None
+        return dx, dweight, dbias, dA, dB, dw, None, None, None
+
+
+# ------------------------------------------------------------------------------------------------ public
 def check_args(x, A, B, w, mode, where="lora_mix"):
     """Validate shapes; returns (E, r, K, N)."""
     if mode not in _MODES:
-        raise ValueError(f"kernels/lora_mix.py {where}: mode={mode!r} is not one of {_MODES}")
+        raise ValueError(f"kernels/lora.py {where}: mode={mode!r} is not one of {_MODES}")
     if A.dim() != 3 or B.dim() != 3:
-        raise ValueError(f"kernels/lora_mix.py {where}: A must be [E, r, K] and B [E, N, r]; "
+        raise ValueError(f"kernels/lora.py {where}: A must be [E, r, K] and B [E, N, r]; "
                          f"got A {tuple(A.shape)}, B {tuple(B.shape)}")
     E, r, K = A.shape
     N = B.shape[1]
     if B.shape[0] != E or B.shape[2] != r:
-        raise ValueError(f"kernels/lora_mix.py {where}: B {tuple(B.shape)} does not match A {tuple(A.shape)} "
+        raise ValueError(f"kernels/lora.py {where}: B {tuple(B.shape)} does not match A {tuple(A.shape)} "
                          f"(expected [{E}, N, {r}])")
     if x.shape[-1] != K:
-        raise ValueError(f"kernels/lora_mix.py {where}: x last dim {x.shape[-1]} != A's K={K}")
+        raise ValueError(f"kernels/lora.py {where}: x last dim {x.shape[-1]} != A's K={K}")
     if tuple(w.shape) != tuple(x.shape[:-1]) + (E,):
-        raise ValueError(f"kernels/lora_mix.py {where}: w must be x.shape[:-1] + (E,) = "
+        raise ValueError(f"kernels/lora.py {where}: w must be x.shape[:-1] + (E,) = "
                          f"{tuple(x.shape[:-1]) + (E,)}, got {tuple(w.shape)}")
     return E, r, K, N
+
+
+def _rows(x, K):
+    """x [..., K] as 2-D rows [M, K] with unit stride along K (a view when it already has one)."""
+    x2 = x.reshape(-1, K)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def lora_mix(x, A, B, w, scale, *, mode="delta"):
@@ -369,51 +402,56 @@ def lora_mix(x, A, B, w, scale, *, mode="delta"):
     # compute in x's dtype, or autocast's (fp32 adapters, fp32 x under bf16 autocast); no-op if equal
     dt = compute_dtype(x)
     x, A, B = x.to(dt), A.to(dt), B.to(dt)
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w2 = w.reshape(-1, E)
+    x2 = _rows(x, K)
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, N) + 0.0 * (A.sum() + B.sum() + w.sum())
-    use_kernels = use_triton(x, A, B, w) and dt in KERNEL_DTYPES
-    delta = LoRAMixFunction.apply(x2, A, B, w2, float(scale), mode, use_kernels)
+    ops = _TritonOps if use_triton(x, A, B, w) else _TorchOps
+    delta = LoRAMixFunction.apply(x2, A, B, w.reshape(-1, E), float(scale), mode, ops)
     return delta.view(*lead, N)
 
 
-# --------------------------------------------------------------------------------------- compile specs
-def compile_specs() -> list:
-    """Every kernel at the block sizes its launcher picks (J buckets 16, 32, 64+; small and large M), for
-    bf16 and fp16 (w in fp32), and the fp32 expand at its largest blocks: the kernel with the most shared
-    memory (its "ieee" dot has no tensor-core form; fp32 compiles are slow, so only this one). Every spec must
-    fit the smallest per-block shared memory of sm_80+ GPUs (99 KB on sm_86/sm_89), not only sm_80/90's."""
-    specs, seen = [], set()
-    for dt, torch_dtype, Js in (("bf16", torch.bfloat16, (16, 32, 64)), ("fp16", torch.float16, (16, 32, 64)),
-                                ("fp32", torch.float32, (64,))):
-        for J, M in itertools.product(Js, (64, 1 << 20)):  # _block_j buckets: J <= 16, <= 32, > 32
-            r = 8
-            for kernel, fn, sig, extra in (
-                ("shrink", _lora_shrink_kernel,
-                 dict(x_ptr=f"*{dt}", v_ptr=f"*{dt}", out_ptr=f"*{dt}"), dict(R=r)),
-                ("expand", _lora_expand_kernel,
-                 dict(h_ptr=f"*{dt}", w_ptr="*fp32", v_ptr=f"*{dt}", out_ptr=f"*{dt}", scale="fp32"),
-                 dict(R=r, HAS_W=True, ACCUMULATE=True)),
-                ("grad_weight", _lora_grad_weight_kernel,
-                 dict(l_ptr=f"*{dt}", r_ptr=f"*{dt}", w_ptr="*fp32", out_ptr="*fp32", scale="fp32"),
-                 dict(R=r, HAS_W=True)),
-            ):
-                if dt == "fp32" and kernel != "expand":
-                    continue
-                blocks, nw, ns = _launch_opts(block_sizes(kernel, J, M), torch_dtype)
-                tiles = "_".join(f"{k[6:]}{v}" for k, v in blocks.items() if k.startswith("BLOCK"))
-                name = f"lora_{kernel}_{dt}_{tiles}"
-                if name in seen:
-                    continue
-                seen.add(name)
-                constexprs = {**extra, **blocks}
-                names = fn.arg_names
-                signature = {a: sig.get(a, "i32") for a in names}
-                signature.update({a: "constexpr" for a in constexprs})
-                specs.append(dict(name=name, fn=fn, signature=signature, constexprs=constexprs,
-                                  num_warps=nw, num_stages=ns, matmul=torch_dtype != torch.float32,
-                                  max_shared=99 * 1024))
-    return specs
+def lora_linear(x, weight, bias, A, B, w, scale, *, mode="delta"):
+    """F.linear(x, weight, bias) + lora_mix(x, A, B, w, scale, mode=mode), with the delta added in place.
+
+    x: [..., K], weight: [N, K], bias: [N] or None, A: [E, r, K], B: [E, N, r], w: [..., E] -> [..., N].
+    Differentiable in every tensor argument. Computes in x's dtype, or autocast's when it is on.
+    """
+    E, r, K, N = check_args(x, A, B, w, mode, where="lora_linear")
+    if tuple(weight.shape) != (N, K):
+        raise ValueError(f"kernels/lora.py lora_linear: weight must be [N, K] = [{N}, {K}], "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"kernels/lora.py lora_linear: bias must be [{N}], got {tuple(bias.shape)}")
+    lead = x.shape[:-1]
+    # compute in x's dtype, or autocast's as F.linear would (fp32 adapters or base weights, fp32 x under
+    # bf16 autocast); .to is a no-op otherwise
+    dt = compute_dtype(x)
+    x, weight, A, B = x.to(dt), weight.to(dt), A.to(dt), B.to(dt)
+    bias = bias.to(dt) if bias is not None else None
+    x2 = _rows(x, K)
+    if x2.shape[0] == 0:
+        return torch.nn.functional.linear(x, weight, bias) + 0.0 * (A.sum() + B.sum() + w.sum())
+    ops = _TritonOps if use_triton(*[t for t in (x, weight, bias, A, B, w) if t is not None]) else _TorchOps
+    y = LoRALinearFunction.apply(x2, weight, bias, A, B, w.reshape(-1, E), float(scale), mode, ops)
+    return y.view(*lead, N)
+
+
+# --------------------------------------------------------------------------------------- compile cases
+def compile_cases() -> list:
+    """What kernels/compile_check.py compiles: every kernel at the configurations launch_config gives (J
+    buckets 16, 32, 64+; small and large M), bf16 and fp16 with w in fp32, and fp32 at its largest blocks only
+    (fp32 compiles are slow; its "ieee" dot has no tensor-core form). Pointers not named in args are in the
+    case's dtype."""
+    kernels = {"shrink": (_lora_shrink_kernel, {}, dict(R=8)),
+               "expand": (_lora_expand_kernel, {"w_ptr": "*fp32", "scale": "fp32"},
+                          dict(R=8, HAS_W=True, ACCUMULATE=True)),
+               "grad_weight": (_lora_grad_weight_kernel, {"w_ptr": "*fp32", "out_ptr": "*fp32", "scale": "fp32"},
+                               dict(R=8, HAS_W=True))}
+    cases = []
+    half = [(dt, (16, 32, 64), (64, 1 << 20)) for dt in (torch.bfloat16, torch.float16)]
+    for dtype, Js, Ms in half + [(torch.float32, (64,), (1 << 20,))]:
+        for J, M, name in itertools.product(Js, Ms, kernels):
+            fn, args, constexprs = kernels[name]
+            cases.append(dict(kernel=fn, dtype=dtype, config=launch_config(name, J, M, dtype), args=args,
+                              constexprs=constexprs))
+    return cases

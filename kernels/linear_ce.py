@@ -25,8 +25,8 @@ Precision: fp32 on CPU. On GPU with bf16/fp16 the chunk GEMMs are cuBLAS in the 
 accumulation), the row kernel works in fp32 and writes dz back in the input dtype, dW accumulates in
 fp32 across chunks.
 
-Layers: `_ce_rows_kernel` (Triton) -> `_ce_rows_triton` / `_ce_rows_torch` (row step) -> `_chunked_ce`
-(the chunk loop) -> `_LinearCrossEntropy` (autograd) -> `linear_cross_entropy` (public).
+Layers: `_ce_rows_kernel` (Triton) -> `launch_config` -> `_TritonOps.ce_rows` / `_TorchOps.ce_rows` (the row
+step) -> `_chunked_ce` (the chunk loop) -> `_LinearCrossEntropy` (autograd) -> `linear_cross_entropy` (public).
 """
 
 import torch
@@ -80,40 +80,42 @@ def _ce_rows_kernel(
         tl.store(row_ptr + cols, dz.to(logits_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _block_sizes(V: int) -> dict:
-    """Row-kernel configuration for vocabulary size V: up to 4096 columns per step.
+def launch_config(V: int) -> dict:
+    """Row-kernel constexprs and launch options for vocabulary size V: up to 4096 columns per step.
 
     Each program streams its row twice (stats, then dz), so the block only needs to be wide enough to
     keep loads in flight; 4096 fp32 at 8 warps is 16 values per thread. Never below 16 (GPU compile).
     """
     block_v = max(16, min(4096, triton.next_power_of_2(V)))
-    return {"BLOCK_V": block_v, "num_warps": 8 if block_v >= 2048 else 4, "num_stages": 2}
+    return dict(BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4, num_stages=2)
 
 
-def _ce_rows_triton(logits, targets, row_scale, ignore_index, loss_rows):
-    """Launch one program per row: writes loss_rows [n] (fp32) and overwrites logits [n, V] with dz."""
-    n, V = logits.shape
-    cfg = _block_sizes(V)
-    _ce_rows_kernel[(n,)](
-        logits, logits.stride(0), targets, row_scale, loss_rows, V, ignore_index,
-        BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+class _TritonOps:
+    @staticmethod
+    def ce_rows(logits, targets, row_scale, ignore_index, loss_rows):
+        """Launch one program per row: writes loss_rows [n] (fp32) and overwrites logits [n, V] with dz."""
+        n, V = logits.shape
+        _ce_rows_kernel[(n,)](
+            logits_ptr=logits, stride_lr=logits.stride(0), targets_ptr=targets, row_scale_ptr=row_scale,
+            loss_ptr=loss_rows, V=V, ignore_index=ignore_index, **launch_config(V))
 
 
-def _ce_rows_torch(logits, targets, row_scale, ignore_index, loss_rows):
-    """The same row step with in-place torch ops, so no second [n, V] buffer is made."""
-    z = logits if logits.dtype == torch.float32 else logits.float()
-    valid = targets != ignore_index
-    safe_t = torch.where(valid, targets, 0)[:, None]  # [n, 1]
-    z_target = z.gather(1, safe_t).squeeze(1)
-    m = z.amax(dim=1, keepdim=True)
-    p = z.sub_(m).exp_()  # exp(z - m), in place
-    d = p.sum(dim=1, keepdim=True)
-    loss_rows.copy_(torch.where(valid, (m + d.log()).squeeze(1) - z_target, 0.0))
-    p.mul_(row_scale[:, None] / d)  # scale * softmax(z)
-    p.scatter_add_(1, safe_t, -row_scale[:, None])  # - scale * onehot(target); scale is 0 when ignored
-    if p is not logits:
-        logits.copy_(p)
+class _TorchOps:
+    @staticmethod
+    def ce_rows(logits, targets, row_scale, ignore_index, loss_rows):
+        """The same row step with in-place torch ops, so no second [n, V] buffer is made."""
+        z = logits if logits.dtype == torch.float32 else logits.float()
+        valid = targets != ignore_index
+        safe_t = torch.where(valid, targets, 0)[:, None]  # [n, 1]
+        z_target = z.gather(1, safe_t).squeeze(1)
+        m = z.amax(dim=1, keepdim=True)
+        p = z.sub_(m).exp_()  # exp(z - m), in place
+        d = p.sum(dim=1, keepdim=True)
+        loss_rows.copy_(torch.where(valid, (m + d.log()).squeeze(1) - z_target, 0.0))
+        p.mul_(row_scale[:, None] / d)  # scale * softmax(z)
+        p.scatter_add_(1, safe_t, -row_scale[:, None])  # - scale * onehot(target); scale is 0 when ignored
+        if p is not logits:
+            logits.copy_(p)
 
 
 def _chunk_rows(T: int, V: int, element_size: int, chunk_bytes: int) -> int:
@@ -138,7 +140,7 @@ def _accumulate_mm(acc, a, b):
     acc.add_(torch.mm(a, b))
 
 
-def _chunked_ce(h, weight, targets, row_scale, ignore_index, need_dh, need_dw, chunk_rows, triton_rows):
+def _chunked_ce(h, weight, targets, row_scale, ignore_index, need_dh, need_dw, chunk_rows, ops):
     """Loss rows [T] fp32 and (if asked) dh [T, D] in h.dtype and dW [V, D] fp32, chunk by chunk."""
     T, D = h.shape
     V = weight.shape[0]
@@ -146,12 +148,11 @@ def _chunked_ce(h, weight, targets, row_scale, ignore_index, need_dh, need_dw, c
     dh = torch.empty(T, D, device=h.device, dtype=h.dtype) if need_dh else None  # contiguous for mm(out=)
     dw = torch.zeros(V, D, device=h.device, dtype=torch.float32) if need_dw else None
     buf = torch.empty(min(chunk_rows, T), V, device=h.device, dtype=h.dtype)  # reused by every chunk
-    rows_fn = _ce_rows_triton if triton_rows else _ce_rows_torch
     for start in range(0, T, chunk_rows):
         end = min(start + chunk_rows, T)
         h_c, logits = h[start:end], buf[: end - start]
         torch.mm(h_c, weight.T, out=logits)  # [C, V]
-        rows_fn(logits, targets[start:end], row_scale[start:end], ignore_index, loss_rows[start:end])
+        ops.ce_rows(logits, targets[start:end], row_scale[start:end], ignore_index, loss_rows[start:end])
         if need_dh:
             torch.mm(logits, weight, out=dh[start:end])  # dh chunk = dz @ W   [C, D]
         if need_dw:
@@ -161,18 +162,17 @@ def _chunked_ce(h, weight, targets, row_scale, ignore_index, need_dh, need_dw, c
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, reduction, chunk_rows):
+    def forward(ctx, h, weight, targets, ignore_index, reduction, chunk_rows, ops):
         valid = (targets != ignore_index).float()
         # 1/max(n_valid, 1) stays on device (no sync); an all-ignored batch gets scale 0, not NaN
         row_scale = valid / valid.sum().clamp(min=1.0) if reduction == "mean" else valid
-        triton_rows = use_triton(h, weight)
-        ctx.args = (ignore_index, chunk_rows, triton_rows)
+        ctx.args = (ignore_index, chunk_rows, ops)
         ctx.reduction = reduction
         # needs_input_grad is False for inputs that need no grad and everywhere under torch.no_grad()
         need_dh = reduction != "none" and ctx.needs_input_grad[0]
         need_dw = reduction != "none" and ctx.needs_input_grad[1]
         loss_rows, dh, dw = _chunked_ce(h, weight, targets, row_scale, ignore_index, need_dh, need_dw,
-                                        chunk_rows, triton_rows)
+                                        chunk_rows, ops)
         if reduction == "none":
             ctx.save_for_backward(h, weight, targets)
             return loss_rows.to(h.dtype)
@@ -182,18 +182,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ignore_index, chunk_rows, triton_rows = ctx.args
+        ignore_index, chunk_rows, ops = ctx.args
         if ctx.reduction == "none":
             h, weight, targets = ctx.saved_tensors
             row_scale = (targets != ignore_index).float() * grad_out.float()  # per-row upstream grad
             _, dh, dw = _chunked_ce(h, weight, targets, row_scale, ignore_index, ctx.needs_input_grad[0],
-                                    ctx.needs_input_grad[1], chunk_rows, triton_rows)
-            return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None
+                                    ctx.needs_input_grad[1], chunk_rows, ops)
+            return dh, None if dw is None else dw.to(weight.dtype), None, None, None, None, None
         dh, dw = ctx.saved_tensors
         g = grad_out.float()
         dh = None if dh is None else (dh * g).to(dh.dtype)
         dw = None if dw is None else (dw * g).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="mean", chunk_rows=None):
@@ -206,55 +206,35 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="me
     """
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"kernels/linear_cross_entropy.py: h must be [T, D] and weight [V, D], got h {tuple(h.shape)}, "
+            f"kernels/linear_ce.py: h must be [T, D] and weight [V, D], got h {tuple(h.shape)}, "
             f"weight {tuple(weight.shape)}"
         )
     if targets.shape != (h.shape[0],):
         raise ValueError(
-            f"kernels/linear_cross_entropy.py: targets must be [T={h.shape[0]}], got {tuple(targets.shape)}"
+            f"kernels/linear_ce.py: targets must be [T={h.shape[0]}], got {tuple(targets.shape)}"
         )
     if reduction not in REDUCTIONS:
-        raise ValueError(f"kernels/linear_cross_entropy.py: reduction {reduction!r} is not one of {REDUCTIONS}")
+        raise ValueError(f"kernels/linear_ce.py: reduction {reduction!r} is not one of {REDUCTIONS}")
     if h.dtype != weight.dtype:
-        raise ValueError(f"kernels/linear_cross_entropy.py: h is {h.dtype} but weight is {weight.dtype}")
+        raise ValueError(f"kernels/linear_ce.py: h is {h.dtype} but weight is {weight.dtype}")
     if chunk_rows is None:
         chunk_rows = _chunk_rows(h.shape[0], weight.shape[0], h.element_size(), CHUNK_BYTES)
     if chunk_rows < 1:
-        raise ValueError(f"kernels/linear_cross_entropy.py: chunk_rows must be >= 1, got {chunk_rows}")
+        raise ValueError(f"kernels/linear_ce.py: chunk_rows must be >= 1, got {chunk_rows}")
     targets = targets.to(device=h.device, dtype=torch.int64).contiguous()
     # A target outside [0, V) (other than ignore_index) is an IndexError on the PyTorch path but would be
     # silently wrong in the row kernel: check on device, without a host sync (raises at once on CPU).
     V = weight.shape[0]
     bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
-    torch._assert_async(~bad.any(), f"kernels/linear_cross_entropy.py: targets must be in [0, V={V}) or "
+    torch._assert_async(~bad.any(), f"kernels/linear_ce.py: targets must be in [0, V={V}) or "
                                     f"ignore_index={ignore_index}")
-    return _LinearCrossEntropy.apply(h, weight, targets, int(ignore_index), reduction, int(chunk_rows))
+    ops = _TritonOps if use_triton(h, weight) else _TorchOps
+    return _LinearCrossEntropy.apply(h, weight, targets, int(ignore_index), reduction, int(chunk_rows), ops)
 
 
-def compile_specs() -> list[dict]:
-    """The row kernel with the configuration its launcher picks, for bf16/fp16 logits.
-
-    Vocabularies: a small one (1000), SmolLM2 (49,152) and Llama-3 (128,256); one spec per distinct
-    configuration.
-    """
-    specs, seen = [], set()
-    for dtype in ("bf16", "fp16"):
-        for V in (1000, 49152, 128256):
-            cfg = _block_sizes(V)
-            key = (dtype, cfg["BLOCK_V"], cfg["num_warps"])
-            if key in seen:
-                continue
-            seen.add(key)
-            specs.append({
-                "name": f"ce_rows_{dtype}_V{V}",
-                "fn": _ce_rows_kernel,
-                "signature": {
-                    "logits_ptr": f"*{dtype}", "stride_lr": "i32", "targets_ptr": "*i64", "row_scale_ptr": "*fp32",
-                    "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr",
-                },
-                "constexprs": {"BLOCK_V": cfg["BLOCK_V"]},
-                "num_warps": cfg["num_warps"],
-                "num_stages": cfg["num_stages"],
-                "matmul": False,
-            })
-    return specs
+def compile_cases() -> list[dict]:
+    """What kernels/compile_check.py compiles: the row kernel at the configurations launch_config gives for a
+    small vocabulary (1000), SmolLM2 (49,152) and Llama-3 (128,256), bf16 and fp16 logits."""
+    args = {"targets_ptr": "*i64", "row_scale_ptr": "*fp32", "loss_ptr": "*fp32"}
+    return [dict(kernel=_ce_rows_kernel, dtype=dtype, config=launch_config(V), args=args)
+            for dtype in (torch.bfloat16, torch.float16) for V in (1000, 49152, 128256)]
