@@ -21,11 +21,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _util import peak_memory, print_json, reset_peak_memory, run_worker, time_runs
 
 YES_TOKEN = 9583  # any row; the position of the Yes token in the vocabulary does not change the cost
 
@@ -62,27 +59,6 @@ def _step(op, provider):
     return lambda h, w, y: fn(h, w, y)
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak_rss():
-    """Reset the peak-RSS mark and return the current RSS in bytes.
-
-    ru_maxrss cannot serve: Linux carries it across fork+exec, so a worker starts with its parent's
-    peak (a bench parent that just checked results holds hundreds of MB). Writing 5 to
-    /proc/self/clear_refs resets VmHWM instead (Linux >= 4.0).
-    """
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_kb("VmRSS") * 1024
-
-
-def _peak_rss():
-    return _status_kb("VmHWM") * 1024
-
-
 def _worker(spec):
     """Runs in the subprocess: baseline memory, fwd+bwd repeats, peak memory and times (JSON on stdout)."""
     import torch
@@ -103,30 +79,14 @@ def _worker(spec):
         # the Triton row kernel's block size depends on V, so the small warm-up above compiled another
         # config: one run at the real shapes, or the first timed repeat (of as few as 2) includes a compile
         run(h, w, y)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _reset_peak_rss()
-    times, t_start = [], time.perf_counter()
-    while len(times) < spec["max_repeats"] and (len(times) < 2 or time.perf_counter() - t_start < spec["budget_s"]):
-        t0 = time.perf_counter()
-        run(h, w, y)
-        times.append(time.perf_counter() - t0)
-    if dev == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _peak_rss() - base
-    print(json.dumps({"peak_bytes": peak, "times_s": times}))
+    base = reset_peak_memory(dev)
+    times = time_runs(lambda: run(h, w, y), spec["max_repeats"], dev, budget_s=spec["budget_s"])
+    print_json({"peak_bytes": peak_memory(dev) - base, "times_s": times})
 
 
 def _measure(spec):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                         env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench/bench_heads.py worker failed for {spec}:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, ["--worker", json.dumps(spec)], env=env)
 
 
 def _check(op, V, D, device, dtype, train_head):
@@ -217,8 +177,8 @@ def main():
         print(f"{r['op']:4} V={r['V']} D={r['D']} N={r['N']}: ours/reference memory {r['mem_ratio']:.4f}, "
               f"time {r['time_ratio']:.2f}x" + (f" ({r['chunks']} chunks)" if r["chunks"] else ""))
     print("targets: " + ", ".join(f"{k}={'PASS' if v else 'FAIL'}" for k, v in targets.items()))
-    print(json.dumps({"bench": "heads", "device": args.device, "dtype": dtype, "quick": args.quick,
-                      "train_head": args.train_head, "results": results, "targets": targets}))
+    print_json({"bench": "heads", "device": args.device, "dtype": dtype, "quick": args.quick,
+                "train_head": args.train_head, "results": results, "targets": targets})
 
 
 if __name__ == "__main__":

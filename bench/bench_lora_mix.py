@@ -18,18 +18,14 @@ Prints a table, then one JSON line.
 """
 
 import argparse
-import json
 import os
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
+from _util import print_json, time_runs
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import lora_mix  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from kernels import lora_mix
+from kernels import reference as ref
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK = {"bytes_per_s": 3.35e12, "flops_per_s": 990e12}  # H100 SXM: HBM3 bandwidth, dense bf16 tensor cores
@@ -87,22 +83,8 @@ def cost(M, K, N, E, r, mode, elt):
     return fwd[0] + bwd[0], fwd[1] + bwd[1]
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_it(fn, device, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def time_it(fn, device, repeats):
+    return statistics.median(time_runs(fn, repeats, device, warmup=1))
 
 
 def run_mode(fn, mode, x, A, B, w, g, scale, device, repeats):
@@ -179,9 +161,9 @@ def main():
     onehot_vs_peft = min(v for k, v in ratios.items() if "/one-hot/" in k and k.endswith("peft_style_over_ours"))
     print(f"min dense speedup vs loop: {dense_vs_loop:.2f}x (target >= 1.3x); "
           f"min one-hot speedup vs peft_style: {onehot_vs_peft:.2f}x (target >= 1.0x)")
-    print(json.dumps(dict(bench="lora_mix", device=args.device, dtype=str(dtype), E=E, r=r, repeats=repeats,
-                          min_dense_speedup_vs_loop=dense_vs_loop, min_onehot_speedup_vs_peft=onehot_vs_peft,
-                          ratios=ratios, rows=rows)))
+    print_json(dict(bench="lora_mix", device=args.device, dtype=str(dtype), E=E, r=r, repeats=repeats,
+                    min_dense_speedup_vs_loop=dense_vs_loop, min_onehot_speedup_vs_peft=onehot_vs_peft,
+                    ratios=ratios, rows=rows))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ def _group_auc(group_sorted, score_sorted, label_sorted):
     Returns (group_start_index [G], auc [G], n_pos [G], n_neg [G]); auc is NaN where a label is missing.
     """
     m = len(group_sorted)
-    pos = np.arange(m, dtype=np.float64)
     g_start = np.flatnonzero(_run_starts(group_sorted))
     # tie runs: equal (group, score); every row in a run gets the mean position of the run
     t_start = np.flatnonzero(_run_starts(group_sorted, score_sorted))
