@@ -8,6 +8,7 @@ import torch
 from tests.test_model_lm import PH, make_lm
 from tests.tiny_llama import VOCAB, tiny_llama
 from thinkrec.model import ThinkRecLM, export_peft, load_adapters, save_adapters
+from thinkrec.io import ArtifactError
 from thinkrec.model.__main__ import main as model_cli
 from thinkrec.model.adapters import AdapterFileError
 from thinkrec.model.lora import LoRAConfig
@@ -47,6 +48,19 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "adapters.safetensors").unlink()
     with pytest.raises(AdapterFileError, match="adapters.safetensors is missing"):
         load_adapters(lm, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["adapters.json", "adapters.safetensors"])
+def test_damaged_adapter_file_is_one_line(tmp_path, name):
+    lm = make_lm(n_experts=1)
+    save_adapters(lm, tmp_path / "stage2")
+    path = tmp_path / "stage2" / name
+    path.write_bytes(path.read_bytes()[:-7])  # truncated
+    with pytest.raises(ArtifactError) as e:
+        load_adapters(lm, tmp_path / "stage2")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path} is damaged (") and e.value.__suppress_context__
+    assert msg.endswith(f"delete {tmp_path / 'stage2'}/ and rerun the stage that wrote it")
 
 
 @pytest.mark.parametrize("adapter", [0, 2])

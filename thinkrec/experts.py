@@ -5,7 +5,9 @@
 
 Reads RUN/cf/<model>.safetensors (user_emb [n_users, D]) and RUN/data; writes RUN/experts/groups.safetensors
 (labels [n_users] (-1 = not clustered), centroids [N, D], weights [n_users, N+1], route [n_users]) and
-RUN/experts/report.json (group sizes, routing counts, Cohen's d).
+RUN/experts/report.json (group sizes, routing counts, Cohen's d; null where d is infinite: two groups
+without spread and with different means). report.json is written first: groups.safetensors marks the phase
+complete.
 
 Gate (DESIGN.md "Instance-wise fusion"), for a user embedding e_u and centroids c_1..c_N:
     w = softmax_n(cos(e_u, c_n) / tau)                         [N]
@@ -24,20 +26,20 @@ construction) take the nearest centroid by cosine, as the gate's similarity does
 """
 
 import argparse
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
+from thinkrec.cf.train import load_embeddings
 from thinkrec.data.prepared import load_prepared
-from thinkrec.io import atomic_write_bytes, atomic_write_text
+from thinkrec.io import atomic_write_bytes, read_safetensors, require_keys, to_json, write_json
 
 ROUTE_GLOBAL, ROUTE_SINGLE, ROUTE_MIXTURE = 0, 1, 2
+GROUPS = "groups.safetensors"  # RUN/experts/<GROUPS>: the phase's completion marker
 
 
 @dataclass
@@ -222,7 +224,7 @@ def build_groups(run_dir, cfg: GroupConfig) -> dict:
     """Cluster the users seen in training, gate every user, write RUN/experts/groups.safetensors and
     RUN/experts/report.json; return the report."""
     run = Path(run_dir)
-    emb = load_file(run / "cf" / f"{cfg.model}.safetensors")["user_emb"].numpy()
+    emb = load_embeddings(run, cfg.model, need=("user_emb",))["user_emb"].numpy()
     prep = load_prepared(run)
     train = prep.inter.of_split("train")
     known = np.zeros(prep.n_users, bool)
@@ -237,18 +239,21 @@ def build_groups(run_dir, cfg: GroupConfig) -> dict:
     rep["args"] = {"run": str(run_dir), **asdict(cfg)}
     tensors = {"labels": torch.from_numpy(labels), "centroids": torch.from_numpy(cents),
                "weights": torch.from_numpy(weights), "route": torch.from_numpy(route.astype(np.int64))}
-    atomic_write_bytes(run / "experts" / "groups.safetensors", st_save(tensors))
-    atomic_write_text(run / "experts" / "report.json", json.dumps(rep, indent=1))
-    print(json.dumps({k: v for k, v in rep.items() if k != "cohens_d_embedding_matrix"}))
+    write_json(run / "experts" / "report.json", rep)  # +-inf Cohen's d -> null (standard JSON)
+    atomic_write_bytes(run / "experts" / GROUPS, st_save(tensors))  # last: marks the phase complete
+    print(to_json({k: v for k, v in rep.items() if k != "cohens_d_embedding_matrix"}))
     return rep
 
 
 def load_groups(run_dir) -> dict:
     """The arrays of RUN/experts/groups.safetensors (labels, centroids, weights, route) as numpy."""
-    path = Path(run_dir) / "experts" / "groups.safetensors"
+    path = Path(run_dir) / "experts" / GROUPS
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; run `python -m thinkrec.experts --run {run_dir}` first")
-    return {k: v.numpy() for k, v in load_file(str(path)).items()}
+    redo = f"delete {path.parent}/ to rebuild the expert groups"
+    tensors = read_safetensors(path, redo)
+    require_keys(path, tensors, ("labels", "centroids", "weights", "route"), redo)
+    return {k: v.numpy() for k, v in tensors.items()}
 
 
 def train_table(groups: dict, user_emb: np.ndarray) -> np.ndarray:

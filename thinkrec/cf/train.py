@@ -5,13 +5,13 @@ Every model maps a batch of rows to logits and is trained with BCE on the train 
 with Adam (L2 weight decay, as the official code), shuffled mini-batches, and early stopping on a valid
 split score (the best epoch's weights are kept): AUC, or the official AUC/4 + UAUC/3
 (`thinkrec.metrics.selection_score`; the default per model is SELECT). `search` runs a grid of (lr, dim,
-weight decay) and keeps the configuration with the best valid score; `save` writes RUN/cf/<model>.safetensors
-and RUN/cf/<model>.json; `train_cf(run_dir, CFConfig(...))` does all of it for a prepared run directory.
+weight decay) and keeps the configuration with the best valid score; `save` writes RUN/cf/<model>.json, then
+RUN/cf/<model>.safetensors, the phase's completion marker; `load_embeddings` reads it back;
+`train_cf(run_dir, CFConfig(...))` does all of it for a prepared run directory.
 """
 
 import copy
 import itertools
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from thinkrec.data.history import build_histories
 from thinkrec.data.prepared import SPLITS, Interactions, Prepared, load_prepared
-from thinkrec.io import atomic_write_bytes, atomic_write_text
+from thinkrec.io import atomic_write_bytes, read_safetensors, require_keys, to_json, write_json
 from thinkrec.metrics import evaluate, selection_score
 
 from .lightgcn import LightGCN, normalized_adjacency
@@ -224,19 +224,34 @@ def search(name: str, prep: Prepared, grid: dict, seed: int = 0, data: RowData |
 
 
 def save(run_dir, name: str, model, prep: Prepared, info: dict) -> Path:
-    """RUN/cf/<name>.safetensors (user_emb [n_users, D], item_emb [n_items, D], biases) and
-    RUN/cf/<name>.json (config, selection, metrics, id maps: position = index). Both atomic."""
+    """RUN/cf/<name>.json (config, selection, metrics, id maps: position = index), then
+    RUN/cf/<name>.safetensors (user_emb [n_users, D], item_emb [n_items, D], biases): the tensors mark a
+    complete export, so they are written last. Both atomic."""
     out = Path(run_dir) / "cf"
     if name == "sasrec":
         tensors = model.export(*user_train_histories(prep.inter, prep.n_users, prep.n_items, model.max_len))
     else:
         tensors = model.export()
     tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(out / f"{name}.safetensors", st_save(tensors, metadata={"model": name}))
     meta = {**info, "model": name, "shapes": {k: list(v.shape) for k, v in tensors.items()},
-            "user_ids": [str(u) for u in prep.users], "item_ids": [str(it.get("raw_id", i)) for i, it in enumerate(prep.items)]}
-    atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=1))
+            "user_ids": [str(u) for u in prep.users],
+            "item_ids": [str(it.get("raw_id", i)) for i, it in enumerate(prep.items)]}
+    write_json(out / f"{name}.json", meta)
+    atomic_write_bytes(out / f"{name}.safetensors", st_save(tensors, metadata={"model": name}))
     return out / f"{name}.safetensors"
+
+
+def load_embeddings(run_dir, name: str, need=("user_emb", "item_emb")) -> dict:
+    """{tensor name: float32 CPU tensor} of RUN/cf/<name>.safetensors (user_emb [n_users, D], item_emb
+    [n_items, D], biases). FileNotFoundError when the CF model was not trained; ArtifactError (one line:
+    the file and what to delete) when it is damaged or lacks one of `need`."""
+    path = Path(run_dir) / "cf" / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; run `python -m thinkrec.cf train --model {name} --run {run_dir}`")
+    redo = f"delete it to retrain the CF model {name}"
+    tensors = read_safetensors(path, redo)
+    require_keys(path, tensors, need, redo)
+    return tensors
 
 
 def train_cf(run_dir, cfg: CFConfig) -> dict:
@@ -259,6 +274,6 @@ def train_cf(run_dir, cfg: CFConfig) -> dict:
             "valid": split_metrics(model, data, "valid"), "test": split_metrics(model, data, "test"),
             "seconds": round(time.perf_counter() - t, 1)}
     path = save(run_dir, cfg.model, model, prep, info)
-    print(json.dumps({"model": cfg.model, "selected": best, "valid": info["valid"], "test": info["test"],
-                      "saved": str(path)}))
+    print(to_json({"model": cfg.model, "selected": best, "valid": info["valid"], "test": info["test"],
+                   "saved": str(path)}))
     return info

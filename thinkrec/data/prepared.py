@@ -10,16 +10,16 @@ RUN/data/interactions.npz   numpy arrays (saved without pickle), one row per int
 RUN/data/users.json         raw user ids, position = user index
 RUN/data/items.jsonl        one JSON object per item index: {"item", "raw_id", "title", "description"}
 RUN/data/stats.json         rows per split, users, items, sigma/mu of interactions per user
+All written atomically, stats.json last: its presence marks a complete directory. A damaged file is
+reported as one ArtifactError line saying to delete RUN/data/.
 """
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from thinkrec.io import atomic_write_text
+from thinkrec.io import atomic_file, load_npz, read_json, read_jsonl, require_keys, write_json, write_jsonl
 
 SPLITS = ("train", "valid", "test")
 _COLUMNS = {"user": np.int64, "item": np.int64, "label": np.int8, "timestamp": np.int64, "split": np.int8}
@@ -61,15 +61,13 @@ class Prepared:
 
 def save_prepared(prep: Prepared, run_dir) -> None:
     data_dir = Path(run_dir) / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.ascontiguousarray(getattr(prep.inter, k), dtype=t) for k, t in _COLUMNS.items()}
-    tmp = data_dir / ".interactions.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, data_dir / "interactions.npz")
-    atomic_write_text(data_dir / "users.json", json.dumps([str(u) for u in prep.users]))
-    atomic_write_text(data_dir / "items.jsonl", "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in prep.items))
+    with atomic_file(data_dir / "interactions.npz") as f:
+        np.savez(f, **arrays)
+    write_json(data_dir / "users.json", [str(u) for u in prep.users], indent=None)
+    write_jsonl(data_dir / "items.jsonl", prep.items)
     # stats last: its presence marks a complete prepared directory
-    atomic_write_text(data_dir / "stats.json", json.dumps(prep.stats, indent=2))
+    write_json(data_dir / "stats.json", prep.stats, indent=2)
 
 
 def load_prepared(run_dir) -> Prepared:
@@ -78,10 +76,12 @@ def load_prepared(run_dir) -> Prepared:
         raise FileNotFoundError(
             f"{data_dir}: no prepared data (stats.json missing); run `python -m thinkrec.data prepare --out {run_dir}`"
         )
-    with np.load(data_dir / "interactions.npz", allow_pickle=False) as z:
-        inter = Interactions(**{k: z[k].astype(t, copy=False) for k, t in _COLUMNS.items()})
-    users = json.loads((data_dir / "users.json").read_text())
-    with open(data_dir / "items.jsonl", encoding="utf-8") as f:
-        items = [json.loads(line) for line in f]
-    stats = json.loads((data_dir / "stats.json").read_text())
+    redo = f"delete {data_dir}/ to prepare the data again"
+    path = data_dir / "interactions.npz"
+    arrays = load_npz(path, redo)
+    require_keys(path, arrays, _COLUMNS, redo)
+    inter = Interactions(**{k: arrays[k].astype(t, copy=False) for k, t in _COLUMNS.items()})
+    users = read_json(data_dir / "users.json", redo)
+    items = read_jsonl(data_dir / "items.jsonl", redo)
+    stats = read_json(data_dir / "stats.json", redo)
     return Prepared(inter, users, items, stats)

@@ -7,21 +7,20 @@ Ours, in a directory:
     adapters.json          {"format": "thinkrec-lora", "version": 1, "r", "alpha", "dropout",
                             "target_modules", "n_experts", "adapters", "modules", "base_model",
                             "projector": {"cf_dim", "mid", "hidden"} or null}
-Both written atomically; the JSON last, so a directory with adapters.json is complete.
+Both written atomically; the JSON last, so a directory with adapters.json is complete. A damaged file is
+reported as one ArtifactError line naming it and the directory to delete.
 
 PEFT (`export_peft`): DIR/<adapter>/adapter_config.json + adapter_model.safetensors with keys
 "base_model.model.<module path>.lora_A.weight" [r, K] and ".lora_B.weight" [N, r]; peft computes
 W x + (alpha / r) B A x, the same as our layer with that adapter's weight 1.
 """
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from thinkrec.io import atomic_write_bytes, atomic_write_text
+from thinkrec.io import atomic_write_bytes, read_json, read_safetensors, write_json
 
 from .lora import adapter_names
 
@@ -59,21 +58,24 @@ def save_adapters(lm, directory) -> Path:
     """Write every adapter of `lm` (a ThinkRecLM) and its projector to `directory`."""
     d = Path(directory)
     atomic_write_bytes(d / WEIGHTS, st_save(_tensors(lm), metadata={"format": "thinkrec-lora"}))
-    atomic_write_text(d / CONFIG, json.dumps(_config(lm), indent=1) + "\n")
+    write_json(d / CONFIG, _config(lm))
     return d
 
 
-def read_adapters(directory):
-    """(config dict, {name: tensor}) from an adapter directory, with clear errors for missing files."""
+def read_adapters(directory, recompute: str | None = None):
+    """(config dict, {name: tensor}) from an adapter directory, with clear errors for missing files;
+    a damaged file raises thinkrec.io.ArtifactError ending in `recompute` (default: delete the directory
+    and rerun the stage that wrote it)."""
     d = Path(directory)
     for f in (CONFIG, WEIGHTS):
         if not (d / f).is_file():
             raise AdapterFileError(f"{d / f} is missing; an adapter directory holds "
                                    f"{CONFIG} and {WEIGHTS} (written by save_adapters)")
-    cfg = json.loads((d / CONFIG).read_text())
-    if cfg.get("format") != "thinkrec-lora":
+    recompute = recompute or f"delete {d}/ and rerun the stage that wrote it"
+    cfg = read_json(d / CONFIG, recompute)
+    if not isinstance(cfg, dict) or cfg.get("format") != "thinkrec-lora":
         raise AdapterFileError(f"{d / CONFIG} is not a thinkrec-lora config")
-    return cfg, st_load((d / WEIGHTS).read_bytes())
+    return cfg, read_safetensors(d / WEIGHTS, recompute)
 
 
 def load_adapters(lm, directory) -> dict:
@@ -129,6 +131,6 @@ def export_peft(directory, out, adapters=None, base_model: str = None) -> list:
             sd[f"base_model.model.{path}.lora_B.weight"] = tensors[f"{path}.lora_B.{name}"].contiguous()
         d = Path(out) / name
         atomic_write_bytes(d / "adapter_model.safetensors", st_save(sd, metadata={"format": "pt"}))
-        atomic_write_text(d / "adapter_config.json", json.dumps(peft_cfg, indent=1) + "\n")
+        write_json(d / "adapter_config.json", peft_cfg)
         written.append(d)
     return written

@@ -8,24 +8,47 @@
 
 Both files are written atomically, tensors first. Each carries the same random `tag` (the JSON in its
 body, the safetensors in its metadata), so a run killed between the two writes is detected instead of
-pairing new counters with old tensors.
+pairing new counters with old tensors. A damaged or mismatched pair is reported in one line (ArtifactError,
+CheckpointError) that says to delete DIR/, after which the stage restarts from its beginning.
 """
 
-import json
+import math
 import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from thinkrec.io import atomic_write_bytes, atomic_write_text
+from thinkrec.io import atomic_write_bytes, read_json, read_safetensors, safetensors_metadata, write_json
 
 TENSORS, META = "ckpt.safetensors", "ckpt.json"
+# JSON has no inf/NaN but the loop state does (best_score starts at -inf, a one-label AUC is NaN); the
+# checkpoint must give back exactly what it was given, so they are stored as {"__float__": "-inf"}.
+_FLOAT = "__float__"
 
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _encode(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {_FLOAT: repr(obj)}  # "inf", "-inf", "nan"
+    if isinstance(obj, dict):
+        return {k: _encode(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v) for v in obj]
+    return obj
+
+
+def _decode(obj):
+    if isinstance(obj, dict):
+        if obj.keys() == {_FLOAT}:
+            return float(obj[_FLOAT])
+        return {k: _decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v) for v in obj]
+    return obj
 
 
 def exists(directory) -> bool:
@@ -53,24 +76,25 @@ def save(directory, params: dict, optimizer, state: dict, best: dict = None) -> 
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt_sd["param_groups"]]
     d = Path(directory)
     atomic_write_bytes(d / TENSORS, st_save(tensors, metadata={"tag": tag}))
-    atomic_write_text(d / META, json.dumps({"tag": tag, "state": state, "param_groups": groups}, indent=1) + "\n")
+    write_json(d / META, _encode({"tag": tag, "state": state, "param_groups": groups}))
 
 
 def load(directory, params: dict, optimizer) -> tuple:
     """Restore params, optimizer and RNG in place; returns (state dict, best {name: tensor} or None)."""
     d = Path(directory)
-    meta = json.loads((d / META).read_text())
-    raw = (d / TENSORS).read_bytes()
-    # safetensors layout: 8-byte little-endian header length, then the JSON header with __metadata__
-    tag = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {}).get("tag")
+    redo = f"delete {d}/ to restart the stage from its beginning"
+    meta = _decode(read_json(d / META, redo))
+    if not isinstance(meta, dict) or not {"tag", "state", "param_groups"} <= meta.keys():
+        raise CheckpointError(f"{d / META} is not a checkpoint (no tag, state, param_groups); {redo}")
+    tag = safetensors_metadata(d / TENSORS, redo).get("tag")
     if tag != meta["tag"]:
         raise CheckpointError(f"{d / TENSORS} (tag {tag}) and {d / META} "
-                              f"(tag {meta['tag']}) come from different saves; delete both to restart the stage")
-    tensors = st_load(raw)
+                              f"(tag {meta['tag']}) come from different saves; {redo}")
+    tensors = read_safetensors(d / TENSORS, redo)
     missing = [n for n in params if f"param.{n}" not in tensors]
     if missing:
         raise CheckpointError(f"{d / TENSORS} lacks parameters {missing[:3]} "
-                              f"({len(missing)} in all); it was written for a different stage or model")
+                              f"({len(missing)} in all); it was written for a different stage or model; {redo}")
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[f"param.{n}"])
