@@ -10,30 +10,60 @@ Every phase writes its artifact into --run-dir atomically and is skipped when th
 data/ (prepared interactions), cf/mf.safetensors, experts/groups.safetensors, stage1/, stage2/, stage3/
 (adapters.safetensors + adapters.json), then metrics.json (test AUC, UAUC, NDCG@5, MAP@5, routing counts).
 With --resume a stage interrupted midway continues from its checkpoint (RUN/<stage>/ckpt/).
+
+Reproducible: every random draw derives from --seed and the phase (LoRA and projector initialisation,
+dropout per stage, sampling, clustering, CF), whichever phases this process ran, so a run killed anywhere
+and continued with --resume ends with the same artifacts, bit for bit, as one never stopped. One live run
+per directory (RUN/.lock). Bad arguments, a missing model and unusable data stop the run before the long
+work, with one line and exit status 2.
 """
 
 import argparse
-import json
+import contextlib
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from thinkrec.cf import CFConfig, train_cf
-from thinkrec.data import load_prepared, prepare
+from thinkrec.cf.train import load_embeddings
+from thinkrec.data import DataError, load_prepared, prepare
+from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import load_keywords
 from thinkrec.data.tokenize import PromptBuilder
 from thinkrec.experts import GroupConfig, build_groups, load_groups, routing_counts, table_router, train_table
-from thinkrec.io import atomic_write_text
+from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
 from thinkrec.metrics import evaluate
-from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters, save_adapters
+from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
+from thinkrec.model.adapters import AdapterFileError
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             score, setup, stage_dir, subsample, train_stage)
+from thinkrec.train.checkpoint import CheckpointError
 from thinkrec.train.ddp import shutdown
+from thinkrec.train.loop import derive_seed
 from thinkrec.train.stages import EXPERT_LAYERS
+
+
+class UsageError(ValueError):
+    """An argument or input that cannot work, found before the long work starts."""
+
+
+# errors about the user's input or files: their message is the whole story (a traceback is for bugs)
+USER_ERRORS = (UsageError, DataError, ModelLoadError, ArtifactError, RunLockedError, CheckpointError,
+               AdapterFileError)
+
+
+def _number(kind, low, inclusive=True):
+    def parse(text):
+        value = kind(text)
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
+        return value
+    return parse
 
 
 def parse(argv=None):
@@ -42,36 +72,38 @@ def parse(argv=None):
     p.add_argument("--dataset", default="ml100k", help="ml100k | ml1m | amazon-book | yelp | csv")
     p.add_argument("--data-dir", default=None, help="raw files (default: download / the offline mirror)")
     p.add_argument("--run-dir", default=None, help="where every artifact goes (default runs/<dataset>)")
-    p.add_argument("--max-train-samples", type=int, default=64, help="training rows per stage (0 = all)")
-    p.add_argument("--max-eval-samples", type=int, default=48, help="valid rows scored per evaluation (0 = all)")
-    p.add_argument("--max-test-samples", type=int, default=160, help="test rows scored at the end (0 = all)")
-    p.add_argument("--max-len", type=int, default=224, help="tokens per sample; older history items are dropped")
+    p.add_argument("--max-train-samples", type=_number(int, 0), default=64, help="training rows per stage (0 = all)")
+    p.add_argument("--max-eval-samples", type=_number(int, 0), default=48, help="valid rows scored per evaluation (0 = all)")
+    p.add_argument("--max-test-samples", type=_number(int, 0), default=160, help="test rows scored at the end (0 = all)")
+    p.add_argument("--max-len", type=_number(int, 16), default=224, help="tokens per sample; older history items are dropped")
     p.add_argument("--traces", default=None, help="reasoning traces JSON Lines (default RUN/reasoning/traces.jsonl "
                    "when it exists; without traces every sample is a plain Yes/No one)")
     p.add_argument("--keywords", default=None, help="item keywords JSON Lines (default RUN/data/keywords.jsonl if any)")
     # Model
     p.add_argument("--model", default=None, help="HF id, local dir or .gguf (default SmolLM2-135M-Instruct, offline)")
-    p.add_argument("--experts", type=int, default=2, help="number of user groups / LoRA experts N")
+    p.add_argument("--experts", type=_number(int, 1), default=2, help="number of user groups / LoRA experts N")
     p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
-    p.add_argument("--cf-dim", type=int, default=256, help="CF embedding size (official 256)")
-    p.add_argument("--expert-layers", type=int, default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
-    p.add_argument("--prefix-cache-mb", type=float, default=4096,
+    p.add_argument("--cf-dim", type=_number(int, 1), default=256, help="CF embedding size (official 256)")
+    p.add_argument("--expert-layers", type=_number(int, 1), default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
+    p.add_argument("--prefix-cache-mb", type=_number(float, 0), default=4096,
                    help="stage 3 keeps the frozen layers' output per sample up to this many MB, so epochs after "
                         "the first run only the trainable layers (0 = recompute every step)")
     # Optimisation
-    p.add_argument("--epochs", type=float, default=LoopConfig.epochs, help="passes over the training rows per stage")
-    p.add_argument("--batch-size", type=int, default=LoopConfig.batch_size, help="rows per micro-batch (all ranks together)")
-    p.add_argument("--accum", type=int, default=LoopConfig.accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=LoopConfig.lr, help="AdamW peak learning rate (stages 1 and 2)")
-    p.add_argument("--stage3-lr", type=float, default=None, help="stage 3 learning rate (default --lr; official 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=LoopConfig.weight_decay)
-    p.add_argument("--warmup", type=int, default=LoopConfig.warmup, help="warmup steps (capped at 10%% of a stage's steps)")
-    p.add_argument("--eval-every", type=int, default=LoopConfig.eval_every,
+    p.add_argument("--epochs", type=_number(float, 0, inclusive=False), default=LoopConfig.epochs, help="passes over the training rows per stage")
+    p.add_argument("--batch-size", type=_number(int, 1), default=LoopConfig.batch_size, help="rows per micro-batch (all ranks together)")
+    p.add_argument("--accum", type=_number(int, 1), default=LoopConfig.accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=_number(float, 0, inclusive=False), default=LoopConfig.lr, help="AdamW peak learning rate (stages 1 and 2)")
+    p.add_argument("--stage3-lr", type=_number(float, 0, inclusive=False), default=None, help="stage 3 learning rate (default --lr; official 1e-5)")
+    p.add_argument("--weight-decay", type=_number(float, 0), default=LoopConfig.weight_decay)
+    p.add_argument("--warmup", type=_number(int, 0), default=LoopConfig.warmup, help="warmup steps (capped at 10%% of a stage's steps)")
+    p.add_argument("--eval-every", type=_number(int, 0), default=LoopConfig.eval_every,
                    help="optimizer steps between valid evaluations (0 = at the end)")
-    p.add_argument("--patience", type=int, default=LoopConfig.patience, help="evaluations without improvement before stopping")
+    p.add_argument("--patience", type=_number(int, 1), default=LoopConfig.patience, help="evaluations without improvement before stopping")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
     p.add_argument("--seed", type=int, default=LoopConfig.seed)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=_number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--ckpt-minutes", type=_number(float, 0, inclusive=False), default=LoopConfig.ckpt_minutes,
+                   help="save a mid-stage checkpoint at least this often (also every 10 steps and at each evaluation)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from RUN/<stage>/ckpt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -83,14 +115,51 @@ def log(*a):
     print(*a, flush=True)
 
 
+def check_paths(args) -> None:
+    """The given inputs exist and the run directory is writable."""
+    for flag, path in (("--data-dir", args.data_dir), ("--traces", args.traces), ("--keywords", args.keywords)):
+        if path is not None and not Path(path).exists():
+            raise UsageError(f"{flag} {path}: no such file or directory")
+    try:
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.run_dir).close()
+    except OSError as e:
+        raise UsageError(f"--run-dir {args.run_dir} is not writable ({e.strerror})") from None
+
+
+def check_data(prep, args) -> None:
+    """Every split has rows and there are at least as many training users as expert groups."""
+    counts = np.bincount(prep.inter.split, minlength=len(SPLITS))
+    for name, n in zip(SPLITS, counts):
+        if n == 0:
+            raise UsageError(f"{args.run_dir / 'data'}: the {name} split has no rows (rows per split: "
+                             f"{dict(zip(SPLITS, counts.tolist()))}); ThinkRec needs train, valid and test rows")
+    n_users = len(np.unique(prep.inter.user[prep.inter.split == 0]))
+    if args.experts > n_users:
+        raise UsageError(f"--experts {args.experts} is more than the {n_users} users with training rows")
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     d = init_from_env()
     if args.threads:
         torch.set_num_threads(args.threads)
+    with contextlib.ExitStack() as held:
+        if d.is_main:
+            check_paths(args)
+            held.enter_context(RunLock(args.run_dir, "train.py"))
+            for path in clean_stale_temps(args.run_dir):
+                log(f"removed {path}, left by a killed write")
+            log(to_json({k: str(v) for k, v in vars(args).items()}))
+            resolve_model(args.model)  # a missing model fails now, not after the data and CF phases
+        d.barrier()
+        metrics = run_pipeline(args, d)
+    shutdown(d)
+    return metrics
+
+
+def run_pipeline(args, d) -> dict:
     run = args.run_dir
-    if d.is_main:
-        log(json.dumps({k: str(v) for k, v in vars(args).items()}))
     t_start = time.perf_counter()
 
     # --- data
@@ -98,21 +167,22 @@ def main(argv=None) -> dict:
         prepare(args.dataset, data_dir=args.data_dir, out=run)
     d.barrier()
     prep = load_prepared(run)
+    check_data(prep, args)
 
     # --- CF model and expert groups
-    cf_path = run / "cf" / f"{args.cf_model}.safetensors"
-    if d.is_main and not cf_path.exists():
+    if d.is_main and not (run / "cf" / f"{args.cf_model}.safetensors").exists():
         # one configuration, no grid search: a short, fixed schedule that the LLM stages only read embeddings of
         train_cf(run, CFConfig(model=args.cf_model, lr=1e-3, dim=args.cf_dim, weight_decay=1e-6, max_epochs=30,
                                patience=3, seed=args.seed, threads=torch.get_num_threads()))
     if d.is_main and not (run / "experts" / "groups.safetensors").exists():
         build_groups(run, GroupConfig(model=args.cf_model, groups=args.experts, seed=args.seed))
     d.barrier()
-    cf = load_file(str(cf_path))
+    cf = load_embeddings(run, args.cf_model)
     user_emb, item_emb = cf["user_emb"].to(d.device), cf["item_emb"].to(d.device)  # moved once, indexed per batch
     groups = load_groups(run)
 
     # --- model and prompts
+    torch.manual_seed(derive_seed(args.seed, "model"))  # LoRA A and the projector, whichever phases ran before
     lm, tok = ThinkRecLM.from_pretrained(args.model, n_experts=args.experts, lora=LoRAConfig(),
                                          cf_dim=user_emb.shape[1], device=d.device)
     kw_path = Path(args.keywords) if args.keywords else run / "data" / "keywords.jsonl"
@@ -132,6 +202,8 @@ def main(argv=None) -> dict:
     traces = read_traces(trace_path, prep) if trace_path.exists() else {}
     if d.is_main:
         log(f"train rows {len(train_rows)}, valid rows {len(valid_rows)}, reasoning traces {len(traces)}")
+    if not len(valid_rows):
+        raise UsageError("no valid rows to select on (--max-eval-samples 0 takes all)")
 
     # --- stages 1, 2, 3
     stage_info = {}
@@ -139,7 +211,7 @@ def main(argv=None) -> dict:
         out = stage_dir(run, stage)
         if is_done(run, stage):
             load_adapters(lm, out)
-            stage_info[stage] = json.loads((out / "train.json").read_text()) if (out / "train.json").exists() else {}
+            stage_info[stage] = read_json(out / "train.json", f"delete {out}/ to train {stage} again")
             if d.is_main:
                 log(f"[{stage}] {out} exists: loaded, skipped")
             continue
@@ -158,15 +230,16 @@ def main(argv=None) -> dict:
         cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, eval_every=args.eval_every,
                          patience=args.patience, seed=args.seed, grad_ckpt=args.grad_ckpt,
-                         progress=not args.no_progress, desc=stage)
+                         ckpt_minutes=args.ckpt_minutes, progress=not args.no_progress, desc=stage)
         t = time.perf_counter()
+        torch.manual_seed(derive_seed(args.seed, stage))  # dropout; a resumed stage takes its checkpoint's RNG
         res = train_stage(lm, inputs, cfg, out / "ckpt", d, resume=args.resume, log=log)
         stage_info[stage] = {"history": res["state"].history, "best_step": res["state"].best_step,
                              "best_criterion": res["state"].best_score, "steps": res["state"].step,
                              "seconds": round(time.perf_counter() - t, 1)}
         if d.is_main:
-            save_adapters(lm, out)  # adapters.json last: the stage is complete
-            atomic_write_text(out / "train.json", json.dumps(stage_info[stage], indent=1))
+            write_json(out / "train.json", stage_info[stage])
+            save_adapters(lm, out)  # adapters.json last: it marks the stage complete
         d.barrier()
 
     # --- test: the fused model (gate weights per user)
@@ -178,14 +251,18 @@ def main(argv=None) -> dict:
     scores = score(lm, test, inputs, d, batch_size=2 * args.batch_size, progress=not args.no_progress, desc="test")
     metrics = {"test": evaluate(test.users, scores, test.labels), "test_rows": len(test),
                "routing": routing_counts(gate_w, test.users), "stages": stage_info,
-               "seconds": round(time.perf_counter() - t_start, 1), "args": {k: str(v) for k, v in vars(args).items()}}
+               "seconds": round(time.perf_counter() - t_start, 1),
+               "args": {k: str(v) for k, v in vars(args).items() if k != "resume"}}  # the same run either way
     if d.is_main:
-        atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=1))
-        log(json.dumps({"test": metrics["test"], "routing": metrics["routing"], "seconds": metrics["seconds"]}))
-    shutdown(d)
+        write_json(run / "metrics.json", metrics)
+        log(to_json({"test": metrics["test"], "routing": metrics["routing"], "seconds": metrics["seconds"]}))
     return metrics
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    try:
+        main()
+    except USER_ERRORS as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -18,6 +18,7 @@ kept; training stops after `patience` evaluations without improvement and the be
 """
 
 import contextlib
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class LoopConfig:
     grad_ckpt: bool = False
     eval_batch_size: int = 16
     ckpt_every: int = 10  # optimizer steps between checkpoints (also after every evaluation and at the end)
+    ckpt_minutes: float = 2.0  # and at least this often, so a kill loses minutes, not a stage
     progress: bool = True
     desc: str = "train"
 
@@ -85,6 +87,13 @@ class LoopState:
     evals_since_best: int = 0
     history: list = field(default_factory=list)
     done: bool = False
+
+
+def derive_seed(seed: int, *names) -> int:
+    """A seed for one phase of a run, from (seed, names) alone, so a phase draws the same numbers whichever
+    phases ran before it in this process (Python's hash() of a str changes from process to process)."""
+    digest = hashlib.sha256(repr((int(seed), *names)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch.manual_seed takes up to 2**63 - 1
 
 
 def lr_at(step: int, total: int, cfg: LoopConfig) -> float:
@@ -176,7 +185,7 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
     epoch_batches = {k: (None, []) for k in sets}  # set -> (epoch, that epoch's batch order)
     bar = tqdm(total=total, initial=st.step, desc=cfg.desc, disable=not (cfg.progress and d.is_main),
                mininterval=1.0)
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
     while not st.done and st.step < total:
         lr = lr_at(st.step, total, cfg)
         for g in opt.param_groups:
@@ -240,10 +249,12 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
                 log(f"[{cfg.desc}] step {st.step}/{total} loss {parts['loss']:.4f} valid auc {m['auc']:.4f} "
                     f"uauc {m['uauc']:.4f} (best {st.best_score:.4f} @ {st.best_step})")
 
-        # --- checkpoint every ckpt_every steps, after each evaluation and at the end
-        if ckpt_dir is not None and d.is_main and (last or st.done or evaluated
-                                                   or st.step % max(1, cfg.ckpt_every) == 0):
+        # --- checkpoint every ckpt_every steps or ckpt_minutes, after each evaluation and at the end
+        #     (when does not change what: a checkpoint holds parameters, optimizer, counters and RNG)
+        due = st.step % max(1, cfg.ckpt_every) == 0 or time.perf_counter() - last_save >= 60 * cfg.ckpt_minutes
+        if ckpt_dir is not None and d.is_main and (last or st.done or evaluated or due):
             checkpoint.save(ckpt_dir, named, opt, st.__dict__, best)
+            last_save = time.perf_counter()
         d.barrier()
     bar.close()
 
