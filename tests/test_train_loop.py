@@ -70,6 +70,46 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert ra["state"].cursors["reason"] != [0, 0]  # the reasoning set was drawn from
 
 
+def test_stage3_resume_with_prefix_cache_equals_uninterrupted(tmp_path, monkeypatch):
+    """Stage 3 over 3 epochs with the frozen prefix cached: a run killed in epoch 2 restarts with an empty
+    cache, and its replay must refill it with the same bits (batched rows differ in the last bits from
+    the same rows in other batches)."""
+    from thinkrec.experts import one_hot_experts
+    from thinkrec.train import stages
+
+    def run(ckpt, kill_after=None):
+        torch.manual_seed(0)
+        lm = tiny_lm(layers=3, n_experts=2, cf_dim=5, dropout=0.1)
+        prefix = stages.setup(lm, "stage3", expert_layers=1, prefix_cache_mb=1.0)
+        groups = torch.arange(6) % 2
+        g = torch.Generator().manual_seed(3)
+        inputs = StageInputs(plain=sample_set(20, ids=True, seed=1), valid=sample_set(8, ids=True, seed=2),
+                             route=lambda users: one_hot_experts(groups[users], 2), user_emb=torch.randn(6, 5, generator=g),
+                             item_emb=torch.randn(11, 5, generator=g), prefix=prefix, pad_id=PAD)
+        cfg = _cfg(epochs=3.0, accum=1, eval_every=0, ckpt_every=1, reason_prob=0.0)
+        if kill_after is not None:
+            real_save, saves = checkpoint.save, []
+
+            def save_then_die(*a, **kw):
+                real_save(*a, **kw)
+                saves.append(1)
+                if len(saves) == kill_after:
+                    raise Killed
+            monkeypatch.setattr(checkpoint, "save", save_then_die)
+            with pytest.raises(Killed):
+                train_stage(lm, inputs, cfg, ckpt, log=lambda *_: None)
+            monkeypatch.setattr(checkpoint, "save", real_save)
+            return run(ckpt)
+        res = train_stage(lm, inputs, cfg, ckpt, log=lambda *_: None)
+        return _trainable(lm), prefix, res
+
+    want, prefix_a, _ = run(tmp_path / "a")
+    got, prefix_b, res = run(tmp_path / "b", kill_after=6)  # 4 batches an epoch: killed in epoch 2
+    assert prefix_a.hits > 0 and prefix_b.hits > 0 and prefix_b.cache.keys() == prefix_a.cache.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+
+
 def test_best_parameters_are_restored(tmp_path):
     torch.manual_seed(0)
     lm = _model()

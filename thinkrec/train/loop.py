@@ -110,18 +110,23 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()  # fp32 on CPU
 
 
-def _forward(lm, inputs: StageInputs, batch: Batch, select=None, cache_tag: str = None):
-    """Hidden states at `select` = (rows, cols) ([B, T, D] if None), each row with its route's adapter
-    weights. `cache_tag` names the sample set, so the frozen prefix can cache rows by (tag, data row)."""
+def _model_inputs(inputs: StageInputs, batch: Batch) -> dict:
+    """The forward's keyword arguments besides the token grid: CF vectors of the slots, each row's route."""
     dev = batch.input_ids.device
     ue = None if inputs.user_emb is None else inputs.user_emb.to(dev)
     ie = None if inputs.item_emb is None else inputs.item_emb.to(dev)
     w = None if inputs.route is None else inputs.route(batch.users).to(dev)
-    kw = dict(cf_embeds=cf_inputs(batch, ue, ie), placeholder_mask=batch.ph_mask, select=select, expert_weights=w)
+    return dict(cf_embeds=cf_inputs(batch, ue, ie), placeholder_mask=batch.ph_mask, expert_weights=w)
+
+
+def _forward(lm, inputs: StageInputs, batch: Batch, select=None, cache_tag: str = None):
+    """Hidden states at `select` = (rows, cols) ([B, T, D] if None), each row with its route's adapter
+    weights. `cache_tag` names the sample set, so the frozen prefix can cache rows by (tag, data row)."""
+    kw = _model_inputs(inputs, batch)
     if inputs.prefix is None:
-        return lm(batch.input_ids, batch.attention_mask, **kw)
+        return lm(batch.input_ids, batch.attention_mask, select=select, **kw)
     keys = None if cache_tag is None else [(cache_tag, int(r)) for r in batch.rows]
-    return inputs.prefix(batch.input_ids, batch.attention_mask, keys=keys, **kw)
+    return inputs.prefix(batch.input_ids, batch.attention_mask, select=select, keys=keys, **kw)
 
 
 @torch.no_grad()
@@ -137,8 +142,8 @@ def score(lm, sset: SampleSet, inputs: StageInputs, d: Dist = Dist(), batch_size
     for s in tqdm(starts, desc=desc, disable=not (progress and d.is_main), leave=False):
         idx = order[s:s + batch_size].tolist()
         batch = collate([sset.sample(i) for i in idx], sset.users[idx], inputs.pad_id).to(d.device)
-        with _autocast(d.device):
-            h = _forward(lm, inputs, batch, yes_positions(batch), cache_tag=f"score-{id(sset)}")
+        with _autocast(d.device):  # scoring rows stay out of the prefix cache: it fills in training order alone
+            h = _forward(lm, inputs, batch, yes_positions(batch))
         out[idx] = yes_logits(h, lm.lm_head_weight, lm.yes_token_id, batch.yes_col).double().cpu()
     lm.train(was_training)
     return d.all_reduce_sum(out).numpy()
@@ -172,17 +177,47 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
     n_micro = max(1, round(cfg.epochs * len(samplers["plain"])))
     total = math.ceil(n_micro / cfg.accum)
 
+    epoch_batches = {k: (None, []) for k in sets}  # set -> (epoch, that epoch's batch order)
+
+    def draw(micro: int, cursors: dict):
+        """(set name, this rank's shard of the batch) of micro-batch `micro`, advancing cursors[set]: the
+        reasoning set with probability reason_prob (a generator seeded by (seed, micro)), else the plain set."""
+        rng = np.random.default_rng([cfg.seed, micro])
+        kind = "reason" if "reason" in sets and rng.random() < cfg.reason_prob else "plain"
+        epoch, pos = cursors[kind]
+        if epoch_batches[kind][0] != epoch:
+            samplers[kind].set_epoch(epoch)
+            epoch_batches[kind] = (epoch, samplers[kind].batches())
+        batches = epoch_batches[kind][1]
+        idx = batches[pos]
+        cursors[kind] = [epoch + 1, 0] if pos + 1 >= len(batches) else [epoch, pos + 1]
+        # this rank's contiguous shard; the loss divides by the whole batch's rows and answer tokens
+        samples = [sets[kind].sample(i) for i in idx]
+        mine = shard(range(len(idx)), d.rank, d.world)
+        return kind, collate([samples[i] for i in mine], sets[kind].users[[idx[i] for i in mine]], inputs.pad_id,
+                             kind == "reason", n_rows=len(idx),
+                             n_tokens=sum(len(s.answer_ids) for s in samples)).to(d.device)
+
     # --- resume from the last checkpoint
     st, best = LoopState(), None
     if ckpt_dir is not None and resume and checkpoint.exists(ckpt_dir):
         raw, best = checkpoint.load(ckpt_dir, named, opt)
         st = LoopState(**raw)
         log(f"[{cfg.desc}] resumed at step {st.step}/{total} from {ckpt_dir}")
+        # the frozen prefix's cache is not in the checkpoint: refill it from the batches drawn before, in
+        # their order, so cached rows hold the same bits as in a run never stopped (it closes when full)
+        replay = LoopState().cursors
+        for micro in range(st.micro):
+            if inputs.prefix is None or not inputs.prefix.caching:
+                break
+            kind, batch = draw(micro, replay)
+            with torch.no_grad(), _autocast(d.device):
+                inputs.prefix.warm(batch.input_ids, batch.attention_mask, keys=[(kind, int(r)) for r in batch.rows],
+                                   **_model_inputs(inputs, batch))
 
     if cfg.grad_ckpt:
         lm.gradient_checkpointing(True)
     lm.train()
-    epoch_batches = {k: (None, []) for k in sets}  # set -> (epoch, that epoch's batch order)
     bar = tqdm(total=total, initial=st.step, desc=cfg.desc, disable=not (cfg.progress and d.is_main),
                mininterval=1.0)
     t0 = last_save = time.perf_counter()
@@ -191,27 +226,12 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
         for g in opt.param_groups:
             g["lr"] = lr
 
-        # --- accumulate micro-batches; micro-batch m reads the reasoning set with probability reason_prob
-        #     (a generator seeded by (seed, m)), else the plain set, at that set's cursor
+        # --- accumulate micro-batches, each from the set `draw` picks, at that set's cursor
         parts = {"loss": 0.0, "bce": 0.0, "lm": 0.0}
         for _ in range(cfg.accum):
             if st.micro >= n_micro:
                 break
-            rng = np.random.default_rng([cfg.seed, st.micro])
-            kind = "reason" if "reason" in sets and rng.random() < cfg.reason_prob else "plain"
-            epoch, pos = st.cursors[kind]
-            if epoch_batches[kind][0] != epoch:
-                samplers[kind].set_epoch(epoch)
-                epoch_batches[kind] = (epoch, samplers[kind].batches())
-            batches = epoch_batches[kind][1]
-            idx = batches[pos]
-            st.cursors[kind] = [epoch + 1, 0] if pos + 1 >= len(batches) else [epoch, pos + 1]
-            # this rank's contiguous shard; the loss divides by the whole batch's rows and answer tokens
-            samples = [sets[kind].sample(i) for i in idx]
-            mine = shard(range(len(idx)), d.rank, d.world)
-            batch = collate([samples[i] for i in mine], sets[kind].users[[idx[i] for i in mine]], inputs.pad_id,
-                            kind == "reason", n_rows=len(idx),
-                            n_tokens=sum(len(s.answer_ids) for s in samples)).to(d.device)
+            kind, batch = draw(st.micro, st.cursors)
             with _autocast(d.device):
                 h = _forward(lm, inputs, batch, loss_positions(batch), cache_tag=kind)
             loss, p, _ = batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)
