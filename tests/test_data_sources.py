@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from thinkrec.data import DataError, load_prepared, prepare
-from thinkrec.data.prepared import SPLITS
 from thinkrec.data import splits as split_rules
+from thinkrec.data.prepared import SPLITS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml1m-collm"
 
@@ -153,7 +153,7 @@ def test_ml100k_atomic_and_grouplens_and_wheel(tmp_path, monkeypatch):
     g = tmp_path / "g"
     g.mkdir()
     (g / "u.data").write_text("".join(f"{1 + k % 3}\t{1 + k % 2}\t{1 + k % 5}\t{1000 + (k // 2)}\n" for k in range(20)))
-    flags = lambda on: "|".join("1" if i in on else "0" for i in range(19))  # noqa: E731
+    flags = lambda on: "|".join("1" if i in on else "0" for i in range(19))
     (g / "u.item").write_bytes(f"1|Toy Story (1995)|01-Jan-1995||http://x|{flags({3, 5})}\n"
                                f"2|Heat (1995)|01-Jan-1995||http://y|{flags({1})}\n".encode("latin-1"))
     gl = prepare("ml100k", data_dir=g, quiet=True)
@@ -268,7 +268,7 @@ def test_jsonl_reader_chunks_blank_lines_and_line_numbers(tmp_path):
     path = tmp_path / "x.json"
     lines = [json.dumps({"a": k, "b": str(k)}) if k % 4 else "   " for k in range(11)]
     path.write_text("\n".join(lines) + "\n")
-    numbers, (a, b) = jsonl_columns(path, ("a", "b"))
+    numbers, (a, _) = jsonl_columns(path, ("a", "b"))
     assert list(numbers) == [k + 1 for k in range(11) if k % 4] and a == [k for k in range(11) if k % 4]
     got = [(n, o["a"]) for n, o in read_jsonl(path)]
     assert got == [(k + 1, k) for k in range(11) if k % 4]

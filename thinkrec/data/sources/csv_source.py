@@ -3,6 +3,9 @@
 interactions.csv   user_id,item_id,label,timestamp[,split]   label 0/1, timestamp unix seconds,
                    split train|valid|test (or 0|1|2); when present the given split is kept
 items.csv          item_id,title[,description]
+
+Either file may be gzip (by content, with or without a .gz name) and must be UTF-8 (a BOM is fine).
+Ids must be non-empty; no field may hold a line break (see `_read.read_csv`).
 """
 
 from pathlib import Path
@@ -11,7 +14,8 @@ import numpy as np
 
 from ..errors import DataError, malformed, missing_file
 from ..raw import RawLog
-from ._read import parse_int, read_csv
+from ._columns import parse_int
+from ._read import read_csv
 
 _SPLIT_NAMES = {"train": 0, "valid": 1, "test": 2, "0": 0, "1": 1, "2": 2}
 
@@ -32,6 +36,8 @@ def load(data_dir=None, **_) -> RawLog:
 
     items = {}
     for line, row in read_csv(items_path, ("item_id", "title"), ("description",)):
+        if not row["item_id"]:
+            raise malformed(items_path, line, "item_id is empty; every row needs one")
         if row["item_id"] in items:
             raise malformed(items_path, line, f"item_id {row['item_id']!r} repeats")
         items[row["item_id"]] = {"title": row["title"], "description": row.get("description", "")}
@@ -41,6 +47,9 @@ def load(data_dir=None, **_) -> RawLog:
     for line, row in read_csv(inter_path, ("user_id", "item_id", "label", "timestamp"), ("split",)):
         if has_split is None:
             has_split = "split" in row
+        if not (row["user_id"] and row["item_id"]):
+            col = "item_id" if row["user_id"] else "user_id"
+            raise malformed(inter_path, line, f"{col} is empty; every row needs one")
         label = parse_int(inter_path, line, "label", row["label"])
         if label not in (0, 1):
             raise malformed(inter_path, line, f"label = {row['label']!r}, expected 0 or 1")
@@ -53,7 +62,7 @@ def load(data_dir=None, **_) -> RawLog:
         users.append(row["user_id"])
         item_ids.append(row["item_id"])
         labels.append(label)
-        stamps.append(parse_int(inter_path, line, "timestamp", row["timestamp"]))
+        stamps.append(parse_int(inter_path, line, "timestamp (unix seconds)", row["timestamp"]))
     if not users:
         raise DataError(f"{inter_path}: no interactions")
     return RawLog(

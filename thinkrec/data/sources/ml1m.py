@@ -1,6 +1,10 @@
 """`ml1m`: MovieLens 1M (GroupLens). ratings.dat `UserID::MovieID::Rating::Timestamp`, movies.dat
-`MovieID::Title::Genre1|Genre2`, latin-1. Read from --data-dir (ml-1m.zip, or the extracted .dat files,
-directly or under ml-1m/), else from the cache, downloading the official zip and checking its md5.
+`MovieID::Title::Genre1|Genre2`. Read from --data-dir (ml-1m.zip, or the extracted .dat files, directly
+or under ml-1m/, plain or gzip), else from the cache, downloading the official zip and checking its md5.
+
+The official movies.dat is latin-1 ("é" is the one byte e9); a copy converted to UTF-8 reads the same.
+Each file is decoded as UTF-8 when it is valid UTF-8, else as latin-1: latin-1 text with accents is
+essentially never valid UTF-8, and reading UTF-8 as latin-1 would garble every accent ("MisÃ©rables").
 """
 
 import io
@@ -11,11 +15,14 @@ import numpy as np
 
 from ..errors import DataError, malformed, missing_file
 from ..raw import RawLog
+from ._columns import float_column, id_column, int64_column
 from ._fetch import cache_dir, download, verify_md5
+from ._read import decode_text, read_text
 
 URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
 MD5 = "c4d9eecfca2ab87c1945afe126590906"  # published at URL + ".md5"
 FILES = ("ratings.dat", "movies.dat")
+ENCODINGS = ("utf-8", "latin-1")
 
 
 def _open_files(data_dir) -> dict:
@@ -24,7 +31,7 @@ def _open_files(data_dir) -> dict:
         data_dir = Path(data_dir)
         for base in (data_dir, data_dir / "ml-1m"):
             if all((base / f).exists() for f in FILES):
-                return {f: (base / f, (base / f).read_bytes().decode("latin-1")) for f in FILES}
+                return {f: (base / f, read_text(base / f, ENCODINGS)) for f in FILES}
         zips = [data_dir / "ml-1m.zip"]
         looked = [data_dir / f for f in FILES] + [data_dir / "ml-1m" / f for f in FILES] + zips
     else:
@@ -40,7 +47,8 @@ def _open_files(data_dir) -> dict:
     with zipfile.ZipFile(zips[0]) as z:
         for f in FILES:
             try:
-                out[f] = (f"{zips[0]}!ml-1m/{f}", z.read(f"ml-1m/{f}").decode("latin-1"))
+                name = f"{zips[0]}!ml-1m/{f}"
+                out[f] = (name, decode_text(name, z.read(f"ml-1m/{f}"), ENCODINGS))
             except KeyError:
                 raise missing_file(f"ml-1m/{f}", [zips[0]], URL) from None
     return out
@@ -55,26 +63,33 @@ def parse_movies(path, text: str) -> dict:
         parts = line.split("::")
         if len(parts) != 3:
             raise malformed(path, line_no, f"expected MovieID::Title::Genres, got {line!r}")
+        if not parts[0]:
+            raise malformed(path, line_no, "MovieID is empty; every line needs one")
         items[parts[0]] = {"title": parts[1], "description": ", ".join(g for g in parts[2].split("|") if g)}
     return items
 
 
 def parse_ratings(path, text: str):
-    """-> users, items (str arrays), ratings float64, timestamps int64."""
-    rows = [line.split("::") for line in text.splitlines() if line]
+    """-> users, items (str arrays), ratings float64 (finite), timestamps int64 (unix seconds)."""
+    lines = text.splitlines()
+    rows = [line.split("::") for line in lines if line]
+    if not rows:
+        raise DataError(f"{path}: no ratings")
+
+    def line_of(i):  # the file line of row i (blank lines are skipped); only called to name a bad row
+        return [n for n, line in enumerate(lines, 1) if line][i]
     try:
         arr = np.array(rows, dtype=object)
-        if arr.ndim != 2 or arr.shape[1] != 4:
-            raise ValueError
-        rating = arr[:, 2].astype(np.float64)
-        stamp = arr[:, 3].astype(np.int64)
-    except (ValueError, TypeError):  # slow path only to find and name the bad line
-        for line_no, line in enumerate(text.splitlines(), 1):
-            parts = line.split("::")
-            if line and (len(parts) != 4 or not parts[2].strip().isdigit() or not parts[3].strip().isdigit()):
-                raise malformed(path, line_no, f"expected UserID::MovieID::Rating::Timestamp, got {line!r}") from None
-        raise
-    return arr[:, 0].astype(str), arr[:, 1].astype(str), rating, stamp
+    except ValueError:  # rows of different lengths
+        arr = None
+    if arr is None or arr.ndim != 2 or arr.shape[1] != 4:
+        bad = next(i for i, parts in enumerate(rows) if len(parts) != 4)
+        raise malformed(path, line_of(bad), f"expected UserID::MovieID::Rating::Timestamp, got {'::'.join(rows[bad])!r}")
+    user = id_column(path, line_of, "UserID", arr[:, 0].astype(str))
+    item = id_column(path, line_of, "MovieID", arr[:, 1].astype(str))
+    rating = float_column(path, line_of, "Rating", arr[:, 2])
+    stamp = int64_column(path, line_of, "Timestamp (unix seconds)", arr[:, 3])
+    return user, item, rating, stamp
 
 
 def load(data_dir=None, **_) -> RawLog:

@@ -1,14 +1,15 @@
 """`yelp`: the Yelp Open Dataset JSON from --data-dir: reviews (`yelp_academic_dataset_review.json` or
 `review.json`: user_id, business_id, stars, date "YYYY-MM-DD HH:MM:SS", taken as UTC) and businesses
-(`..._business.json` or `business.json`: business_id, name, categories "A, B, C").
+(`..._business.json` or `business.json`: business_id, name, categories "A, B, C"). Files may be gzip
+(by content, with or without .gz) and must be UTF-8. An empty id, a star count that is not a finite
+number and a date that is empty or outside years 1..9999 are errors naming the line.
 """
 
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import DataError, malformed, missing_file
 from ..raw import RawLog
+from ._columns import datetime_column, float_column, id_column
 from ._read import jsonl_columns, read_jsonl
 
 URL = "https://www.yelp.com/dataset (the JSON download)"
@@ -30,33 +31,9 @@ def _reviews(path):
     lines, (users, items, stars, dates) = jsonl_columns(path, ("user_id", "business_id", "stars", "date"))
     if not users:
         raise DataError(f"{path}: no reviews")
-    try:
-        stars = np.array(stars, dtype=np.float64)
-    except (TypeError, ValueError):
-        bad = next(i for i, v in enumerate(stars) if not _is_number(v))
-        raise malformed(path, lines[bad], f"stars = {stars[bad]!r} is not a number") from None
-    try:
-        stamp = np.array(dates, dtype="datetime64[s]").astype(np.int64)
-    except ValueError:
-        bad = next(i for i, d in enumerate(dates) if not _is_date(d))
-        raise malformed(path, lines[bad], f"date {dates[bad]!r} is not 'YYYY-MM-DD HH:MM:SS'") from None
-    return np.array(users).astype(str), np.array(items).astype(str), stars, stamp
-
-
-def _is_number(v) -> bool:
-    try:
-        float(v)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
-def _is_date(text: str) -> bool:
-    try:
-        np.datetime64(text, "s")
-        return True
-    except ValueError:
-        return False
+    line_of = lines.__getitem__
+    return (id_column(path, line_of, "user_id", users), id_column(path, line_of, "business_id", items),
+            float_column(path, line_of, "stars", stars), datetime_column(path, line_of, "date", dates))
 
 
 def _business(path, wanted: set) -> dict:
