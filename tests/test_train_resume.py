@@ -4,15 +4,12 @@ with --resume, ends with the same artifacts as a run never stopped. A "kill" is 
 patched function at that point, in the same process (so the resumed run also starts from whatever RNG state
 the killed one left). One live run per directory; bad input stops the run with one line, exit status 2."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 
 from tests.test_train_cli import _tiny_csv, _tiny_model_dir
 
@@ -43,32 +40,10 @@ def _argv(inputs, run):
             "--eval-every", "1", "--no-progress", "--threads", "1"]
 
 
-def _without_timing(obj):
-    if isinstance(obj, dict):
-        return {k: _without_timing(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [_without_timing(v) for v in obj]
-    return obj
-
-
 def _artifacts(run: Path) -> dict:
-    """{relative path: comparable content} of every artifact (mid-stage checkpoints and the lock aside)."""
-    out = {}
-    for path in sorted(run.rglob("*")):
-        rel = path.relative_to(run).as_posix()
-        if not path.is_file() or "/ckpt/" in f"/{rel}" or rel == ".lock":
-            continue
-        if path.suffix == ".json":  # runs in other directories compare equal: the path is an argument
-            out[rel] = _without_timing(json.loads(path.read_text().replace(str(run), "RUN")))
-        elif path.suffix == ".npz":
-            with np.load(path) as z:  # the zip entries carry write times
-                out[rel] = {k: z[k].tobytes() for k in z.files}
-        elif path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
-                out[rel] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()})
-        else:
-            out[rel] = path.read_bytes()
-    return out
+    from thinkrec.io import run_fingerprint
+
+    return run_fingerprint(run)
 
 
 def _assert_same(got: dict, want: dict) -> None:

@@ -317,4 +317,13 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from thinkrec.data import DataError
+    from thinkrec.io import ArtifactError
+
+    try:
+        main()
+    except (DataError, ArtifactError, FileNotFoundError) as e:  # the user's input or files: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

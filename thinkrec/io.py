@@ -306,3 +306,48 @@ def clean_stale_temps(run_dir) -> list:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     return sorted(removed)
+
+
+# ------------------------------------------------------------------------------------------ comparing runs
+def _without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timing(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_timing(v) for v in obj]
+    return obj
+
+
+def run_fingerprint(run_dir) -> dict:
+    """{relative path: sha256 hex} of a run's artifacts, to tell whether two runs produced the same ones:
+    JSON without its wall-clock "seconds" fields and with the run directory's own path replaced by RUN,
+    .npz by its arrays (the zip entries carry write times), safetensors by metadata and tensor bytes, every
+    other file byte for byte. Mid-stage checkpoints (each save has a random tag) and the lock are left out."""
+    import hashlib
+
+    import numpy as np
+    from safetensors import safe_open
+
+    run = Path(run_dir)
+    out = {}
+    for path in sorted(run.rglob("*")):
+        rel = path.relative_to(run).as_posix()
+        if not path.is_file() or "ckpt" in rel.split("/")[:-1] or rel == LOCK_NAME:
+            continue
+        h = hashlib.sha256()
+        if path.suffix == ".json":
+            obj = _without_timing(json.loads(path.read_text(encoding="utf-8").replace(str(run), "RUN")))
+            h.update(json.dumps(obj, sort_keys=True).encode())
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                for k in sorted(z.files):
+                    h.update(k.encode() + z[k].dtype.str.encode() + str(z[k].shape).encode() + z[k].tobytes())
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), "np") as f:
+                h.update(json.dumps(f.metadata(), sort_keys=True).encode())
+                for k in sorted(f.keys()):
+                    t = f.get_tensor(k)
+                    h.update(k.encode() + t.dtype.str.encode() + str(t.shape).encode() + t.tobytes())
+        else:
+            h.update(path.read_bytes())
+        out[rel] = h.hexdigest()
+    return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from thinkrec.data.errors import malformed
 from thinkrec.data.prepared import SPLITS
 
 
@@ -59,13 +60,13 @@ def read_traces(path, prep, split: str = "train") -> dict:
                 row, label, reason = int(obj["row"]), int(obj["label"]), str(obj["reason"])
                 sp = obj.get("split", "train")
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{line_no}: expected {{\"split\", \"row\", \"label\", \"reason\"}} ({e})") from None
+                raise malformed(path, line_no, f"expected {{\"split\", \"row\", \"label\", \"reason\"}} ({e})") from None
             if sp != split:
                 continue
             if not 0 <= row < len(prep.inter) or prep.inter.split[row] != SPLITS.index(split):
-                raise ValueError(f"{path}:{line_no}: row {row} is not a {split} row of the prepared data")
+                raise malformed(path, line_no, f"row {row} is not a {split} row of the prepared data")
             if prep.inter.label[row] != label:
-                raise ValueError(f"{path}:{line_no}: row {row} has label {label} but the data says "
+                raise malformed(path, line_no, f"row {row} has label {label} but the data says "
                                  f"{int(prep.inter.label[row])}")
             out[row] = reason
     return out
