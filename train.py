@@ -252,7 +252,9 @@ def run_pipeline(args, d) -> dict:
     metrics = {"test": evaluate(test.users, scores, test.labels), "test_rows": len(test),
                "routing": routing_counts(gate_w, test.users), "stages": stage_info,
                "seconds": round(time.perf_counter() - t_start, 1),
-               "args": {k: str(v) for k, v in vars(args).items() if k != "resume"}}  # the same run either way
+               # what was run, not how it was driven: resumed or not, checkpoint cadence and progress bars
+               # do not change a single number
+               "args": {k: str(v) for k, v in vars(args).items() if k not in ("resume", "ckpt_minutes", "no_progress")}}
     if d.is_main:
         write_json(run / "metrics.json", metrics)
         log(to_json({"test": metrics["test"], "routing": metrics["routing"], "seconds": metrics["seconds"]}))
