@@ -119,13 +119,18 @@ def _model_inputs(inputs: StageInputs, batch: Batch) -> dict:
     return dict(cf_embeds=cf_inputs(batch, ue, ie), placeholder_mask=batch.ph_mask, expert_weights=w)
 
 
+def _cache_keys(tag: str, batch: Batch) -> list:
+    """What names a row in the frozen prefix's cache: (sample set, data row)."""
+    return [(tag, int(r)) for r in batch.rows]
+
+
 def _forward(lm, inputs: StageInputs, batch: Batch, select=None, cache_tag: str = None):
     """Hidden states at `select` = (rows, cols) ([B, T, D] if None), each row with its route's adapter
     weights. `cache_tag` names the sample set, so the frozen prefix can cache rows by (tag, data row)."""
     kw = _model_inputs(inputs, batch)
     if inputs.prefix is None:
         return lm(batch.input_ids, batch.attention_mask, select=select, **kw)
-    keys = None if cache_tag is None else [(cache_tag, int(r)) for r in batch.rows]
+    keys = None if cache_tag is None else _cache_keys(cache_tag, batch)
     return inputs.prefix(batch.input_ids, batch.attention_mask, select=select, keys=keys, **kw)
 
 
@@ -212,7 +217,7 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
                 break
             kind, batch = draw(micro, replay)
             with torch.no_grad(), _autocast(d.device):
-                inputs.prefix.warm(batch.input_ids, batch.attention_mask, keys=[(kind, int(r)) for r in batch.rows],
+                inputs.prefix.warm(batch.input_ids, batch.attention_mask, keys=_cache_keys(kind, batch),
                                    **_model_inputs(inputs, batch))
 
     if cfg.grad_ckpt:
