@@ -35,13 +35,13 @@ from thinkrec.data import DataError, load_prepared, prepare
 from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import load_keywords
 from thinkrec.data.tokenize import PromptBuilder
-from thinkrec.experts import GroupConfig, build_groups, load_groups, routing_counts, table_router, train_table
+from thinkrec.experts import GroupConfig, build_groups, load_groups, table_router, train_table
+from thinkrec.infer import LoadedRun, score_rows, split_rows
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
-from thinkrec.metrics import evaluate
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model.adapters import AdapterFileError
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
-                            score, setup, stage_dir, subsample, train_stage)
+                            setup, stage_dir, subsample, train_stage)
 from thinkrec.train.checkpoint import CheckpointError
 from thinkrec.train.ddp import shutdown
 from thinkrec.train.loop import derive_seed
@@ -195,9 +195,9 @@ def run_pipeline(args, d) -> dict:
                                            placeholder_ids=lm.placeholder_token_ids)
         return builders[mode]
 
-    split_rows = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
-    train_rows = subsample(split_rows["train"], args.max_train_samples, args.seed)
-    valid_rows = subsample(split_rows["valid"], args.max_eval_samples, args.seed + 1)
+    by_split = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
+    train_rows = subsample(by_split["train"], args.max_train_samples, args.seed)
+    valid_rows = subsample(by_split["valid"], args.max_eval_samples, args.seed + 1)
     trace_path = Path(args.traces) if args.traces else run / "reasoning" / "traces.jsonl"
     traces = read_traces(trace_path, prep) if trace_path.exists() else {}
     if d.is_main:
@@ -242,23 +242,51 @@ def run_pipeline(args, d) -> dict:
             save_adapters(lm, out)  # adapters.json last: it marks the stage complete
         d.barrier()
 
-    # --- test: the fused model (gate weights per user)
+    # --- test: the fused model (gate weights per user), through infer.py's scoring path -> RUN/infer/
     lm.set_trainable(layers=[], adapters=[], projector=False)
-    test = SampleSet(builder("ids"), subsample(split_rows["test"], args.max_test_samples, args.seed + 2))
-    gate_w = groups["weights"]
-    inputs = StageInputs(plain=test, route=table_router(gate_w), user_emb=user_emb, item_emb=item_emb,
-                         pad_id=tok.pad_token_id)
-    scores = score(lm, test, inputs, d, batch_size=2 * args.batch_size, progress=not args.no_progress, desc="test")
-    metrics = {"test": evaluate(test.users, scores, test.labels), "test_rows": len(test),
-               "routing": routing_counts(gate_w, test.users), "stages": stage_info,
-               "seconds": round(time.perf_counter() - t_start, 1),
+    test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
+    loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, groups["weights"], stage_dir(run, "stage3"),
+                       args.max_len, keywords)
+    mode = "reason" if traces else "ids"  # the C.3 prompt when the model learned to reason, as the official eval
+    test = None
+    if d.is_main:
+        test = score_rows(loaded, test_rows, run / "infer", mode, batch_tokens=args.batch_size * 2 * args.max_len,
+                          max_rows=2 * args.batch_size, progress=not args.no_progress, overwrite=True, log=log)
+    d.barrier()
+    metrics = {"test": test["all"]["thinkrec"] if test else None, "test_cf": test["all"]["cf"] if test else None,
+               "test_rows": len(test_rows), "prompt": mode, "routing": test["routing"] if test else None,
+               "stages": stage_info, "seconds": round(time.perf_counter() - t_start, 1),
                # what was run, not how it was driven: resumed or not, checkpoint cadence and progress bars
                # do not change a single number
                "args": {k: str(v) for k, v in vars(args).items() if k not in ("resume", "ckpt_minutes", "no_progress")}}
     if d.is_main:
         write_json(run / "metrics.json", metrics)
+        log(summary(metrics, args, prep))
         log(to_json({"test": metrics["test"], "routing": metrics["routing"], "seconds": metrics["seconds"]}))
     return metrics
+
+
+def summary(metrics: dict, args, prep) -> str:
+    """What a new user reads at the end: test metrics beside the CF model's on the same rows, routing, and
+    whether the run is smoke-sized."""
+    n_test = int((prep.inter.split == 2).sum())
+    keys = ("auc", "uauc", "ndcg@5", "map@5", "hr@5")
+    lines = [f"test: {metrics['test_rows']} of {n_test} test rows, {metrics['prompt']} prompt; routing "
+             + ", ".join(f"{k} {v}" for k, v in metrics["routing"].items()),
+             f"{'':10}" + "".join(f"{k.upper():>9}" for k in keys)]
+    for name, m in (("ThinkRec", metrics["test"]), (args.cf_model.upper(), metrics["test_cf"])):
+        lines.append(f"{name:10}" + "".join(f"{m[k]:9.4f}" for k in keys))
+    caps = {"--max-train-samples": args.max_train_samples, "--max-eval-samples": args.max_eval_samples,
+            "--max-test-samples": args.max_test_samples}
+    capped = {k: v for k, v in caps.items() if v}
+    if capped:
+        lines.append("smoke-sized run (" + ", ".join(f"{k} {v}" for k, v in capped.items()) + "): it shows the "
+                     "pipeline works, not what ThinkRec reaches; the paper's setting trains and tests on every row: "
+                     "python train.py --dataset csv --data-dir ../shared/data/ml1m-collm "
+                     "--max-train-samples 0 --max-eval-samples 0 --max-test-samples 0")
+    lines.append(f"scores per row: {args.run_dir / 'infer' / 'scores.jsonl'}; score other rows with "
+                 f"python infer.py --run-dir {args.run_dir}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ class PromptBuilder:
         self._head = self._encode(prompts.render_head(self.noun))
         self._empty = self._encode(prompts.EMPTY_GROUP)
         self._groups, self._tails = {}, {}
+        self._lead = None  # tokens of the tail before the target item (target_start)
         self._prefix = np.array(self.seg.prefix, dtype=np.int64)
         self._ids = prompts._uses_ids(mode, with_ids)
         self._no_ph = np.zeros(0, dtype=np.int64)
@@ -169,12 +170,25 @@ class PromptBuilder:
 
     def sample(self, row: int, trace: str | None = None) -> Sample:
         keys = [k for k in self._keys[row].tolist() if k >= 0]
-        answer = self.answer(row, trace)
+        return self._assemble(keys, self._user[row], self._item[row], self._label[row], int(row),
+                              self.answer(row, trace))
+
+    def sample_for(self, user: int, item: int, history: list, label: int = 0, row: int = -1) -> Sample:
+        """A plain (Yes/No) sample for a row not in the data: user and item indices, history
+        [(item index, label)] oldest first (the newest hist_len are kept), label 0/1 (0 when unknown)."""
+        history = list(history)[-self.hist.shape[1]:]
+        keys = [4 * int(i) + 2 * int(lab) for i, lab in history]
+        if keys:
+            keys[-1] += 1
+        return self._assemble(keys, int(user), int(item), int(label), int(row), self.answers[int(label)])
+
+    def _assemble(self, keys: list, user: int, item: int, label: int, row: int, answer: np.ndarray) -> Sample:
+        """BOS + head + history groups (oldest dropped first until it fits max_len) + tail(item)."""
         n = len(keys)
         groups = [self._groups.get(k) for k in keys]
         if any(g is None for g in groups):
             groups = [self._group(k) for k in keys]
-        tail = self._tail(self._item[row])
+        tail = self._tail(item)
         budget = self.max_len - len(answer) - len(self.seg.prefix)
         total = len(self._head) + len(tail) + sum(len(g) for g in groups)
         drop = 0
@@ -187,10 +201,19 @@ class PromptBuilder:
             raise ValueError(f"row {row}: the prompt needs {total + len(self.seg.prefix)} tokens and the answer "
                              f"{len(answer)} even without history, over max_len = {self.max_len}")
         input_ids = np.concatenate([self._prefix, self._head, *(groups[drop:] or [self._empty]), tail])
-        return Sample(input_ids, answer, *self._placeholders(input_ids, keys[drop:], row),
-                      self._label[row], int(row), n - drop)
+        return Sample(input_ids, answer, *self._placeholders(input_ids, keys[drop:], user, item, row),
+                      label, row, n - drop)
 
-    def _placeholders(self, input_ids: np.ndarray, kept: list, row: int):
+    def target_start(self, sample: Sample, item: int) -> int:
+        """Where target `item` starts in sample.input_ids. Everything before it (instruction, history, user
+        slot, question) does not depend on the target, so the candidates of one user can share it."""
+        if self._lead is None:
+            segs = prompts.render_tail(self.prep.items, 0, -1, self.noun, self.mode, self.with_ids, self.keywords)
+            k = next(i for i, s in enumerate(segs) if isinstance(s, str) and s.startswith(' "'))  # the title
+            self._lead = len(self._encode(segs[:k]))
+        return len(sample.input_ids) - len(self._tail(int(item))) + self._lead
+
+    def _placeholders(self, input_ids: np.ndarray, kept: list, user: int, item: int, row: int):
         """Positions, kinds and indices of the id slots: history items, then the user, then the target.
 
         Found by scanning for the placeholder token ids (one vectorised compare, much faster than carrying
@@ -204,7 +227,7 @@ class PromptBuilder:
         pos = np.flatnonzero(hit)
         kind = np.ones(len(kept) + 2, dtype=np.int8)
         kind[-2] = 0
-        index = np.array([k >> 2 for k in kept] + [self._user[row], self._item[row]], dtype=np.int64)
+        index = np.array([k >> 2 for k in kept] + [user, item], dtype=np.int64)
         if len(pos) != len(index):
             raise ValueError(f"row {row}: found {len(pos)} placeholder tokens, expected {len(index)}; does an item "
                              f"title tokenise to a placeholder id {self.seg.ph_ids}?")

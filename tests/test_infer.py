@@ -1,0 +1,205 @@
+"""infer.py and thinkrec.infer on a tiny trained run: mixed-route batches against merged adapters, train.py's
+test metrics reproduced, a killed scoring job continued to the same file, input checking, ranking with a
+shared prefix against scoring each candidate alone, explanations with references."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_train_cli import _tiny_csv, _tiny_model_dir
+from tests.train_fixtures import PAD, sample_set, tiny_lm
+from thinkrec.data import DataError
+from thinkrec.infer import ScoreLog, load_run, read_input, score_rows, score_samples, split_rows
+from thinkrec.infer.rank import rank_items, read_candidates, user_history
+from thinkrec.model.lora import merge_lora
+
+pytest.importorskip("faiss")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import train
+
+    base = tmp_path_factory.mktemp("infer")
+    model = _tiny_model_dir(base / "model")
+    data = base / "data"
+    data.mkdir()
+    _tiny_csv(data)
+    run = base / "run"
+    train.main(["--dataset", "csv", "--data-dir", str(data), "--model", str(model), "--run-dir", str(run),
+                "--experts", "2", "--max-train-samples", "12", "--max-eval-samples", "8", "--max-test-samples", "0",
+                "--batch-size", "5", "--cf-dim", "8", "--expert-layers", "1", "--max-len", "400", "--lr", "3e-2",
+                "--no-progress", "--threads", "1"])
+    return run
+
+
+def _argv(run, out, *extra):
+    return ["--run-dir", str(run), "--out", str(out), "--no-progress", "--threads", "1", *extra]
+
+
+def test_mixed_route_batch_equals_each_row_with_its_adapters_merged():
+    lm = tiny_lm(layers=3, n_experts=2, cf_dim=5)
+    with torch.no_grad():
+        for mod in lm.lora_layers().values():
+            for B in mod.lora_B:
+                B.copy_(0.2 * torch.randn(B.shape))
+    lm.eval()
+    sset = sample_set(16, ids=True, seed=1)
+    g = torch.Generator().manual_seed(0)
+    ue, ie = torch.randn(6, 5, generator=g), torch.randn(11, 5, generator=g)
+    w = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, .3, .7], [.2, .5, .3], [0, 1, 0]], dtype=torch.float32)
+    samples = [sset.sample(i) for i in range(len(w))]
+    together = score_samples(lm, samples, w, ue, ie, PAD)
+    for r in range(len(w)):
+        merged = copy.deepcopy(lm)
+        merge_lora(merged.llm, w[r])
+        alone = score_samples(merged, [samples[r]], torch.zeros(1, 3), ue, ie, PAD)
+        assert abs(alone[0] - together[r]) < 1e-4, (r, alone[0], together[r])
+    # the routes matter: the expert rows would score differently under the global adapter
+    glob = score_samples(lm, samples, torch.tensor([[1.0, 0, 0]]).expand(len(w), 3), ue, ie, PAD)
+    assert np.abs(glob[1:5] - together[1:5]).min() > 1e-3
+
+
+def test_infer_reproduces_train_test_metrics_and_writes_scores(run, tmp_path):
+    import infer
+
+    m = infer.main(_argv(run, tmp_path / "out"))
+    saved = json.loads((run / "metrics.json").read_text())
+    assert m["all"]["thinkrec"] == pytest.approx(saved["test"], abs=1e-9)
+    assert m["all"]["cf"] == pytest.approx(saved["test_cf"], abs=1e-12)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert [x["pos"] for x in lines] == list(range(saved["test_rows"]))
+    assert sum(m["routing"].values()) == len(lines)
+    assert {x["route"] for x in lines} <= {"global", "expert_1", "expert_2", "mixture"}
+    for x in lines:
+        assert x["prob"] == pytest.approx(1 / (1 + np.exp(-x["score"])))
+        assert x["route"] != "global" or x["weights"][0] == 1.0
+    # the run's own copy, written by train.py through the same path (other batch sizes: float noise only)
+    ours = [json.loads(x)["score"] for x in (run / "infer" / "scores.jsonl").read_text().splitlines()]
+    assert ours == pytest.approx([x["score"] for x in lines], abs=1e-5)
+    assert not list((tmp_path / "out").glob("*.partial.*"))
+
+
+def test_killed_scoring_continues_to_the_same_file(run, tmp_path, monkeypatch):
+    loaded = load_run(run)
+    rows = split_rows(loaded.prep, "test")
+    score_rows(loaded, rows, tmp_path / "full", max_rows=3, log=lambda *a: None)
+    want = (tmp_path / "full" / "scores.jsonl").read_bytes()
+
+    calls = []
+    real = ScoreLog.append
+
+    def killed(self, lines):
+        calls.append(len(lines))
+        if len(calls) == 3:  # the third batch is cut in the middle of a line
+            with open(self.partial, "a") as f:
+                f.write(json.dumps(lines[0])[:17])
+            raise KeyboardInterrupt
+        real(self, lines)
+
+    monkeypatch.setattr(ScoreLog, "append", killed)
+    with pytest.raises(KeyboardInterrupt):
+        score_rows(loaded, rows, tmp_path / "cut", max_rows=3, log=lambda *a: None)
+    monkeypatch.setattr(ScoreLog, "append", real)
+    assert not (tmp_path / "cut" / "scores.jsonl").exists()
+    assert len((tmp_path / "cut" / "scores.partial.jsonl").read_text().splitlines()) == 7  # 2 batches + a cut line
+    said = []
+    score_rows(loaded, rows, tmp_path / "cut", max_rows=3, log=said.append)
+    assert "6 of" in said[0]
+    assert (tmp_path / "cut" / "scores.jsonl").read_bytes() == want
+    # other arguments over a partial file are refused, not mixed
+    monkeypatch.setattr(ScoreLog, "append", killed)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        score_rows(loaded, rows, tmp_path / "other", max_rows=3, log=lambda *a: None)
+    monkeypatch.setattr(ScoreLog, "append", real)
+    from thinkrec.io import ArtifactError
+
+    with pytest.raises(ArtifactError, match="max_rows"):
+        score_rows(loaded, rows, tmp_path / "other", max_rows=4, log=lambda *a: None)
+
+
+def test_bad_input_names_the_line_and_writes_nothing(run, tmp_path):
+    import infer
+
+    prep = load_run(run).prep
+    good = '{"user_id": "1", "item_id": "3", "label": 1}\n'
+    cases = {
+        '{"user_id": "1", "item_id": 3\n': r"rows\.jsonl:2: not JSON",
+        '{"user_id": "999", "item_id": "3"}\n': r"rows\.jsonl:2: unknown user_id '999'",
+        '{"user_id": "1", "item_id": "77"}\n': r"rows\.jsonl:2: unknown item_id '77'",
+        '{"user_id": "1", "item_id": "3", "label": 2}\n': r"rows\.jsonl:2: label must be 0 or 1",
+        '{"user_id": "1", "item_id": "3", "history": [{"label": 1}]}\n': r"rows\.jsonl:2: history must be",
+        '{"item_id": "3"}\n': r'rows\.jsonl:2: expected an object with "user_id"',
+    }
+    for bad, msg in cases.items():
+        path = tmp_path / "rows.jsonl"
+        path.write_text(good + bad)
+        with pytest.raises(DataError, match=msg):
+            read_input(path, prep)
+        with pytest.raises(DataError, match=msg):
+            infer.main(_argv(run, tmp_path / "out", "--input", str(path)))
+        assert not (tmp_path / "out" / "scores.jsonl").exists()
+    # --allow-unknown: scored with the global adapter, counted
+    path.write_text(good + '{"user_id": "999", "item_id": "77", "title": "New Film (2030)"}\n')
+    m = infer.main(_argv(run, tmp_path / "out", "--input", str(path), "--allow-unknown"))
+    assert m["unknown"] == {"users": 1, "items": 1} and m["rows"] == 2
+    lines = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert lines[1]["route"] == "global" and lines[1]["mf_score"] is None and lines[1]["user_id"] == "999"
+
+
+def test_input_history_is_used(run, tmp_path):
+    import infer
+
+    path = tmp_path / "rows.jsonl"
+    base = {"user_id": "2", "item_id": "5"}
+    path.write_text("\n".join(json.dumps({**base, "history": h}) for h in (
+        [], [{"item_id": "1", "label": 1}, {"item_id": "7", "label": 0}], [{"item_id": "7", "label": 0}])) + "\n")
+    infer.main(_argv(run, tmp_path / "out", "--input", str(path)))
+    scores = [json.loads(x)["score"] for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert len(set(scores)) == 3
+
+
+def test_rank_with_shared_prefix_equals_scoring_each_candidate(run, tmp_path, capsys):
+    import infer
+    from thinkrec.infer import row_weights
+
+    loaded = load_run(run)
+    user = 3
+    items = read_candidates("all", loaded, user)
+    assert len(items) > 3
+    shared = rank_items(loaded, user, items, chunk=3)
+    builder, hist = loaded.builder("ids"), user_history(loaded.prep, user)
+    alone = np.array([score_samples(loaded.lm, [builder.sample_for(user, int(i), hist)],
+                                    row_weights(loaded, np.array([user])), loaded.cf["user_emb"],
+                                    loaded.cf["item_emb"], loaded.tok.pad_token_id)[0] for i in items])
+    np.testing.assert_allclose(shared, alone, atol=2e-5, rtol=0)
+    top = infer.main(_argv(run, tmp_path / "out", "--rank", "--user", loaded.prep.users[user], "--top", "3"))
+    assert [x["rank"] for x in top] == [1, 2, 3]
+    assert [x["score"] for x in top] == pytest.approx(sorted(shared, reverse=True)[:3], abs=2e-5)
+    printed = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert printed == top == [json.loads(x) for x in (tmp_path / "out" / f"rank-{top[0]['user_id']}.jsonl")
+                              .read_text().splitlines()]
+
+
+def test_explain_writes_explanations_and_scores_them_against_references(run, tmp_path):
+    import infer
+
+    loaded = load_run(run)
+    rows = split_rows(loaded.prep, "test")
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"row": int(r), "reason": "Yes the user likes comedies"}) + "\n"
+                            for r in rows.data_row[:2]))
+    m = infer.main(_argv(run, tmp_path / "out", "--max-rows", "0", "--explain", "3", "--max-new-tokens", "6",
+                         "--references", str(refs)))
+    lines = [json.loads(x) for x in (tmp_path / "out" / "explanations.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and m["with_reference"] == 2
+    assert all(1 <= x["new_tokens"] <= 6 for x in lines)
+    assert "reference" in lines[0] and "reference" not in lines[2]
+    for name in ("meteor", "bleu4", "rouge_l"):
+        v = m["text"][name]
+        assert (v["value"] is not None and 0 <= v["value"] <= 1) or v["unavailable"]
+    assert m["text"]["bleurt"]["value"] is None and "checkpoint" in m["text"]["bleurt"]["unavailable"]

@@ -1,0 +1,136 @@
+"""A trained run, loaded for inference: the fused model (final adapters, projector), its tokenizer, the
+prepared data, the CF tables, the expert groups and the gate's per-user weights.
+
+    RUN/stage3/ (or the last finished stage)   adapters + projector   -> ThinkRecLM
+    RUN/cf/<model>.safetensors                 user_emb, item_emb (+ biases: the CF model's own score)
+    RUN/experts/groups.safetensors             weights [n_users, E] and route per user (the gate)
+    RUN/metrics.json "args"                    how train.py built prompts (max_len, cf_model, keywords)
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thinkrec.cf.train import load_embeddings
+from thinkrec.data import load_prepared
+from thinkrec.data.prompts import load_keywords
+from thinkrec.data.tokenize import PromptBuilder
+from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
+from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
+from thinkrec.model.adapters import read_adapters
+
+STAGE_ORDER = ("stage3", "stage2", "stage1")
+DEFAULT_MAX_LEN = 224  # train.py's --max-len default
+
+
+class RunError(ValueError):
+    """The run directory cannot be scored (nothing trained yet, missing pieces)."""
+
+
+def train_args(run: Path) -> dict:
+    """The arguments train.py recorded in RUN/metrics.json ({} when the run has not finished)."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text()).get("args", {}))
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def _arg(args: dict, key: str, default=None):
+    v = args.get(key)
+    return default if v in (None, "None", "") else v
+
+
+def final_stage(run: Path) -> Path:
+    for s in STAGE_ORDER:
+        if (run / s / "adapters.json").is_file():
+            return run / s
+    raise RunError(f"{run}: no trained stage (stage1/2/3 with adapters.json); run `python train.py --run-dir {run}`")
+
+
+def route_names(weights: np.ndarray) -> list:
+    """Per row: "global", "expert_k" (one expert, k = 1..N) or "mixture"."""
+    out = []
+    for w in np.asarray(weights):
+        if w[0] == 1.0:
+            out.append("global")
+        elif w.max() == 1.0:
+            out.append(f"expert_{int(w.argmax())}")
+        else:
+            out.append("mixture")
+    return out
+
+
+@dataclass
+class LoadedRun:
+    dir: Path
+    lm: ThinkRecLM
+    tok: object
+    prep: object
+    cf: dict  # tensors of RUN/cf/<model>.safetensors
+    cf_model: str
+    gate_weights: np.ndarray  # [n_users, E]
+    stage: Path
+    max_len: int
+    keywords: dict | None
+    mix: str = "delta"  # how a mixture combines experts: "delta" (exact) or "linear" (peft's)
+
+    def builder(self, mode: str) -> PromptBuilder:
+        """Prompts as the run trained them: mode "ids" (stage 2/3 plain), "reason" (C.3), "text" (stage 1)."""
+        max_len = self.max_len + (409 if mode == "reason" else 0)  # room for the longer C.3 wording, as train.py
+        return PromptBuilder(self.prep, self.tok, mode="reason" if mode == "reason" else mode, max_len=max_len,
+                             keywords=self.keywords, with_ids=None if mode != "text" else False,
+                             placeholder_ids=self.lm.placeholder_token_ids)
+
+    def mf_scores(self, users, items) -> np.ndarray:
+        """The CF model's own logits <u, i> + b_u + c_i + g for (user, item) index pairs."""
+        u, i = torch.as_tensor(np.asarray(users)), torch.as_tensor(np.asarray(items))
+        s = (self.cf["user_emb"][u] * self.cf["item_emb"][i]).sum(-1).double()
+        for key, idx in (("user_bias", u), ("item_bias", i)):
+            if key in self.cf:
+                s += self.cf[key][idx].double()
+        if "global_bias" in self.cf:
+            s += float(self.cf["global_bias"].reshape(-1)[0])
+        return s.numpy()
+
+
+def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None, device="cpu",
+             dtype=torch.float32) -> LoadedRun:
+    """Load RUN for scoring; `model` overrides the base model recorded with the adapters (a moved cache)."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise RunError(f"--run-dir {run}: no such directory")
+    args = train_args(run)
+    stage = final_stage(run)
+    cfg, _ = read_adapters(stage)
+    cf_model = _arg(args, "cf_model") or next((m for m in ("mf", "lightgcn", "sasrec")
+                                               if (run / "cf" / f"{m}.safetensors").is_file()), "mf")
+    cf = load_embeddings(run, cf_model)
+    groups = load_groups(run)
+    spec = model or (cfg["base_model"] if Path(cfg["base_model"]).is_dir() else _arg(args, "model"))
+    lora = LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], target_modules=cfg["target_modules"])
+    proj = cfg.get("projector") or {}
+    lm, tok = ThinkRecLM.from_pretrained(spec, n_experts=cfg["n_experts"], lora=lora, cf_dim=proj.get("cf_dim"),
+                                         projector_mid=proj.get("mid", 2560), combination=mix, dtype=dtype,
+                                         device=device)
+    load_adapters(lm, stage)
+    lm.set_trainable(layers=[], adapters=[], projector=False)
+    lm.eval()
+    prep = load_prepared(run)
+    kw_arg = _arg(args, "keywords")
+    kw_path = Path(kw_arg) if kw_arg else run / "data" / "keywords.jsonl"
+    keywords = load_keywords(kw_path, prep.items) if kw_path.is_file() else None
+    if groups["weights"].shape[1] != lm.n_adapters:
+        raise RunError(f"{run}/experts/groups.safetensors gates {groups['weights'].shape[1]} adapters but "
+                       f"{stage}/adapters.json has {lm.n_adapters}; delete RUN/experts/ and the stages to retrain")
+    return LoadedRun(run, lm, tok, prep, cf, cf_model, groups["weights"], stage,
+                     int(max_len or _arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix)
+
+
+__all__ = ["LoadedRun", "RunError", "load_run", "route_names", "train_args", "ROUTE_GLOBAL", "ROUTE_SINGLE",
+           "ROUTE_MIXTURE"]
