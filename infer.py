@@ -26,7 +26,7 @@ import torch
 from thinkrec.data import DataError
 from thinkrec.infer import RunError, load_run, read_input, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
-from thinkrec.infer.run import _arg, train_args
+from thinkrec.infer.run import run_arg, train_args
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, to_json
 from thinkrec.model import ModelLoadError
 from thinkrec.model.adapters import AdapterFileError
@@ -99,7 +99,7 @@ def prompt_mode(args, run: Path) -> str:
     if args.prompt != "auto":
         return args.prompt
     targs = train_args(run)
-    traces = _arg(targs, "traces") or run / "reasoning" / "traces.jsonl"
+    traces = run_arg(targs, "traces") or run / "reasoning" / "traces.jsonl"
     return "reason" if Path(traces).is_file() else "ids"
 
 
@@ -118,11 +118,11 @@ def main(argv=None) -> dict:
         rows = read_input(args.input, loaded.prep, allow_unknown=args.allow_unknown, max_rows=args.max_rows or 0)
         official = None
     else:
-        n = args.max_rows if args.max_rows is not None else int(_arg(targs, "max_test_samples", 0))
-        seed = int(_arg(targs, "seed", 0)) + 2  # train.py draws its test rows with seed + 2
+        n = args.max_rows if args.max_rows is not None else int(run_arg(targs, "max_test_samples", 0))
+        seed = int(run_arg(targs, "seed", 0)) + 2  # train.py draws its test rows with seed + 2
         rows = split_rows(loaded.prep, args.split, n if args.split == "test" else (args.max_rows or 0), seed)
         official = None
-        sample = official_sample(loaded.prep, _arg(targs, "data_dir"), args.split)
+        sample = official_sample(loaded.prep, run_arg(targs, "data_dir"), args.split)
         if sample is not None:
             pos = np.flatnonzero(np.isin(rows.data_row, sample))
             official = (pos, f"official 25% {args.split} sample ({len(pos)} of its {len(sample)} rows scored)")

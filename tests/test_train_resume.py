@@ -35,7 +35,7 @@ def _argv(inputs, run):
     # --eval-every 1: a checkpoint after every step, so some kills land after a mid-stage checkpoint;
     # dropout 0.05 (the default LoRA config) makes the RNG state matter
     return ["--dataset", "csv", "--data-dir", str(data), "--model", str(model), "--run-dir", str(run),
-            "--experts", "2", "--max-train-samples", "12", "--max-eval-samples", "8", "--max-test-samples", "10",
+            "--experts", "2", "--max-train-samples", "12", "--max-eval-samples", "8", "--max-test-samples", "14",
             "--batch-size", "5", "--cf-dim", "8", "--expert-layers", "1", "--max-len", "400", "--lr", "1e-3",
             "--eval-every", "1", "--no-progress", "--threads", "1"]
 
@@ -102,7 +102,8 @@ KILLS = {
     "between stage 1 and 2": ("train.save_adapters", _after_nth_call_raises, 1),
     "stage 2 before its first checkpoint": ("thinkrec.train.loop.batch_loss", _nth_call_raises, 4),
     "stage 3 after a checkpoint": ("thinkrec.train.checkpoint.save", _after_nth_call_raises, 7),
-    "before the test": ("train.score", _nth_call_raises, 1),
+    "before the test": ("train.score_rows", _nth_call_raises, 1),
+    "in the middle of the test": ("thinkrec.infer.score.ScoreLog.append", _after_nth_call_raises, 1),  # 2 batches
 }
 
 
@@ -113,8 +114,17 @@ def test_killed_and_resumed_run_equals_uninterrupted(kill, inputs, reference, tm
     import train
 
     target, make, n = KILLS[kill]
-    module, _, attr = target.rpartition(".")
-    owner = importlib.import_module(module) if module != "train.ThinkRecLM" else train.ThinkRecLM
+    path, _, attr = target.rpartition(".")
+    owner, rest = None, path.split(".")  # the longest importable prefix, then attributes (a class in a module)
+    for k in range(len(rest), 0, -1):
+        try:
+            owner = importlib.import_module(".".join(rest[:k]))
+        except ModuleNotFoundError:
+            continue
+        rest = rest[k:]
+        break
+    for name in rest:
+        owner = getattr(owner, name)
     real = getattr(owner, attr)
     with monkeypatch.context() as m:
         m.setattr(owner, attr, make(real, n))

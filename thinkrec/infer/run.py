@@ -41,7 +41,7 @@ def train_args(run: Path) -> dict:
         return {}
 
 
-def _arg(args: dict, key: str, default=None):
+def run_arg(args: dict, key: str, default=None):
     v = args.get(key)
     return default if v in (None, "None", "") else v
 
@@ -108,11 +108,11 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     args = train_args(run)
     stage = final_stage(run)
     cfg, _ = read_adapters(stage)
-    cf_model = _arg(args, "cf_model") or next((m for m in ("mf", "lightgcn", "sasrec")
+    cf_model = run_arg(args, "cf_model") or next((m for m in ("mf", "lightgcn", "sasrec")
                                                if (run / "cf" / f"{m}.safetensors").is_file()), "mf")
     cf = load_embeddings(run, cf_model)
     groups = load_groups(run)
-    spec = model or (cfg["base_model"] if Path(cfg["base_model"]).is_dir() else _arg(args, "model"))
+    spec = model or (cfg["base_model"] if Path(cfg["base_model"]).is_dir() else run_arg(args, "model"))
     lora = LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], target_modules=cfg["target_modules"])
     proj = cfg.get("projector") or {}
     lm, tok = ThinkRecLM.from_pretrained(spec, n_experts=cfg["n_experts"], lora=lora, cf_dim=proj.get("cf_dim"),
@@ -122,14 +122,14 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     lm.set_trainable(layers=[], adapters=[], projector=False)
     lm.eval()
     prep = load_prepared(run)
-    kw_arg = _arg(args, "keywords")
+    kw_arg = run_arg(args, "keywords")
     kw_path = Path(kw_arg) if kw_arg else run / "data" / "keywords.jsonl"
     keywords = load_keywords(kw_path, prep.items) if kw_path.is_file() else None
     if groups["weights"].shape[1] != lm.n_adapters:
         raise RunError(f"{run}/experts/groups.safetensors gates {groups['weights'].shape[1]} adapters but "
                        f"{stage}/adapters.json has {lm.n_adapters}; delete RUN/experts/ and the stages to retrain")
     return LoadedRun(run, lm, tok, prep, cf, cf_model, groups["weights"], stage,
-                     int(max_len or _arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix)
+                     int(max_len or run_arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix)
 
 
 __all__ = ["LoadedRun", "RunError", "load_run", "route_names", "train_args", "ROUTE_GLOBAL", "ROUTE_SINGLE",
