@@ -37,6 +37,7 @@ from thinkrec.data.prompts import load_keywords
 from thinkrec.data.tokenize import PromptBuilder
 from thinkrec.experts import GroupConfig, build_groups, load_groups, table_router, train_table
 from thinkrec.infer import LoadedRun, score_rows, split_rows
+from thinkrec.infer.rows import official_sample
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model.adapters import AdapterFileError
@@ -250,11 +251,16 @@ def run_pipeline(args, d) -> dict:
     mode = "reason" if traces else "ids"  # the C.3 prompt when the model learned to reason, as the official eval
     test = None
     if d.is_main:
+        sample = official_sample(prep, args.data_dir, "test")  # the paper's ML-1M split: its official 25%
+        official = None if sample is None else (np.flatnonzero(np.isin(test_rows.data_row, sample)),
+                                                "official 25% test sample")
         test = score_rows(loaded, test_rows, run / "infer", mode, batch_tokens=args.batch_size * 2 * args.max_len,
-                          max_rows=2 * args.batch_size, progress=not args.no_progress, overwrite=True, log=log)
+                          max_rows=2 * args.batch_size, progress=not args.no_progress, overwrite=True, log=log,
+                          official_rows=official)
     d.barrier()
     metrics = {"test": test["all"]["thinkrec"] if test else None, "test_cf": test["all"]["cf"] if test else None,
-               "test_rows": len(test_rows), "prompt": mode, "routing": test["routing"] if test else None,
+               "test_rows": len(test_rows), "test_official_sample": (test or {}).get("official_sample"),
+               "prompt": mode, "routing": test["routing"] if test else None,
                "stages": stage_info, "seconds": round(time.perf_counter() - t_start, 1),
                # what was run, not how it was driven: resumed or not, checkpoint cadence and progress bars
                # do not change a single number
@@ -274,8 +280,13 @@ def summary(metrics: dict, args, prep) -> str:
     lines = [f"test: {metrics['test_rows']} of {n_test} test rows, {metrics['prompt']} prompt; routing "
              + ", ".join(f"{k} {v}" for k, v in metrics["routing"].items()),
              f"{'':10}" + "".join(f"{k.upper():>9}" for k in keys)]
-    for name, m in (("ThinkRec", metrics["test"]), (args.cf_model.upper(), metrics["test_cf"])):
-        lines.append(f"{name:10}" + "".join(f"{m[k]:9.4f}" for k in keys))
+    rows = [("ThinkRec", metrics["test"]), (args.cf_model.upper(), metrics["test_cf"])]
+    off = metrics.get("test_official_sample")
+    if off and off["rows"]:  # the paper's ML-1M split: the rows the official evaluation scores
+        rows += [(f"  on the official 25% sample ({off['rows']} rows):", None), ("ThinkRec", off["thinkrec"]),
+                 (args.cf_model.upper(), off["cf"])]
+    for name, m in rows:
+        lines.append(name if m is None else f"{name:10}" + "".join(f"{m[k]:9.4f}" for k in keys))
     caps = {"--max-train-samples": args.max_train_samples, "--max-eval-samples": args.max_eval_samples,
             "--max-test-samples": args.max_test_samples}
     capped = {k: v for k, v in caps.items() if v}

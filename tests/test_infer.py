@@ -203,3 +203,29 @@ def test_explain_writes_explanations_and_scores_them_against_references(run, tmp
         v = m["text"][name]
         assert (v["value"] is not None and 0 <= v["value"] <= 1) or v["unavailable"]
     assert m["text"]["bleurt"]["value"] is None and "checkpoint" in m["text"]["bleurt"]["unavailable"]
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "ml1m-collm"
+
+
+@pytest.mark.skipif(not (SHARED / "test_official_sample.txt").exists(), reason="shared ML-1M split not present")
+def test_official_sample_maps_to_the_runs_test_rows():
+    from thinkrec.data import prepare
+    from thinkrec.infer.rows import official_sample
+
+    prep = prepare("csv", data_dir=SHARED, quiet=True)
+    rows = official_sample(prep, SHARED, "test")
+    assert len(rows) == len(np.unique(rows)) == 1833
+    assert (prep.inter.split[rows] == 2).all()
+    # position 0 of the file is the 616th test row of interactions.csv (0-based 615): same user, item, time
+    import csv
+
+    with open(SHARED / "interactions.csv") as f:
+        test = [r for r in csv.DictReader(f) if r["split"] == "test"]
+    first = int((SHARED / "test_official_sample.txt").read_text().split()[0])
+    want = test[first]
+    hits = [r for r in rows if prep.users[prep.inter.user[r]] == want["user_id"]
+            and prep.items[prep.inter.item[r]]["raw_id"] == want["item_id"]
+            and prep.inter.timestamp[r] == int(want["timestamp"])]
+    assert len(hits) == 1
+    assert official_sample(prep, None, "test") is None

@@ -53,9 +53,7 @@ def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "ids", batc
     the metrics. official_rows: (positions of `rows` forming the official evaluation sample, its label) or None."""
     out_dir = Path(out_dir)
     prep, user_emb, item_emb = _extended(loaded, rows)
-    builder = loaded.builder(prompt)
-    if prep is not loaded.prep:
-        builder.prep = prep
+    builder = loaded.builder(prompt, prep)
     weights = row_weights(loaded, rows.user)
 
     def sample(i):

@@ -80,10 +80,11 @@ class LoadedRun:
     keywords: dict | None
     mix: str = "delta"  # how a mixture combines experts: "delta" (exact) or "linear" (peft's)
 
-    def builder(self, mode: str) -> PromptBuilder:
-        """Prompts as the run trained them: mode "ids" (stage 2/3 plain), "reason" (C.3), "text" (stage 1)."""
-        max_len = self.max_len + (409 if mode == "reason" else 0)  # room for the longer C.3 wording, as train.py
-        return PromptBuilder(self.prep, self.tok, mode="reason" if mode == "reason" else mode, max_len=max_len,
+    def builder(self, mode: str, prep=None) -> PromptBuilder:
+        """Prompts as the run trained them: mode "ids" (stage 2/3 plain), "reason" (C.3), "text" (stage 1);
+        `prep`: the run's data with extra items appended (unknown ids of input rows)."""
+        max_len = self.max_len + (409 if mode == "reason" else 0)  # as train.py builds its reasoning prompts
+        return PromptBuilder(prep or self.prep, self.tok, mode="reason" if mode == "reason" else mode, max_len=max_len,
                              keywords=self.keywords, with_ids=None if mode != "text" else False,
                              placeholder_ids=self.lm.placeholder_token_ids)
 
