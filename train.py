@@ -35,7 +35,8 @@ from thinkrec.data import DataError, load_prepared, prepare
 from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import load_keywords
 from thinkrec.data.tokenize import PromptBuilder
-from thinkrec.experts import GroupConfig, build_groups, load_groups, table_router, train_table
+from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, GroupError, build_groups, load_groups, small_groups, table_router,
+                              train_table)
 from thinkrec.infer import LoadedRun, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
@@ -54,7 +55,7 @@ class UsageError(ValueError):
 
 
 # errors about the user's input or files: their message is the whole story (a traceback is for bugs)
-USER_ERRORS = (UsageError, DataError, ModelLoadError, ArtifactError, RunLockedError, CheckpointError,
+USER_ERRORS = (UsageError, GroupError, DataError, ModelLoadError, ArtifactError, RunLockedError, CheckpointError,
                AdapterFileError)
 
 
@@ -65,6 +66,12 @@ def _number(kind, low, inclusive=True):
             raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
         return value
     return parse
+
+
+def _experts(text):
+    if text == "auto":
+        return text
+    return _number(int, 1)(text)
 
 
 def parse(argv=None):
@@ -82,7 +89,14 @@ def parse(argv=None):
     p.add_argument("--keywords", default=None, help="item keywords JSON Lines (default RUN/data/keywords.jsonl if any)")
     # Model
     p.add_argument("--model", default=None, help="HF id, local dir or .gguf (default SmolLM2-135M-Instruct, offline)")
-    p.add_argument("--experts", type=_number(int, 1), default=2, help="number of user groups / LoRA experts N")
+    p.add_argument("--experts", type=_experts, default=2,
+                   help="number of user groups / LoRA experts N, or 'auto': N in 2..10 by silhouette")
+    p.add_argument("--cluster", default=GroupConfig.cluster, choices=CLUSTER_METHODS,
+                   help="user grouping: spherical k-means (cosine, as the gate routes), raw-L2 k-means, or the "
+                        "official standard-scaled Ward")
+    p.add_argument("--min-group-share", type=_number(float, 0), default=GroupConfig.min_share,
+                   help="stop before training when a group holds fewer of the training users than this")
+    p.add_argument("--allow-small-groups", action="store_true", help="train experts on small groups anyway")
     p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
     p.add_argument("--cf-dim", type=_number(int, 1), default=256, help="CF embedding size (official 256)")
     p.add_argument("--expert-layers", type=_number(int, 1), default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
@@ -136,8 +150,27 @@ def check_data(prep, args) -> None:
             raise UsageError(f"{args.run_dir / 'data'}: the {name} split has no rows (rows per split: "
                              f"{dict(zip(SPLITS, counts.tolist()))}); ThinkRec needs train, valid and test rows")
     n_users = len(np.unique(prep.inter.user[prep.inter.split == 0]))
-    if args.experts > n_users:
+    if args.experts != "auto" and args.experts > n_users:
         raise UsageError(f"--experts {args.experts} is more than the {n_users} users with training rows")
+
+
+def check_groups(groups: dict, args) -> int:
+    """The number of groups N; stops when RUN/experts/ holds another N than --experts, or when a group is
+    under --min-group-share of the training users (unless --allow-small-groups)."""
+    labels = groups["labels"]
+    sizes = np.bincount(labels[labels >= 0], minlength=len(groups["centroids"]))
+    where = args.run_dir / "experts"
+    if args.experts != "auto" and len(sizes) != args.experts:
+        raise UsageError(f"{where}/ holds {len(sizes)} groups but --experts is {args.experts}; delete {where}/ "
+                         f"and the stage directories to regroup")
+    small = small_groups(sizes, args.min_group_share)
+    if small and not args.allow_small_groups:
+        shares = ", ".join(f"group {g}: {sizes[g]} users ({sizes[g] / sizes.sum():.1%})" for g in small)
+        raise UsageError(f"the expert groups have {sizes.tolist()} training users; {shares}, under "
+                         f"--min-group-share {args.min_group_share:.0%}: an expert trained on so few users learns "
+                         f"little. Try fewer --experts (or --experts auto), another --cf-model or --cluster "
+                         f"(delete {where}/ to regroup), or pass --allow-small-groups to go on")
+    return len(sizes)
 
 
 def main(argv=None) -> dict:
@@ -176,15 +209,17 @@ def run_pipeline(args, d) -> dict:
         train_cf(run, CFConfig(model=args.cf_model, lr=1e-3, dim=args.cf_dim, weight_decay=1e-6, max_epochs=30,
                                patience=3, seed=args.seed, threads=torch.get_num_threads()))
     if d.is_main and not (run / "experts" / "groups.safetensors").exists():
-        build_groups(run, GroupConfig(model=args.cf_model, groups=args.experts, seed=args.seed))
+        build_groups(run, GroupConfig(model=args.cf_model, groups=0 if args.experts == "auto" else args.experts,
+                                      cluster=args.cluster, seed=args.seed, min_share=args.min_group_share))
     d.barrier()
     cf = load_embeddings(run, args.cf_model)
     user_emb, item_emb = cf["user_emb"].to(d.device), cf["item_emb"].to(d.device)  # moved once, indexed per batch
     groups = load_groups(run)
+    n_experts = check_groups(groups, args)
 
     # --- model and prompts
     torch.manual_seed(derive_seed(args.seed, "model"))  # LoRA A and the projector, whichever phases ran before
-    lm, tok = ThinkRecLM.from_pretrained(args.model, n_experts=args.experts, lora=LoRAConfig(),
+    lm, tok = ThinkRecLM.from_pretrained(args.model, n_experts=n_experts, lora=LoRAConfig(),
                                          cf_dim=user_emb.shape[1], device=d.device)
     kw_path = Path(args.keywords) if args.keywords else run / "data" / "keywords.jsonl"
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None

@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from thinkrec.experts import (ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, assign, centroids, cluster,
-                              cohens_d, embedding_cohens_d, gate, report)
+from thinkrec.experts import (ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, GroupError, assign, centroids,
+                              choose_groups, cluster, cohens_d, embedding_cohens_d, gate, report, silhouette,
+                              small_groups)
 
 
 def _blobs(n_per=(40, 23, 31), dim=7, seed=0):
@@ -21,7 +22,7 @@ def _same_partition(a, b):
     return all(len(np.unique(b[a == g])) == 1 for g in np.unique(a)) and len(np.unique(a)) == len(np.unique(b))
 
 
-@pytest.mark.parametrize("method", ["kmeans", "ward"])
+@pytest.mark.parametrize("method", ["spherical", "kmeans", "ward"])
 def test_cluster_recovers_blobs_and_is_deterministic(method):
     x, truth = _blobs()
     a = cluster(x, 3, method, seed=3)
@@ -136,3 +137,48 @@ def test_cli_writes_groups_and_report(tmp_path):
     assert sorted(rep["group_sizes"]) == [7, 12] and sum(rep["routing"].values()) == n
     assert rep["cohens_d_embedding"] > 3 and 0 <= rep["cohens_d_like_rate"] < 3
     assert json.loads((tmp_path / "experts" / "report.json").read_text())["group_sizes"] == rep["group_sizes"]
+
+
+def _directions(n_per=(60, 50), outliers=(3, 3), dim=16, norm=40.0, seed=0):
+    """Users spread around len(n_per) directions with norms ~1, plus a few users of large norm along each
+    direction (many interactions): the geometry where raw-L2 k-means splits by norm."""
+    rng = np.random.default_rng(seed)
+    dirs = np.linalg.qr(rng.normal(size=(dim, len(n_per))))[0].T  # orthonormal directions
+    xs, truth = [], []
+    for g, (n, k) in enumerate(zip(n_per, outliers)):
+        scale = np.concatenate([rng.uniform(0.5, 1.5, n), np.full(k, norm)])
+        xs.append(scale[:, None] * (dirs[g] + 0.25 * rng.normal(size=(n + k, dim))))
+        truth.append(np.full(n + k, g))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(truth)
+
+
+def test_spherical_groups_follow_directions_not_norms():
+    x, truth = _directions()
+    assert _same_partition(cluster(x, 2, "spherical", seed=1), truth)  # outliers join their direction
+    raw = cluster(x, 2, "kmeans", seed=1)
+    assert not _same_partition(raw, truth)  # raw L2 splits off the large-norm users
+    assert min(np.bincount(raw)) <= 6
+    assert small_groups(np.bincount(raw), 0.05) == [int(np.argmin(np.bincount(raw)))]
+    assert small_groups([733, 7], 0.05) == [1] and small_groups([358, 393], 0.05) == []
+
+
+def test_choose_groups_picks_the_planted_number_and_respects_the_share():
+    x, truth = _directions(n_per=(40, 35, 45), outliers=(2, 2, 2))
+    n, labels, tried = choose_groups(x, max_groups=6, seed=0)
+    assert n == 3 and _same_partition(labels, truth)
+    assert set(tried) == {2, 3, 4, 5, 6} and tried[3] == max(tried.values())
+    assert silhouette(x, labels) == pytest.approx(tried[3])
+    with pytest.raises(GroupError, match="every group 60%"):
+        choose_groups(x, max_groups=3, min_share=0.6)
+
+
+def test_gate_routes_users_near_their_centroid_to_their_group():
+    x, truth = _directions(n_per=(40, 35, 45), outliers=(0, 0, 0))
+    labels = cluster(x, 3, "spherical", seed=0)
+    cents = centroids(x, labels, 3, directions=True)
+    np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, rtol=1e-5)
+    w, route = gate(x, cents)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    near = (unit * cents[labels]).sum(1) > 0.6  # cos to its own centroid (others ~0 here)
+    assert near.sum() > 60
+    assert (route[near] == ROUTE_SINGLE).all() and (w[near, 1:].argmax(1) == labels[near]).all()

@@ -63,3 +63,35 @@ def test_train_cli_end_to_end_and_rerun_skips(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(f"[{s}] {run / s} exists: loaded, skipped" in out for s in ("stage1", "stage2", "stage3"))
     assert m2["test"] == m1["test"]
+
+
+def test_degenerate_groups_stop_before_training(tmp_path):
+    import train
+
+    model = _tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    _tiny_csv(data)
+    run = tmp_path / "run"
+    argv = ["--dataset", "csv", "--data-dir", str(data), "--model", str(model), "--run-dir", str(run),
+            "--cf-dim", "8", "--no-progress", "--threads", "1"]
+    with pytest.raises(train.UsageError, match=r"groups have \[\d+, \d+\] training users; group \d: \d users "
+                                               r"\(\d+\.\d%\), under --min-group-share 45%.*--allow-small-groups"):
+        train.main(argv + ["--experts", "2", "--min-group-share", "0.45"])
+    assert not (run / "stage1").exists()
+    report = json.loads((run / "experts" / "report.json").read_text())
+    assert report["small_groups"] and sum(report["group_sizes"]) == 10 and -1 <= report["silhouette"] <= 1
+    assert set(report["routing_by_split"]) == {"train", "valid", "test"}
+    with pytest.raises(train.UsageError, match="holds 2 groups but --experts is 3"):
+        train.main(argv + ["--experts", "3"])
+    # --experts auto: the N with the best silhouette among groupings whose groups all reach the share
+    import shutil
+
+    from thinkrec.experts import GroupConfig, build_groups, load_groups
+
+    shutil.rmtree(run / "experts")
+    rep = build_groups(run, GroupConfig(groups=0, max_groups=4, min_share=0.1))
+    n = len(load_groups(run)["centroids"])
+    assert sorted(rep["silhouette_by_n"]) == [2, 3, 4]
+    assert len(rep["group_sizes"]) == n and min(rep["group_sizes"]) >= 1
+    assert rep["silhouette"] == pytest.approx(rep["silhouette_by_n"][n], abs=1e-4)

@@ -1,12 +1,21 @@
 """User groups for the LoRA experts: clustering of CF user embeddings, centroids, the gate, routing tables.
 
-    python -m thinkrec.experts --run RUN --model mf --groups 2            # faiss k-means (the default)
+    python -m thinkrec.experts --run RUN --model mf --groups 2            # spherical k-means (the default)
+    python -m thinkrec.experts --run RUN --model mf --groups 0            # N in 2..10 by silhouette
     python -m thinkrec.experts --run RUN --model mf --groups 2 --cluster ward   # official code's grouping
+
+Clustering happens in the gate's geometry: the gate routes by cosine similarity to the centroids, so the
+default groups users by direction (k-means on L2-normalised embeddings, faiss's spherical k-means, best of
+`nredo` restarts) and the centroids are the groups' mean directions. Raw-L2 k-means (`--cluster kmeans`,
+the earlier default) lets a few large-norm users (many interactions) form a group of their own: on the
+paper's ML-1M split with MF it gave groups of 733 and 7 users. Groups under `min_share` of the clustered
+users are reported as `small_groups` (train.py stops on them unless told to go on).
 
 Reads RUN/cf/<model>.safetensors (user_emb [n_users, D]) and RUN/data; writes RUN/experts/groups.safetensors
 (labels [n_users] (-1 = not clustered), centroids [N, D], weights [n_users, N+1], route [n_users]) and
-RUN/experts/report.json (group sizes, routing counts, Cohen's d; null where d is infinite: two groups
-without spread and with different means). report.json is written first: groups.safetensors marks the phase
+RUN/experts/report.json (group sizes, silhouette, Cohen's d (null where infinite: two groups without spread
+and with different means), routing counts of all users and of each split's users, the silhouette of each
+N tried by the automatic choice). report.json is written first: groups.safetensors marks the phase
 complete.
 
 Gate (DESIGN.md "Instance-wise fusion"), for a user embedding e_u and centroids c_1..c_N:
@@ -35,7 +44,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from thinkrec.cf.train import load_embeddings
-from thinkrec.data.prepared import load_prepared
+from thinkrec.data.prepared import SPLITS, load_prepared
 from thinkrec.io import atomic_write_bytes, read_safetensors, require_keys, to_json, write_json
 
 ROUTE_GLOBAL, ROUTE_SINGLE, ROUTE_MIXTURE = 0, 1, 2
@@ -47,9 +56,12 @@ class GroupConfig:
     """What `build_groups` clusters and how the gate routes (the flags of `python -m thinkrec.experts`)."""
 
     model: str = "mf"  # CF model whose user embeddings are grouped: RUN/cf/<model>.safetensors
-    groups: int = 2  # number of expert groups N (>= 1)
-    cluster: str = "kmeans"  # "kmeans" (faiss) or "ward" (standard-scaled, the official code's grouping)
+    groups: int = 2  # number of expert groups N (>= 1); 0 = choose N in 2..max_groups by silhouette
+    cluster: str = "spherical"  # "spherical" (k-means of directions), "kmeans" (raw L2), "ward" (official)
     seed: int = 0
+    nredo: int = 5  # k-means restarts, the best objective kept
+    max_groups: int = 10  # largest N the automatic choice tries
+    min_share: float = 0.05  # a group with fewer of the clustered users is "small" (degenerate)
     tau: float = 0.1  # softmax temperature over cosine similarities
     single_threshold: float | None = None  # max weight above which one expert is used; None: 0.5 + 0.6/N
     entropy_threshold: float | None = None  # entropy (nats) above which global is used; None: 0.95 log N
@@ -64,35 +76,99 @@ def _as_f32(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def cluster(user_emb, n_groups: int, method: str = GroupConfig.cluster, seed: int = 0, niter: int = 50) -> np.ndarray:
+CLUSTER_METHODS = ("spherical", "kmeans", "ward")
+
+
+class GroupError(ValueError):
+    """No grouping satisfies the request (e.g. no N whose groups all reach the minimum share)."""
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(n > 0, n, 1.0), dtype=np.float32)
+
+
+def cluster(user_emb, n_groups: int, method: str = GroupConfig.cluster, seed: int = 0, niter: int = 50,
+            nredo: int = GroupConfig.nredo) -> np.ndarray:
     """Group labels [n] int64 in 0..N-1 for user_emb [n, D].
 
-    kmeans: faiss k-means on the raw embeddings (L2), on GPU when the faiss build has one, fixed seed.
-    ward:   the official code's grouping: standard-scale each dimension, then scikit-learn's Ward
-            agglomerative clustering (deterministic; O(n^2) memory, fine for thousands of users).
+    spherical: faiss k-means on L2-normalised embeddings with unit-norm centroids (cosine, the gate's
+               similarity), best of `nredo` seeded restarts; on GPU when the faiss build has one.
+    kmeans:    the same on the raw embeddings (L2 distance): large-norm users can form their own group.
+    ward:      the official code's grouping: standard-scale each dimension, then scikit-learn's Ward
+               agglomerative clustering (deterministic; O(n^2) memory, fine for thousands of users).
     """
     x = _as_f32(user_emb, "user_emb")
     if not 1 <= n_groups <= len(x):
         raise ValueError(f"n_groups must be in 1..{len(x)} (number of users), got {n_groups}")
+    if method not in CLUSTER_METHODS:
+        raise ValueError(f"method must be one of {CLUSTER_METHODS}, got {method!r}")
     if n_groups == 1:
         return np.zeros(len(x), np.int64)
-    if method == "kmeans":
+    if method in ("spherical", "kmeans"):
         import faiss
 
+        spherical = method == "spherical"
+        fit = _unit(x) if spherical else x
         gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
         # faiss warns below 39 points per centroid; small user sets are the normal case here
-        km = faiss.Kmeans(x.shape[1], n_groups, niter=niter, seed=seed, gpu=gpu, verbose=False,
-                          min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-        km.train(x)
-        _, labels = km.index.search(x, 1)
-        return _relabel(labels[:, 0].astype(np.int64))
-    if method == "ward":
-        from sklearn.cluster import AgglomerativeClustering
-        from sklearn.preprocessing import StandardScaler
+        km = faiss.Kmeans(x.shape[1], n_groups, niter=niter, nredo=nredo, seed=seed, gpu=gpu, verbose=False,
+                          spherical=spherical, min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+        km.train(fit)
+        if spherical:  # nearest centroid by inner product = by cosine
+            labels = (fit @ km.centroids.T).argmax(1)
+        else:
+            _, labels = km.index.search(fit, 1)
+            labels = labels[:, 0]
+        return _relabel(np.asarray(labels, dtype=np.int64))
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.preprocessing import StandardScaler
 
-        scaled = StandardScaler().fit_transform(x)
-        return _relabel(AgglomerativeClustering(n_clusters=n_groups, linkage="ward").fit_predict(scaled).astype(np.int64))
-    raise ValueError(f"method must be 'kmeans' or 'ward', got {method!r}")
+    scaled = StandardScaler().fit_transform(x)
+    return _relabel(AgglomerativeClustering(n_clusters=n_groups, linkage="ward").fit_predict(scaled).astype(np.int64))
+
+
+def silhouette(user_emb, labels, seed: int = 0, max_users: int = 10000) -> float:
+    """Mean silhouette of the labelled users under cosine distance (the gate's geometry), in [-1, 1];
+    on a seeded sample of `max_users` users for large sets (the score is O(n^2)); NaN for one group."""
+    from sklearn.metrics import silhouette_score
+
+    x, labels = _as_f32(user_emb, "user_emb"), np.asarray(labels)
+    keep = labels >= 0
+    if len(np.unique(labels[keep])) < 2:
+        return float("nan")
+    return float(silhouette_score(_unit(x[keep]), labels[keep], metric="cosine",
+                                  sample_size=min(int(keep.sum()), max_users), random_state=seed))
+
+
+def choose_groups(user_emb, max_groups: int = GroupConfig.max_groups, method: str = GroupConfig.cluster,
+                  seed: int = 0, min_share: float = GroupConfig.min_share, nredo: int = GroupConfig.nredo):
+    """(N, labels, {N: silhouette}): N in 2..max_groups with the best silhouette among the clusterings
+    whose every group holds at least min_share of the users (as the official code's k-means search over
+    2..10, with the size rule); ValueError when no N qualifies."""
+    x = _as_f32(user_emb, "user_emb")
+    tried, best = {}, None
+    for n in range(2, min(max_groups, len(x)) + 1):
+        labels = cluster(x, n, method, seed=seed, nredo=nredo)
+        tried[n] = silhouette(x, labels, seed)
+        sizes = np.bincount(labels, minlength=n)
+        if sizes.min() >= min_share * len(x) and (best is None or tried[n] > best[2]):
+            best = (n, labels, tried[n])
+    if best is None:
+        raise GroupError(f"no number of groups in 2..{max_groups} gives every group {min_share:.0%} of the "
+                         f"{len(x)} users (silhouette by N: {_rounded(tried)})")
+    return best[0], best[1], tried
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 4) for k, v in d.items()}
+
+
+def small_groups(sizes, min_share: float) -> list:
+    """Indices of groups holding fewer than min_share of all clustered users."""
+    sizes = np.asarray(sizes)
+    return np.flatnonzero(sizes < min_share * sizes.sum()).tolist()
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
@@ -104,9 +180,13 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return mapping[labels]
 
 
-def centroids(user_emb, labels, n_groups: int) -> np.ndarray:
-    """Mean raw embedding per group: [N, D]. Rows with label -1 are ignored; an empty group is an error."""
+def centroids(user_emb, labels, n_groups: int, directions: bool = False) -> np.ndarray:
+    """Mean embedding per group: [N, D], of the raw embeddings, or with `directions` of the unit-normalised
+    ones, renormalised (spherical k-means' centroids: each group's mean direction). Rows with label -1 are
+    ignored; an empty group is an error."""
     x = _as_f32(user_emb, "user_emb")
+    if directions:
+        return _unit(centroids(_unit(x), labels, n_groups))
     labels = np.asarray(labels)
     sizes = np.bincount(labels[labels >= 0], minlength=n_groups)
     if len(sizes) > n_groups or np.any(sizes == 0):
@@ -203,6 +283,13 @@ def embedding_cohens_d(user_emb, labels, cents) -> np.ndarray:
     return d
 
 
+def route_counts(route) -> dict:
+    """How many users each route takes: {"global", "single", "mixture"}."""
+    route = np.asarray(route)
+    return {"global": int((route == ROUTE_GLOBAL).sum()), "single": int((route == ROUTE_SINGLE).sum()),
+            "mixture": int((route == ROUTE_MIXTURE).sum())}
+
+
 def report(labels, route, d_embedding, d_like_rate=None) -> dict:
     """Group sizes, routing counts and mean |Cohen's d| over group pairs."""
     labels, route = np.asarray(labels), np.asarray(route)
@@ -210,8 +297,7 @@ def report(labels, route, d_embedding, d_like_rate=None) -> dict:
     pairs = np.triu_indices(n, 1)
     out = {
         "group_sizes": np.bincount(labels[labels >= 0], minlength=n).tolist(),
-        "routing": {"global": int((route == ROUTE_GLOBAL).sum()), "single": int((route == ROUTE_SINGLE).sum()),
-                    "mixture": int((route == ROUTE_MIXTURE).sum())},
+        "routing": route_counts(route),
         "cohens_d_embedding": float(np.abs(d_embedding[pairs]).mean()) if n > 1 else 0.0,
         "cohens_d_embedding_matrix": np.round(d_embedding, 4).tolist(),
     }
@@ -230,12 +316,27 @@ def build_groups(run_dir, cfg: GroupConfig) -> dict:
     known = np.zeros(prep.n_users, bool)
     known[train.user] = True
     labels = np.full(prep.n_users, -1, np.int64)
-    labels[known] = cluster(emb[known], cfg.groups, cfg.cluster, seed=cfg.seed)
-    cents = centroids(emb, labels, cfg.groups)
+    tried = None
+    if cfg.groups == 0:
+        n_groups, labels[known], tried = choose_groups(emb[known], cfg.max_groups, cfg.cluster, cfg.seed,
+                                                       cfg.min_share, cfg.nredo)
+    else:
+        n_groups = cfg.groups
+        labels[known] = cluster(emb[known], n_groups, cfg.cluster, seed=cfg.seed, nredo=cfg.nredo)
+    directions = cfg.cluster == "spherical"
+    cents = centroids(emb, labels, n_groups, directions)
     weights, route = gate(emb, cents, cfg.tau, cfg.single_threshold, cfg.entropy_threshold, known=known)
     rows = np.bincount(train.user, minlength=prep.n_users)
     like = np.bincount(train.user, weights=train.label, minlength=prep.n_users) / np.maximum(rows, 1)  # like rate
-    rep = report(labels, route, embedding_cohens_d(emb, labels, cents), cohens_d(like, labels))
+    # Cohen's d on the embedding in the clustering's geometry (directions for spherical k-means)
+    rep = report(labels, route, embedding_cohens_d(_unit(emb) if directions else emb, labels, cents),
+                 cohens_d(like, labels))
+    rep["silhouette"] = silhouette(emb, labels, cfg.seed)
+    rep["small_groups"] = small_groups(rep["group_sizes"], cfg.min_share)
+    rep["routing_by_split"] = {name: route_counts(route[np.unique(prep.inter.user[prep.inter.split == k])])
+                               for k, name in enumerate(SPLITS)}  # users of each split
+    if tried is not None:
+        rep["silhouette_by_n"] = _rounded(tried)
     rep["args"] = {"run": str(run_dir), **asdict(cfg)}
     tensors = {"labels": torch.from_numpy(labels), "centroids": torch.from_numpy(cents),
                "weights": torch.from_numpy(weights), "route": torch.from_numpy(route.astype(np.int64))}
@@ -301,9 +402,14 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=GroupConfig.model,
                    help="CF model whose user embeddings are grouped (mf|lightgcn|sasrec)")
     # Grouping
-    p.add_argument("--groups", type=int, default=GroupConfig.groups, help="number of expert groups N (>= 1)")
-    p.add_argument("--cluster", default=GroupConfig.cluster, choices=["kmeans", "ward"],
-                   help="faiss k-means or standard-scaled Ward")
+    p.add_argument("--groups", type=int, default=GroupConfig.groups,
+                   help="number of expert groups N (>= 1); 0 = N in 2..--max-groups by silhouette")
+    p.add_argument("--cluster", default=GroupConfig.cluster, choices=CLUSTER_METHODS,
+                   help="spherical k-means (cosine, the gate's geometry), raw-L2 k-means, or standard-scaled Ward")
+    p.add_argument("--nredo", type=int, default=GroupConfig.nredo, help="k-means restarts (best objective kept)")
+    p.add_argument("--max-groups", type=int, default=GroupConfig.max_groups)
+    p.add_argument("--min-share", type=float, default=GroupConfig.min_share,
+                   help="groups with fewer of the users are reported as small")
     p.add_argument("--seed", type=int, default=GroupConfig.seed)
     # Gate
     p.add_argument("--tau", type=float, default=GroupConfig.tau, help="softmax temperature over cosine similarities")
@@ -324,6 +430,6 @@ if __name__ == "__main__":
 
     try:
         main()
-    except (DataError, ArtifactError, FileNotFoundError) as e:  # the user's input or files: no traceback
+    except (DataError, ArtifactError, FileNotFoundError, GroupError) as e:  # the user's input or files: no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
