@@ -51,9 +51,9 @@ def parse(argv=None):
     p.add_argument("--input", default=None, help="JSON Lines of rows to score instead of a split")
     p.add_argument("--allow-unknown", action="store_true",
                    help="score unknown user/item ids (global adapter, zero CF vector) instead of stopping")
-    p.add_argument("--prompt", default="auto", choices=["auto", "ids", "reason", "text"],
-                   help="ids: the stage-2/3 plain prompt; reason: the paper's C.3 recommendation prompt; "
-                        "auto: reason when the run trained on reasoning traces, else ids")
+    p.add_argument("--prompt", default="reason", choices=["reason", "ids", "text"],
+                   help="reason: the paper's C.3 recommendation prompt with CF ids (what the official evaluation "
+                        "scores); ids: the stage-2/3 training prompt; text: stage 1's, without ids")
     p.add_argument("--mix", default="delta", choices=["delta", "linear"],
                    help="mixture of experts: sum_e w_e B_e A_e (exact), or peft's linear combination")
     # how
@@ -95,20 +95,12 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def prompt_mode(args, run: Path) -> str:
-    if args.prompt != "auto":
-        return args.prompt
-    targs = train_args(run)
-    traces = run_arg(targs, "traces") or run / "reasoning" / "traces.jsonl"
-    return "reason" if Path(traces).is_file() else "ids"
-
-
 def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_run(args.run_dir, model=args.model, mix=args.mix)
-    mode = prompt_mode(args, args.run_dir)
+    mode = args.prompt
     if args.rank:
         from thinkrec.infer.rank import rank_cli
 

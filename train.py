@@ -283,7 +283,7 @@ def run_pipeline(args, d) -> dict:
     test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
     loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, groups["weights"], stage_dir(run, "stage3"),
                        args.max_len, keywords)
-    mode = "reason" if traces else "ids"  # the C.3 prompt when the model learned to reason, as the official eval
+    mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
     test = None
     if d.is_main:
         sample = official_sample(prep, args.data_dir, "test")  # the paper's ML-1M split: its official 25%

@@ -172,7 +172,7 @@ def test_rank_with_shared_prefix_equals_scoring_each_candidate(run, tmp_path, ca
     items = read_candidates("all", loaded, user)
     assert len(items) > 3
     shared = rank_items(loaded, user, items, chunk=3)
-    builder, hist = loaded.builder("ids"), user_history(loaded.prep, user)
+    builder, hist = loaded.builder("reason"), user_history(loaded.prep, user)
     alone = np.array([score_samples(loaded.lm, [builder.sample_for(user, int(i), hist)],
                                     row_weights(loaded, np.array([user])), loaded.cf["user_emb"],
                                     loaded.cf["item_emb"], loaded.tok.pad_token_id)[0] for i in items])

@@ -306,12 +306,8 @@ def report(labels, route, d_embedding, d_like_rate=None) -> dict:
     return out
 
 
-def build_groups(run_dir, cfg: GroupConfig) -> dict:
-    """Cluster the users seen in training, gate every user, write RUN/experts/groups.safetensors and
-    RUN/experts/report.json; return the report."""
-    run = Path(run_dir)
-    emb = load_embeddings(run, cfg.model, need=("user_emb",))["user_emb"].numpy()
-    prep = load_prepared(run)
+def group_users(emb: np.ndarray, prep, cfg: GroupConfig):
+    """Cluster the users seen in training, gate every user: (tensors for groups.safetensors, report)."""
     train = prep.inter.of_split("train")
     known = np.zeros(prep.n_users, bool)
     known[train.user] = True
@@ -337,9 +333,18 @@ def build_groups(run_dir, cfg: GroupConfig) -> dict:
                                for k, name in enumerate(SPLITS)}  # users of each split
     if tried is not None:
         rep["silhouette_by_n"] = _rounded(tried)
-    rep["args"] = {"run": str(run_dir), **asdict(cfg)}
     tensors = {"labels": torch.from_numpy(labels), "centroids": torch.from_numpy(cents),
                "weights": torch.from_numpy(weights), "route": torch.from_numpy(route.astype(np.int64))}
+    return tensors, rep
+
+
+def build_groups(run_dir, cfg: GroupConfig) -> dict:
+    """Group and gate the users of RUN (`group_users`), write RUN/experts/groups.safetensors and
+    RUN/experts/report.json; return the report."""
+    run = Path(run_dir)
+    emb = load_embeddings(run, cfg.model, need=("user_emb",))["user_emb"].numpy()
+    tensors, rep = group_users(emb, load_prepared(run), cfg)
+    rep["args"] = {"run": str(run_dir), **asdict(cfg)}
     write_json(run / "experts" / "report.json", rep)  # +-inf Cohen's d -> null (standard JSON)
     atomic_write_bytes(run / "experts" / GROUPS, st_save(tensors))  # last: marks the phase complete
     print(to_json({k: v for k, v in rep.items() if k != "cohens_d_embedding_matrix"}))

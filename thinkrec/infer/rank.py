@@ -43,7 +43,7 @@ def _cf(sample, sel, user_emb, item_emb) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def rank_items(loaded: LoadedRun, user: int, items, mode: str = "ids", history=None, chunk: int = 64) -> np.ndarray:
+def rank_items(loaded: LoadedRun, user: int, items, mode: str = "reason", history=None, chunk: int = 64) -> np.ndarray:
     """Yes logits [len(items)] float64 of `items` for `user` (indices), with one shared prefix per group."""
     lm, builder = loaded.lm, loaded.builder(mode)
     history = user_history(loaded.prep, user) if history is None else history
