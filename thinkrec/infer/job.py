@@ -46,7 +46,7 @@ def row_weights(loaded: LoadedRun, users: np.ndarray) -> torch.Tensor:
     return w
 
 
-def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "ids", batch_tokens: int = 8192,
+def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", batch_tokens: int = 8192,
                max_rows: int = 64, progress: bool = False, overwrite: bool = False, log=print, extra_meta=None,
                official_rows=None) -> dict:
     """Score `rows` with the fused model; writes OUT/scores.jsonl (resumable) and OUT/metrics.json, returns
