@@ -229,3 +229,18 @@ def test_official_sample_maps_to_the_runs_test_rows():
             and prep.inter.timestamp[r] == int(want["timestamp"])]
     assert len(hits) == 1
     assert official_sample(prep, None, "test") is None
+
+
+def test_cli_exit_status_and_message_on_bad_input(run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"user_id": "1", "item_id": "3"}\n{"user_id": "1", "item_id": "3", "label": "yes"}\n')
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "infer.py"), *_argv(run, tmp_path / "out", "--input", str(path))],
+                       capture_output=True, text=True, cwd=root)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == f"infer.py: error: {path}:2: label must be 0 or 1, got 'yes'"
+    assert not (tmp_path / "out").exists()
