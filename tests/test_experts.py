@@ -182,3 +182,26 @@ def test_gate_routes_users_near_their_centroid_to_their_group():
     near = (unit * cents[labels]).sum(1) > 0.6  # cos to its own centroid (others ~0 here)
     assert near.sum() > 60
     assert (route[near] == ROUTE_SINGLE).all() and (w[near, 1:].argmax(1) == labels[near]).all()
+
+
+def test_narrow_cone_users_are_routed_after_centring():
+    """Every user within a few degrees of one direction (SASRec's layer-normed states): raw cosines to any
+    centroid are all ~1 and the gate sends everyone to the global adapter; around the mean they separate."""
+    from tests.data_fixtures import toy_prepared
+    from thinkrec.experts import GroupConfig, group_users
+
+    x, truth = _directions(n_per=(30, 30), outliers=(0, 0), dim=8, seed=2)
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=8)
+    cone = (20 * common / np.linalg.norm(common) + 0.3 * x / np.linalg.norm(x, axis=1, keepdims=True))
+    cone = cone.astype(np.float32)
+    prep = toy_prepared([(u, 0, u % 2, 10 * u, 0) for u in range(60)] + [(u, 1, 1, 10 * u + 5, 2) for u in range(60)])
+    cents_raw = centroids(cone, truth, 2, directions=True)
+    assert (gate(cone, cents_raw)[1] == ROUTE_GLOBAL).all()  # the failure without centring
+    tensors, rep = group_users(cone, prep, GroupConfig(groups=2))
+    labels = tensors["labels"].numpy()
+    assert _same_partition(labels, truth) and rep["small_groups"] == []
+    assert rep["routing_by_split"]["test"]["single"] >= 55
+    np.testing.assert_allclose(tensors["center"].numpy(), cone.mean(0), rtol=1e-5)
+    _, off = group_users(cone, prep, GroupConfig(groups=2, center=False))
+    assert off["routing_by_split"]["test"]["global"] == 60

@@ -6,7 +6,8 @@
 
 Clustering happens in the gate's geometry: the gate routes by cosine similarity to the centroids, so the
 default groups users by direction (k-means on L2-normalised embeddings, faiss's spherical k-means, best of
-`nredo` restarts) and the centroids are the groups' mean directions. Raw-L2 k-means (`--cluster kmeans`,
+`nredo` restarts) and the centroids are the groups' mean directions, both around the users' mean
+embedding (see `group_users`). Raw-L2 k-means (`--cluster kmeans`,
 the earlier default) lets a few large-norm users (many interactions) form a group of their own: on the
 paper's ML-1M split with MF it gave groups of 733 and 7 users. Groups under `min_share` of the clustered
 users are reported as `small_groups` (train.py stops on them unless told to go on).
@@ -18,7 +19,8 @@ and with different means), routing counts of all users and of each split's users
 N tried by the automatic choice). report.json is written first: groups.safetensors marks the phase
 complete.
 
-Gate (DESIGN.md "Instance-wise fusion"), for a user embedding e_u and centroids c_1..c_N:
+Gate (DESIGN.md "Instance-wise fusion"), for a user embedding e_u (minus the stored `center` mu: the
+clustered users' mean for spherical grouping, 0 otherwise) and centroids c_1..c_N:
     w = softmax_n(cos(e_u, c_n) / tau)                         [N]
     if max_n w_n > 0.5 + 0.6 / N:    one-hot on argmax (route 1, "single")
     elif H(w) > 0.95 log N:          the global adapter alone (route 0, "global")
@@ -62,6 +64,7 @@ class GroupConfig:
     nredo: int = 5  # k-means restarts, the best objective kept
     max_groups: int = 10  # largest N the automatic choice tries
     min_share: float = 0.05  # a group with fewer of the clustered users is "small" (degenerate)
+    center: bool = True  # spherical: directions around the users' mean (clustering and gate), see group_users
     tau: float = 0.1  # softmax temperature over cosine similarities
     single_threshold: float | None = None  # max weight above which one expert is used; None: 0.5 + 0.6/N
     entropy_threshold: float | None = None  # entropy (nats) above which global is used; None: 0.95 log N
@@ -307,10 +310,19 @@ def report(labels, route, d_embedding, d_like_rate=None) -> dict:
 
 
 def group_users(emb: np.ndarray, prep, cfg: GroupConfig):
-    """Cluster the users seen in training, gate every user: (tensors for groups.safetensors, report)."""
+    """Cluster the users seen in training, gate every user: (tensors for groups.safetensors, report).
+
+    Spherical clustering and the gate see directions around the clustered users' mean embedding mu
+    (`center`, stored with the groups): e_u - mu. Some CF models put every user in a narrow cone (SASRec's
+    layer-normed states on ML-1M: cosine 0.99 to their mean direction), where raw cosines to any two
+    centroids differ by less than the gate's temperature can tell, and every user would be routed global.
+    """
     train = prep.inter.of_split("train")
     known = np.zeros(prep.n_users, bool)
     known[train.user] = True
+    emb = _as_f32(emb, "user_emb")
+    center = emb[known].mean(0) if cfg.cluster == "spherical" and cfg.center else np.zeros(emb.shape[1], np.float32)
+    emb = emb - center
     labels = np.full(prep.n_users, -1, np.int64)
     tried = None
     if cfg.groups == 0:
@@ -334,7 +346,8 @@ def group_users(emb: np.ndarray, prep, cfg: GroupConfig):
     if tried is not None:
         rep["silhouette_by_n"] = _rounded(tried)
     tensors = {"labels": torch.from_numpy(labels), "centroids": torch.from_numpy(cents),
-               "weights": torch.from_numpy(weights), "route": torch.from_numpy(route.astype(np.int64))}
+               "weights": torch.from_numpy(weights), "route": torch.from_numpy(route.astype(np.int64)),
+               "center": torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32))}
     return tensors, rep
 
 
@@ -352,14 +365,16 @@ def build_groups(run_dir, cfg: GroupConfig) -> dict:
 
 
 def load_groups(run_dir) -> dict:
-    """The arrays of RUN/experts/groups.safetensors (labels, centroids, weights, route) as numpy."""
+    """The arrays of RUN/experts/groups.safetensors (labels, centroids, weights, route, center) as numpy."""
     path = Path(run_dir) / "experts" / GROUPS
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; run `python -m thinkrec.experts --run {run_dir}` first")
     redo = f"delete {path.parent}/ to rebuild the expert groups"
     tensors = read_safetensors(path, redo)
     require_keys(path, tensors, ("labels", "centroids", "weights", "route"), redo)
-    return {k: v.numpy() for k, v in tensors.items()}
+    out = {k: v.numpy() for k, v in tensors.items()}
+    out.setdefault("center", np.zeros(out["centroids"].shape[1], np.float32))  # groups written before centring
+    return out
 
 
 def train_table(groups: dict, user_emb: np.ndarray) -> np.ndarray:
@@ -367,7 +382,7 @@ def train_table(groups: dict, user_emb: np.ndarray) -> np.ndarray:
     labels = groups["labels"].copy()
     missing = labels < 0
     if missing.any():
-        labels[missing] = np.maximum(assign(user_emb[missing], groups["centroids"]), 0)
+        labels[missing] = np.maximum(assign(user_emb[missing] - groups["center"], groups["centroids"]), 0)
     return one_hot_experts(labels, len(groups["centroids"])).numpy()
 
 
@@ -415,6 +430,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-groups", type=int, default=GroupConfig.max_groups)
     p.add_argument("--min-share", type=float, default=GroupConfig.min_share,
                    help="groups with fewer of the users are reported as small")
+    p.add_argument("--no-center", dest="center", action="store_false",
+                   help="spherical: directions of the raw embeddings, not around the users' mean")
     p.add_argument("--seed", type=int, default=GroupConfig.seed)
     # Gate
     p.add_argument("--tau", type=float, default=GroupConfig.tau, help="softmax temperature over cosine similarities")
