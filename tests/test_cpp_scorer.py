@@ -12,28 +12,25 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_train_cli import _tiny_csv, _tiny_model_dir
+from tests.test_train_cli import train_tiny_run
 from tests.train_fixtures import PAD, sample_set, tiny_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_exported_program_equals_the_scorer_with_mixtures():
-    from thinkrec.export import ExportedScorer, tokenised_rows
+    from thinkrec.export import ExportedScorer
+    from thinkrec.train.batches import right_padded
     from thinkrec.infer.score import score_samples
 
     lm = tiny_lm(layers=2, n_experts=2, cf_dim=5)
-    with torch.no_grad():
-        for mod in lm.lora_layers().values():
-            for B in mod.lora_B:
-                B.copy_(0.2 * torch.randn(B.shape))
     lm.eval()
     g = torch.Generator().manual_seed(0)
     ue, ie = torch.randn(6, 5, generator=g), torch.randn(11, 5, generator=g)
     sset = sample_set(16, ids=True, seed=2)
     samples = [sset.sample(i) for i in range(5)]
     w = torch.tensor([[1, 0, 0], [0, 1, 0], [0, .3, .7], [.2, .5, .3], [0, 0, 1]], dtype=torch.float32)
-    rows = tokenised_rows(samples, PAD)
+    rows = right_padded(samples, PAD)
     names = ("input_ids", "attention_mask", "slot_kind", "slot_index")
     model = ExportedScorer(lm, ue, ie).eval()
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=4096)
@@ -47,18 +44,9 @@ def test_exported_program_equals_the_scorer_with_mixtures():
 
 @pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("g++")), reason="needs cmake and g++")
 def test_cmake_build_ctest_and_cli_give_infer_scores(tmp_path):
-    import train
     from thinkrec.export import main as export_main
 
-    model = _tiny_model_dir(tmp_path / "model")
-    data = tmp_path / "data"
-    data.mkdir()
-    _tiny_csv(data)
-    run = tmp_path / "run"
-    train.main(["--dataset", "csv", "--data-dir", str(data), "--model", str(model), "--run-dir", str(run),
-                "--experts", "2", "--max-train-samples", "12", "--max-eval-samples", "8", "--max-test-samples", "0",
-                "--batch-size", "5", "--cf-dim", "8", "--expert-layers", "1", "--max-len", "400", "--lr", "3e-2",
-                "--no-progress", "--threads", "1"])
+    run = train_tiny_run(tmp_path)
     out = tmp_path / "export"
     info = export_main(["aoti", "--run-dir", str(run), "--out", str(out)])
     assert info["rows"] == 20 and (out / "scorer.pt2").is_file()

@@ -38,6 +38,22 @@ def _tiny_csv(path, n_users=10, per_user=12):
     return path
 
 
+def train_tiny_run(base, *extra):
+    """A finished train.py run on the tiny model and dataset under `base` (every test row scored)."""
+    import train
+
+    model = _tiny_model_dir(base / "model")
+    data = base / "data"
+    data.mkdir()
+    _tiny_csv(data)
+    run = base / "run"
+    train.main(["--dataset", "csv", "--data-dir", str(data), "--model", str(model), "--run-dir", str(run),
+                "--experts", "2", "--max-train-samples", "12", "--max-eval-samples", "8", "--max-test-samples", "0",
+                "--batch-size", "5", "--cf-dim", "8", "--expert-layers", "1", "--max-len", "400", "--lr", "3e-2",
+                "--no-progress", "--threads", "1", *extra])
+    return run
+
+
 def test_train_cli_end_to_end_and_rerun_skips(tmp_path, capsys):
     import train
 

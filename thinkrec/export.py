@@ -37,6 +37,7 @@ from safetensors.torch import save as st_save
 from thinkrec.data.errors import DataError
 from thinkrec.io import atomic_write_bytes, atomic_write_text, write_json
 from thinkrec.model.lora import expert_weights
+from thinkrec.train.batches import right_padded
 
 
 class ExportedScorer(torch.nn.Module):
@@ -66,24 +67,6 @@ class ExportedScorer(torch.nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), last].float() @ self.yes_row
 
 
-def tokenised_rows(samples, pad_id: int) -> dict:
-    """Right-padded [N, T] tensors of the samples' prompts (plain answers are one token: the prompt is
-    everything the model reads), with slot kinds and indices."""
-    n, T = len(samples), max(len(s.input_ids) for s in samples)
-    ids = torch.full((n, T), pad_id, dtype=torch.long)
-    mask = torch.zeros(n, T, dtype=torch.long)
-    kind = torch.zeros(n, T, dtype=torch.long)
-    index = torch.zeros(n, T, dtype=torch.long)
-    for r, s in enumerate(samples):
-        L = len(s.input_ids)
-        ids[r, :L] = torch.as_tensor(s.input_ids)
-        mask[r, :L] = 1
-        pos = torch.as_tensor(np.asarray(s.ph_pos, dtype=np.int64))
-        kind[r, pos] = torch.as_tensor(np.asarray(s.ph_kind, dtype=np.int64)) + 1
-        index[r, pos] = torch.as_tensor(np.asarray(s.ph_index, dtype=np.int64))
-    return {"input_ids": ids, "attention_mask": mask, "slot_kind": kind, "slot_index": index}
-
-
 def export_aoti(loaded, rows, out, prompt: str = "reason", log=print) -> dict:
     """Export the scorer of `loaded` (thinkrec.infer.LoadedRun) and the tokenised `rows` into `out`."""
     from thinkrec.infer import row_weights, score_rows
@@ -97,7 +80,7 @@ def export_aoti(loaded, rows, out, prompt: str = "reason", log=print) -> dict:
                builder.sample_for(rows.user[i], rows.item[i], rows.history[i], max(int(rows.label[i]), 0))
                for i in range(len(rows))]
     order = np.argsort([len(s.input_ids) for s in samples], kind="stable")
-    tensors = tokenised_rows([samples[i] for i in order], loaded.tok.pad_token_id)
+    tensors = right_padded([samples[i] for i in order], loaded.tok.pad_token_id)
     tensors.update(user=torch.as_tensor(rows.user[order]), item=torch.as_tensor(rows.item[order]),
                    label=torch.as_tensor(rows.label[order]), pos=torch.as_tensor(order.astype(np.int64)))
 

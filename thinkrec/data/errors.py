@@ -21,3 +21,18 @@ def missing_file(what: str, looked: list, url: str | None = None, hint: str | No
 def malformed(path, line: int, why: str) -> DataError:
     """Build the error for a bad line; `line` is 1-based as an editor shows it."""
     return DataError(f"{path}:{line}: {why}")
+
+
+def json_lines(path):
+    """(line number, parsed value) of every non-blank line of a JSON Lines file; a line that is not JSON is
+    a DataError naming the file and line."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise malformed(path, line_no, f"not JSON ({e.msg} at column {e.colno})") from None

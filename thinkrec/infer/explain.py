@@ -12,15 +12,14 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thinkrec.data.errors import DataError, malformed
+from thinkrec.data.errors import DataError, json_lines, malformed
 from thinkrec.io import write_json, write_jsonl
 from thinkrec.model.generate import generate
 from thinkrec.text_metrics import explanation_metrics
-from thinkrec.train.batches import cf_inputs, collate
+from thinkrec.train.batches import cf_vectors, right_padded
 
 from .job import row_weights
 from .rows import Rows
@@ -35,27 +34,22 @@ def read_references(path, prep) -> dict:
     items = {it["raw_id"]: it["item"] for it in prep.items}
     pair_rows = None
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                text = str(obj["reason"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise malformed(path, line_no, f'expected {{"row" or "user_id"+"item_id", "reason"}} ({e})') from None
-            if "row" in obj:
-                out[int(obj["row"])] = text
-                continue
-            if pair_rows is None:
-                pair_rows = {}
-                for r, (u, i) in enumerate(zip(prep.inter.user.tolist(), prep.inter.item.tolist())):
-                    pair_rows.setdefault((u, i), []).append(r)
-            key = (users.get(str(obj.get("user_id"))), items.get(str(obj.get("item_id"))))
-            if None in key:
-                raise malformed(path, line_no, "unknown user_id / item_id")
-            for r in pair_rows.get(key, []):
-                out[r] = text
+    for line_no, obj in json_lines(path):
+        if not isinstance(obj, dict) or "reason" not in obj:
+            raise malformed(path, line_no, 'expected {"row" or "user_id"+"item_id", "reason"}')
+        text = str(obj["reason"])
+        if "row" in obj:
+            out[int(obj["row"])] = text
+            continue
+        if pair_rows is None:
+            pair_rows = {}
+            for r, (u, i) in enumerate(zip(prep.inter.user.tolist(), prep.inter.item.tolist())):
+                pair_rows.setdefault((u, i), []).append(r)
+        key = (users.get(str(obj.get("user_id"))), items.get(str(obj.get("item_id"))))
+        if None in key:
+            raise malformed(path, line_no, "unknown user_id / item_id")
+        for r in pair_rows.get(key, []):
+            out[r] = text
     return out
 
 
@@ -73,17 +67,11 @@ def explain(loaded: LoadedRun, rows: Rows, n: int, batch_size: int = 8, progress
         part = picked[start:start + batch_size]
         samples = [builder.sample(int(rows.data_row[i])) if rows.history is None else
                    builder.sample_for(rows.user[i], rows.item[i], rows.history[i]) for i in part]
-        batch = collate(samples, np.zeros(len(part), np.int64), tok.pad_token_id)
-        # collate left-pads prompt + answer[:-1] (= the prompt: plain answers are one token); generate wants
-        # right-padded prompts
-        lens = batch.attention_mask.sum(1)
-        ids = torch.full_like(batch.input_ids, tok.pad_token_id)
-        ph = torch.zeros_like(batch.ph_mask)
-        for r in range(len(part)):
-            ids[r, :lens[r]] = batch.input_ids[r, -lens[r]:]
-            ph[r, :lens[r]] = batch.ph_mask[r, -lens[r]:]
-        new = generate(lm, ids, lens, weights[part], cf_embeds=cf_inputs(batch, ue, ie), placeholder_mask=ph,
-                       eos_token_id=tok.eos_token_id, **gen)
+        b = right_padded(samples, tok.pad_token_id)
+        slots = b["slot_kind"] > 0  # CF vectors in row-major slot order, as the forward fills them
+        cf = cf_vectors(b["slot_kind"][slots] - 1, b["slot_index"][slots], ue, ie)
+        new = generate(lm, b["input_ids"], b["attention_mask"].sum(1), weights[part], cf_embeds=cf,
+                       placeholder_mask=slots, eos_token_id=tok.eos_token_id, **gen)
         for i, toks in zip(part, new):
             out.append({"pos": i, "row": int(rows.data_row[i]), "user_id": str(loaded.prep.users[rows.user[i]]),
                         "item_id": loaded.prep.items[rows.item[i]]["raw_id"],

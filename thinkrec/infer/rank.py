@@ -17,6 +17,7 @@ import torch
 from thinkrec.data import DataError
 from thinkrec.io import atomic_file, to_json
 from thinkrec.model.cached import extend, prefill
+from thinkrec.train.batches import cf_vectors
 
 from .job import row_weights
 from .run import LoadedRun
@@ -32,14 +33,7 @@ def user_history(prep, user: int, hist_len: int = 10) -> list:
 
 def _cf(sample, sel, user_emb, item_emb) -> torch.Tensor | None:
     """CF vectors of the sample's slots at positions `sel` (a bool mask over its slots)."""
-    kind, index = sample.ph_kind[sel], sample.ph_index[sel]
-    if not len(kind) or user_emb is None:
-        return None
-    out = torch.empty(len(kind), user_emb.shape[1], dtype=user_emb.dtype)
-    is_user = torch.as_tensor(kind == 0)
-    out[is_user] = user_emb[torch.as_tensor(index[kind == 0])]
-    out[~is_user] = item_emb[torch.as_tensor(index[kind != 0])]
-    return out
+    return cf_vectors(sample.ph_kind[sel].astype(np.int64), sample.ph_index[sel], user_emb, item_emb)
 
 
 @torch.no_grad()

@@ -13,13 +13,12 @@ a malformed line, a bad label or an unknown id is an error naming the file and l
 vector and its "title" (or its id) as title, and they are counted.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from thinkrec.data.errors import DataError, malformed
+from thinkrec.data.errors import DataError, json_lines, malformed
 from thinkrec.data.prepared import SPLITS
 
 
@@ -92,47 +91,40 @@ def read_input(path, prep, hist_len: int = 10, allow_unknown: bool = False, max_
             new_items[raw] = (prep.n_items + len(new_items), str(title or raw))
         return new_items[raw][0]
 
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise malformed(path, line_no, f"not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or "user_id" not in obj or "item_id" not in obj:
-                raise malformed(path, line_no, 'expected an object with "user_id" and "item_id"')
-            u = user_index(str(obj["user_id"]), line_no)
-            i = item_index(str(obj["item_id"]), obj.get("title"), line_no)
-            y = _label(obj.get("label"), path, line_no)
-            hist = obj.get("history")
-            if hist is not None:
-                if not isinstance(hist, list) or not all(isinstance(h, dict) and "item_id" in h for h in hist):
-                    raise malformed(path, line_no, 'history must be a list of {"item_id", "label"}')
-                hist = [(item_index(str(h["item_id"]), h.get("title"), line_no),
-                         max(_label(h.get("label", 1), path, line_no), 0)) for h in hist]
-            elif u < prep.n_users:
-                if not by_user:
-                    order = np.lexsort((np.arange(len(inter)), inter.timestamp, inter.user))
-                    starts = np.searchsorted(inter.user[order], np.arange(prep.n_users + 1))
-                    by_user.update({k: order[starts[k]:starts[k + 1]] for k in range(prep.n_users)})
-                rows = by_user[u]
-                ts = obj.get("timestamp")
-                if ts is not None:
-                    try:
-                        rows = rows[inter.timestamp[rows] < int(ts)]
-                    except (TypeError, ValueError):
-                        raise malformed(path, line_no, f"timestamp must be unix seconds, got {ts!r}") from None
-                rows = rows[-hist_len:] if hist_len else rows[:0]
-                hist = list(zip(inter.item[rows].tolist(), inter.label[rows].astype(int).tolist()))
-            else:
-                hist = []
-            out_u.append(u)
-            out_i.append(i)
-            out_y.append(y)
-            out_h.append(hist)
-            if max_rows and len(out_u) >= max_rows:
-                break
+    for line_no, obj in json_lines(path):
+        if not isinstance(obj, dict) or "user_id" not in obj or "item_id" not in obj:
+            raise malformed(path, line_no, 'expected an object with "user_id" and "item_id"')
+        u = user_index(str(obj["user_id"]), line_no)
+        i = item_index(str(obj["item_id"]), obj.get("title"), line_no)
+        y = _label(obj.get("label"), path, line_no)
+        hist = obj.get("history")
+        if hist is not None:
+            if not isinstance(hist, list) or not all(isinstance(h, dict) and "item_id" in h for h in hist):
+                raise malformed(path, line_no, 'history must be a list of {"item_id", "label"}')
+            hist = [(item_index(str(h["item_id"]), h.get("title"), line_no),
+                     max(_label(h.get("label", 1), path, line_no), 0)) for h in hist]
+        elif u < prep.n_users:
+            if not by_user:
+                order = np.lexsort((np.arange(len(inter)), inter.timestamp, inter.user))
+                starts = np.searchsorted(inter.user[order], np.arange(prep.n_users + 1))
+                by_user.update({k: order[starts[k]:starts[k + 1]] for k in range(prep.n_users)})
+            rows = by_user[u]
+            ts = obj.get("timestamp")
+            if ts is not None:
+                try:
+                    rows = rows[inter.timestamp[rows] < int(ts)]
+                except (TypeError, ValueError):
+                    raise malformed(path, line_no, f"timestamp must be unix seconds, got {ts!r}") from None
+            rows = rows[-hist_len:] if hist_len else rows[:0]
+            hist = list(zip(inter.item[rows].tolist(), inter.label[rows].astype(int).tolist()))
+        else:
+            hist = []
+        out_u.append(u)
+        out_i.append(i)
+        out_y.append(y)
+        out_h.append(hist)
+        if max_rows and len(out_u) >= max_rows:
+            break
     if not out_u:
         raise DataError(f"--input {path}: no rows")
     return Rows(np.array(out_u, np.int64), np.array(out_i, np.int64), np.array(out_y, np.int64), out_h,

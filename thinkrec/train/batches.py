@@ -84,6 +84,24 @@ def collate(samples, users, pad_id: int, reasoning: bool = False, n_rows: int = 
     )
 
 
+def right_padded(samples, pad_id: int) -> dict:
+    """The samples' prompts as right-padded [N, T] int64 tensors (for KV-cached decoding and exported
+    scorers): input_ids, attention_mask, slot_kind (0 = token, 1 = user slot, 2 = item slot), slot_index
+    (the slot's user / item index). Plain answers are one token, so the prompt is all the model reads."""
+    n, T = len(samples), max(len(s.input_ids) for s in samples)
+    ids = torch.full((n, T), pad_id, dtype=torch.long)
+    mask = torch.zeros(n, T, dtype=torch.long)
+    kind = torch.zeros(n, T, dtype=torch.long)
+    index = torch.zeros(n, T, dtype=torch.long)
+    for r, s in enumerate(samples):
+        ids[r, :len(s.input_ids)] = torch.as_tensor(s.input_ids)
+        mask[r, :len(s.input_ids)] = 1
+        pos = torch.as_tensor(np.asarray(s.ph_pos, dtype=np.int64))
+        kind[r, pos] = torch.as_tensor(np.asarray(s.ph_kind, dtype=np.int64)) + 1
+        index[r, pos] = torch.as_tensor(np.asarray(s.ph_index, dtype=np.int64))
+    return {"input_ids": ids, "attention_mask": mask, "slot_kind": kind, "slot_index": index}
+
+
 def shard(indices, rank: int, world: int) -> list:
     """Rank `rank`'s contiguous share of one global batch (sizes differ by at most one)."""
     n = len(indices)
@@ -91,13 +109,20 @@ def shard(indices, rank: int, world: int) -> list:
     return list(indices[lo:hi])
 
 
+def cf_vectors(kind, index, user_emb: torch.Tensor, item_emb: torch.Tensor):
+    """CF vectors [P, d] of slots given by kind [P] (0 = user, 1 = item) and index [P], or None when
+    there are no slots or no CF tables."""
+    kind, index = torch.as_tensor(kind), torch.as_tensor(index)
+    if kind.numel() == 0 or user_emb is None:
+        return None
+    is_user = kind == 0
+    out = torch.empty(len(kind), user_emb.shape[1], dtype=user_emb.dtype, device=user_emb.device)
+    out[is_user] = user_emb[index[is_user]]
+    out[~is_user] = item_emb[index[~is_user]]
+    return out
+
+
 def cf_inputs(batch: Batch, user_emb: torch.Tensor, item_emb: torch.Tensor):
     """CF vectors [P, d] for the batch's placeholder slots (user or item embedding by kind), or None."""
-    if batch.ph_kind.numel() == 0 or user_emb is None:
-        return None
-    is_user = batch.ph_kind == 0
-    out = torch.empty(len(batch.ph_kind), user_emb.shape[1], dtype=user_emb.dtype, device=user_emb.device)
-    out[is_user] = user_emb[batch.ph_index[is_user]]
-    out[~is_user] = item_emb[batch.ph_index[~is_user]]
-    return out
+    return cf_vectors(batch.ph_kind, batch.ph_index, user_emb, item_emb)
 
