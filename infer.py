@@ -30,9 +30,10 @@ from thinkrec.infer.run import run_arg, train_args
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, to_json
 from thinkrec.model import ModelLoadError
 from thinkrec.model.adapters import AdapterFileError
+from thinkrec.precision import PRECISIONS, PrecisionError
 
 USER_ERRORS = (DataError, RunError, ArtifactError, ModelLoadError, AdapterFileError, RunLockedError,
-               FileNotFoundError)
+               FileNotFoundError, PrecisionError)
 
 
 class UsageError(ValueError):
@@ -59,6 +60,9 @@ def parse(argv=None):
     # how
     p.add_argument("--batch-tokens", type=int, default=8192, help="rows x longest prompt per batch")
     p.add_argument("--batch-size", type=int, default=64, help="most rows per batch")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="fp32 | bf16 | int8 (CPU: frozen linears as int8 GEMMs, LoRA deltas fp32) | auto "
+                        "(default: the precision the run trained in, RUN/precision.json; fp32 for older runs)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of continuing OUT/scores.partial.jsonl")
     p.add_argument("--no-progress", action="store_true")
@@ -99,7 +103,8 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_run(args.run_dir, model=args.model, mix=args.mix)
+    loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision)
+    log(f"precision: {loaded.precision.describe()}")
     mode = args.prompt
     if args.rank:
         from thinkrec.infer.rank import rank_cli

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thinkrec import precision
 from thinkrec.cf import CFConfig, train_cf
 from thinkrec.cf.train import load_embeddings
 from thinkrec.data import DataError, load_prepared, prepare
@@ -42,6 +43,7 @@ from thinkrec.infer.rows import official_sample
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model.adapters import AdapterFileError
+from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             setup, stage_dir, subsample, train_stage)
 from thinkrec.train.checkpoint import CheckpointError
@@ -56,7 +58,7 @@ class UsageError(ValueError):
 
 # errors about the user's input or files: their message is the whole story (a traceback is for bugs)
 USER_ERRORS = (UsageError, GroupError, DataError, ModelLoadError, ArtifactError, RunLockedError, CheckpointError,
-               AdapterFileError)
+               AdapterFileError, PrecisionError)
 
 
 def _number(kind, low, inclusive=True):
@@ -115,6 +117,10 @@ def parse(argv=None):
                    help="optimizer steps between valid evaluations (0 = at the end)")
     p.add_argument("--patience", type=_number(int, 1), default=LoopConfig.patience, help="evaluations without improvement before stopping")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
+    p.add_argument("--precision", default=None, choices=TRAIN_PRECISIONS,
+                   help="arithmetic of the frozen LLM: bf16 (frozen weights bf16, LoRA and optimizer fp32), fp32, or "
+                        "auto (bf16 on CUDA, and on a CPU whose measured bf16 GEMMs are >= 2x fp32). Default: the "
+                        "precision the run started with (RUN/precision.json), else auto")
     p.add_argument("--seed", type=int, default=LoopConfig.seed)
     p.add_argument("--threads", type=_number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--ckpt-minutes", type=_number(float, 0, inclusive=False), default=LoopConfig.ckpt_minutes,
@@ -186,10 +192,29 @@ def main(argv=None) -> dict:
                 log(f"removed {path}, left by a killed write")
             log(to_json({k: str(v) for k, v in vars(args).items()}))
             resolve_model(args.model)  # a missing model fails now, not after the data and CF phases
+            choose_precision(args, d)
         d.barrier()
         metrics = run_pipeline(args, d)
     shutdown(d)
     return metrics
+
+
+def choose_precision(args, d) -> None:
+    """Resolve --precision (or the run's recorded one) and record it in RUN/precision.json, before the long
+    work: a precision this device cannot run stops here."""
+    prec = precision.for_run(args.run_dir, args.precision, d.device, training=True)
+    before = precision.stored(args.run_dir)
+    if before is not None and before["name"] != prec.name:
+        log(f"precision: the run recorded {before['name']}; stages trained from now on run in {prec.name} "
+            f"(finished stages keep their adapters)")
+    precision.record(args.run_dir, prec)
+    log(f"precision: {prec.describe()}")
+
+
+def run_precision(args, d) -> precision.Precision:
+    """Every rank's precision: the one the main rank recorded."""
+    st = precision.stored(args.run_dir)
+    return precision.Precision(st["name"], st["requested"], d.device.type, st["reason"], st.get("probe"))
 
 
 def run_pipeline(args, d) -> dict:
@@ -221,6 +246,8 @@ def run_pipeline(args, d) -> dict:
     torch.manual_seed(derive_seed(args.seed, "model"))  # LoRA A and the projector, whichever phases ran before
     lm, tok = ThinkRecLM.from_pretrained(args.model, n_experts=n_experts, lora=LoRAConfig(),
                                          cf_dim=user_emb.shape[1], device=d.device)
+    prec = run_precision(args, d)
+    precision.apply(lm, prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
     kw_path = Path(args.keywords) if args.keywords else run / "data" / "keywords.jsonl"
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
     builders = {}
@@ -282,7 +309,7 @@ def run_pipeline(args, d) -> dict:
     lm.set_trainable(layers=[], adapters=[], projector=False)
     test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
     loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, groups["weights"], stage_dir(run, "stage3"),
-                       args.max_len, keywords)
+                       args.max_len, keywords, precision=prec)
     mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
     test = None
     if d.is_main:
@@ -295,7 +322,7 @@ def run_pipeline(args, d) -> dict:
     d.barrier()
     metrics = {"test": test["all"]["thinkrec"] if test else None, "test_cf": test["all"]["cf"] if test else None,
                "test_rows": len(test_rows), "test_official_sample": (test or {}).get("official_sample"),
-               "prompt": mode, "routing": test["routing"] if test else None,
+               "prompt": mode, "routing": test["routing"] if test else None, "precision": prec.to_dict(),
                "stages": stage_info, "seconds": round(time.perf_counter() - t_start, 1),
                # what was run, not how it was driven: resumed or not, checkpoint cadence and progress bars
                # do not change a single number

@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
     from thinkrec.infer import load_run, read_input, split_rows
     from thinkrec.infer.run import run_arg, train_args
 
-    loaded = load_run(args.run_dir, model=args.model)
+    loaded = load_run(args.run_dir, model=args.model, precision="fp32")  # the AOTInductor scorer is fp32
     if args.input:
         rows = read_input(args.input, loaded.prep, max_rows=args.max_rows or 0)
     else:

@@ -311,7 +311,8 @@ def clean_stale_temps(run_dir) -> list:
 # ------------------------------------------------------------------------------------------ comparing runs
 def _without_timing(obj):
     if isinstance(obj, dict):
-        return {k: _without_timing(v) for k, v in obj.items() if k != "seconds" and not k.endswith("_per_s")}
+        return {k: _without_timing(v) for k, v in obj.items()
+                if k not in ("seconds", "probe") and not k.endswith("_per_s")}  # probe: measured GEMM rates
     if isinstance(obj, list):
         return [_without_timing(v) for v in obj]
     return obj
@@ -319,7 +320,7 @@ def _without_timing(obj):
 
 def run_fingerprint(run_dir) -> dict:
     """{relative path: sha256 hex} of a run's artifacts, to tell whether two runs produced the same ones:
-    JSON without its wall-clock fields ("seconds", "*_per_s") and with the run directory's own path replaced by RUN,
+    JSON without its wall-clock fields ("seconds", "*_per_s", the precision "probe"'s measured rates) and with the run directory's own path replaced by RUN,
     .npz by its arrays (the zip entries carry write times), safetensors by metadata and tensor bytes, every
     other file byte for byte. Mid-stage checkpoints (each save has a random tag) and the lock are left out."""
     import hashlib

@@ -21,6 +21,8 @@ from thinkrec.data.tokenize import PromptBuilder
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
 from thinkrec.model.adapters import read_adapters
+from thinkrec.precision import Precision, for_run
+from thinkrec.precision import apply as apply_precision
 
 STAGE_ORDER = ("stage3", "stage2", "stage1")
 DEFAULT_MAX_LEN = 224  # train.py's --max-len default
@@ -79,6 +81,7 @@ class LoadedRun:
     max_len: int
     keywords: dict | None
     mix: str = "delta"  # how a mixture combines experts: "delta" (exact) or "linear" (peft's)
+    precision: Precision | None = None  # what the model runs in (lm.precision); None: fp32 as loaded
 
     def builder(self, mode: str, prep=None) -> PromptBuilder:
         """Prompts as the run trained them: mode "ids" (stage 2/3 plain), "reason" (C.3), "text" (stage 1);
@@ -101,13 +104,15 @@ class LoadedRun:
 
 
 def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None, device="cpu",
-             dtype=torch.float32) -> LoadedRun:
-    """Load RUN for scoring; `model` overrides the base model recorded with the adapters (a moved cache)."""
+             precision: str | None = None) -> LoadedRun:
+    """Load RUN for scoring; `model` overrides the base model recorded with the adapters (a moved cache);
+    `precision` (fp32 | bf16 | int8 | auto) overrides the one the run trained in (thinkrec.precision.for_run)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise RunError(f"--run-dir {run}: no such directory")
     args = train_args(run)
     stage = final_stage(run)
+    prec = for_run(run, precision, device, training=False)  # a precision this device lacks fails before loading
     cfg, _ = read_adapters(stage)
     cf_model = run_arg(args, "cf_model") or next((m for m in ("mf", "lightgcn", "sasrec")
                                                if (run / "cf" / f"{m}.safetensors").is_file()), "mf")
@@ -117,11 +122,11 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     lora = LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], target_modules=cfg["target_modules"])
     proj = cfg.get("projector") or {}
     lm, tok = ThinkRecLM.from_pretrained(spec, n_experts=cfg["n_experts"], lora=lora, cf_dim=proj.get("cf_dim"),
-                                         projector_mid=proj.get("mid", 2560), combination=mix, dtype=dtype,
-                                         device=device)
+                                         projector_mid=proj.get("mid", 2560), combination=mix, device=device)
     load_adapters(lm, stage)
     lm.set_trainable(layers=[], adapters=[], projector=False)
     lm.eval()
+    apply_precision(lm, prec)
     prep = load_prepared(run)
     kw_arg = run_arg(args, "keywords")
     kw_path = Path(kw_arg) if kw_arg else run / "data" / "keywords.jsonl"
@@ -130,7 +135,7 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
         raise RunError(f"{run}/experts/groups.safetensors gates {groups['weights'].shape[1]} adapters but "
                        f"{stage}/adapters.json has {lm.n_adapters}; delete RUN/experts/ and the stages to retrain")
     return LoadedRun(run, lm, tok, prep, cf, cf_model, groups["weights"], stage,
-                     int(max_len or run_arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix)
+                     int(max_len or run_arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix, prec)
 
 
 __all__ = ["LoadedRun", "RunError", "load_run", "route_names", "train_args", "ROUTE_GLOBAL", "ROUTE_SINGLE",

@@ -36,6 +36,7 @@ Inference only: everything runs under torch.no_grad(); LoRA dropout would be act
 `extend` refuses a model whose LoRA layers are training with dropout (call lm.eval()).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -192,7 +193,18 @@ def _layer_extend(layer, h, st: _Step, cos, sin, w, K, V):
     return h + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x)) * lin(mlp.up_proj, x))
 
 
+def _in_precision(fn):
+    """Run fn(lm, ...) inside the model's precision context (bf16 autocast for a bf16 model)."""
+
+    @functools.wraps(fn)
+    def wrapper(lm, *args, **kwargs):
+        with lm.autocast():
+            return fn(lm, *args, **kwargs)
+    return wrapper
+
+
 @torch.no_grad()
+@_in_precision
 def extend(lm, cache: KVCache, input_ids, lengths=None, expert_weights=None, cf_embeds=None,
            placeholder_mask=None, shared: bool | None = None) -> torch.Tensor:
     """Run new tokens through the model against `cache`; returns final hidden states (after the final norm)

@@ -44,6 +44,14 @@ class ThinkRecLM(nn.Module):
                              persistent=False)
         self.unpacked_reason = packed_supported(llm.config)  # '' = padding-free forward available
         self.grad_ckpt = False
+        self.precision = "fp32"  # thinkrec.precision.apply sets bf16 / int8
+
+    def autocast(self):
+        """The context the forward runs in for this model's precision (bf16: autocast; otherwise none).
+        forward enters it itself; callers of the pieces (run_layers, embed) enter it around them."""
+        from thinkrec.precision import autocast
+
+        return autocast(self.precision, self.lm_head_weight.device)
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod
@@ -141,13 +149,15 @@ class ThinkRecLM(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if not self.packed:
-            return self._forward_hf(input_ids, attention_mask, cf_embeds, placeholder_mask, select, expert_weights)
-        pk = Packing.from_mask(attention_mask)
-        h = self.embed_packed(pk, input_ids, cf_embeds, placeholder_mask)
-        keep, inv = self.select_index(pk, select)
-        h = self.run_layers(h, pk, 0, len(self.llm.model.layers), keep, expert_weights)
-        return self.finish(h, pk, inv)
+        with self.autocast():
+            if not self.packed:
+                return self._forward_hf(input_ids, attention_mask, cf_embeds, placeholder_mask, select,
+                                        expert_weights)
+            pk = Packing.from_mask(attention_mask)
+            h = self.embed_packed(pk, input_ids, cf_embeds, placeholder_mask)
+            keep, inv = self.select_index(pk, select)
+            h = self.run_layers(h, pk, 0, len(self.llm.model.layers), keep, expert_weights)
+            return self.finish(h, pk, inv)
 
     # ------------------------------------------------------------------------- padding-free pieces
     def embed_packed(self, pk: Packing, input_ids, cf_embeds=None, placeholder_mask=None) -> torch.Tensor:

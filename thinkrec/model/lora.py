@@ -97,6 +97,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.combination = combination
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.int8 = None  # an int8 copy of the base layer (thinkrec.precision.quantize_frozen), forward only
         dev = base.weight.device
         self.lora_A = nn.ParameterList(
             [nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dtype)) for _ in range(n_adapters)])
@@ -139,6 +140,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor = None) -> torch.Tensor:
         w = self._row_weights(x, w)
         A, B = self.stacked(x.dtype)
+        if self.int8 is not None:  # --precision int8: int8 base GEMM, the LoRA delta in x's precision on top
+            return self.int8(x) + lora_mix(x, A, B, w, self.scale, mode=self.combination)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             # no dropout: base GEMM and LoRA delta in one op, the delta added into y in place
             return lora_linear(x, self.weight, self.bias, A, B, w, self.scale, mode=self.combination)

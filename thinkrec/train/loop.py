@@ -17,7 +17,6 @@ AUC/4 + UAUC/3 (the official one; UAUC counts 0 when no user has both labels). T
 kept; training stops after `patience` evaluations without improvement and the best are restored.
 """
 
-import contextlib
 import hashlib
 import math
 import time
@@ -104,12 +103,6 @@ def lr_at(step: int, total: int, cfg: LoopConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # fp32 on CPU
-
-
 def _model_inputs(inputs: StageInputs, batch: Batch) -> dict:
     """The forward's keyword arguments besides the token grid: CF vectors of the slots, each row's route."""
     dev = batch.input_ids.device
@@ -147,8 +140,9 @@ def score(lm, sset: SampleSet, inputs: StageInputs, d: Dist = Dist(), batch_size
     for s in tqdm(starts, desc=desc, disable=not (progress and d.is_main), leave=False):
         idx = order[s:s + batch_size].tolist()
         batch = collate([sset.sample(i) for i in idx], sset.users[idx], inputs.pad_id).to(d.device)
-        with _autocast(d.device):  # scoring rows stay out of the prefix cache: it fills in training order alone
-            h = _forward(lm, inputs, batch, yes_positions(batch))
+        # (the model runs in its own precision, lm.precision); scoring rows stay out of the prefix cache:
+        # it fills in training order alone
+        h = _forward(lm, inputs, batch, yes_positions(batch))
         out[idx] = yes_logits(h, lm.lm_head_weight, lm.yes_token_id, batch.yes_col).double().cpu()
     lm.train(was_training)
     return d.all_reduce_sum(out).numpy()
@@ -216,7 +210,7 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
             if inputs.prefix is None or not inputs.prefix.caching:
                 break
             kind, batch = draw(micro, replay)
-            with torch.no_grad(), _autocast(d.device):
+            with torch.no_grad():
                 inputs.prefix.warm(batch.input_ids, batch.attention_mask, keys=_cache_keys(kind, batch),
                                    **_model_inputs(inputs, batch))
 
@@ -237,8 +231,7 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
             if st.micro >= n_micro:
                 break
             kind, batch = draw(st.micro, st.cursors)
-            with _autocast(d.device):
-                h = _forward(lm, inputs, batch, loss_positions(batch), cache_tag=kind)
+            h = _forward(lm, inputs, batch, loss_positions(batch), cache_tag=kind)
             loss, p, _ = batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)
             (loss / cfg.accum).backward()
             parts["loss"] += float(loss.detach()) / cfg.accum

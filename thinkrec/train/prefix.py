@@ -66,7 +66,7 @@ class FrozenPrefix:
 
     def _prefix(self, pk, input_ids, cf_embeds, placeholder_mask, expert_weights) -> torch.Tensor:
         """[N, D] packed output of layers [0, split), no autograd."""
-        with torch.no_grad():
+        with torch.no_grad(), self.lm.autocast():
             h = self.lm.embed_packed(pk, input_ids, cf_embeds, placeholder_mask)
             return self.lm.run_layers(h, pk, 0, self.split, expert_weights=expert_weights, merged=self.merged)
 
@@ -79,8 +79,9 @@ class FrozenPrefix:
         pk = Packing.from_mask(attention_mask)
         mid = self._middle(pk, input_ids, cf_embeds, placeholder_mask, expert_weights, keys)
         keep, inv = self.lm.select_index(pk, select)
-        h = self.lm.run_layers(mid, pk, self.split, self.n_layers, keep, expert_weights)
-        return self.lm.finish(h, pk, inv)
+        with self.lm.autocast():
+            h = self.lm.run_layers(mid, pk, self.split, self.n_layers, keep, expert_weights)
+            return self.lm.finish(h, pk, inv)
 
     def warm(self, input_ids, attention_mask, cf_embeds=None, placeholder_mask=None, expert_weights=None, keys=None):
         """Put the rows' prefix outputs into the cache as a forward would, computing nothing else."""

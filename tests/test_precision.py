@@ -1,0 +1,120 @@
+"""The precision policy (thinkrec/precision.py): auto's choice from the probe, the bf16 model (frozen
+weights bf16, adapters fp32), int8 scoring against fp32, and a run keeping the precision it started with."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.train_fixtures import tiny_lm
+from thinkrec import precision
+from thinkrec.precision import Int8Linear, Precision, PrecisionError, resolve
+
+FAST_BF16 = {"fp32_gflops": 216.0, "bf16_gflops": 956.0, "n": 1024, "threads": 2, "seconds": 0.1}
+SLOW_BF16 = {"fp32_gflops": 216.0, "bf16_gflops": 45.0, "n": 1024, "threads": 2, "seconds": 0.1}
+INT8_REL_TOL = 5e-2  # int8 weights (per channel) and 7-bit dynamic activations: ~2% relative error per GEMM
+
+
+@pytest.mark.parametrize("rates,want", [(FAST_BF16, "bf16"), (SLOW_BF16, "fp32")])
+def test_auto_follows_the_probe(monkeypatch, rates, want):
+    monkeypatch.setattr(precision, "probe", lambda int8=False, threads=0: dict(rates))
+    p = resolve("auto", "cpu", training=True)
+    assert (p.name, p.requested, p.probe["bf16_gflops"]) == (want, "auto", rates["bf16_gflops"])
+    assert f"bf16 {rates['bf16_gflops']:g}" in p.describe() and "GFLOP/s" not in p.reason  # artifacts hold no timings
+
+
+def test_explicit_choices_and_refusals():
+    assert resolve("fp32", "cpu").name == "fp32"
+    slow = resolve("bf16", "cpu", rates=SLOW_BF16)
+    assert slow.name == "bf16" and "SLOWER" in slow.reason  # asked for: honoured, with a warning
+    with pytest.raises(PrecisionError, match="forward-only"):
+        resolve("int8", "cpu", training=True)
+    with pytest.raises(PrecisionError, match="not one of"):
+        resolve("fp16", "cpu")
+    assert resolve("int8", "cpu").name == "int8"
+
+
+def test_bf16_model_keeps_adapters_fp32_and_casts_tied_weights_once():
+    lm = tiny_lm(cf_dim=8)
+    n = precision.cast_frozen(lm, torch.bfloat16)
+    frozen = {name: p for name, p in lm.llm.named_parameters() if ".lora_" not in name}
+    assert n == sum(p.numel() for p in frozen.values()) and all(p.dtype == torch.bfloat16 for p in frozen.values())
+    assert all(p.dtype == torch.float32 for name, p in lm.named_parameters() if ".lora_" in name or "projector" in name)
+    assert lm.llm.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers untouched
+    lm2 = tiny_lm(cf_dim=8)
+    precision.apply(lm2, Precision("int8", "int8", "cpu", "test"))
+    with pytest.raises(PrecisionError, match="already in int8"):
+        precision.apply(lm2, Precision("bf16", "bf16", "cpu", "test"))
+
+
+def test_int8_linear_matches_fp32_and_refuses_backward():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 7, 64, generator=g)
+    q = Int8Linear(lin.weight, lin.bias)
+    ref = lin(x).detach()
+    out = q(x)
+    assert out.shape == ref.shape
+    assert float((out - ref).norm() / ref.norm()) < INT8_REL_TOL
+    with pytest.raises(PrecisionError, match="no backward"):
+        q(x.requires_grad_())
+
+
+def _scores(lm, ids, mask, w):
+    from thinkrec.train.losses import yes_logits
+
+    with torch.no_grad():
+        h = lm(ids, mask, expert_weights=w, select=(torch.arange(len(ids)), torch.full((len(ids),), ids.shape[1] - 1)))
+    return yes_logits(h, lm.lm_head_weight, lm.yes_token_id, None).double()
+
+
+def test_int8_and_bf16_scores_track_fp32():
+    """Yes logits of one batch (mixed routes) at int8 and bf16 against fp32: within the stated relative
+    tolerance, and the same ranking of rows."""
+    g = torch.Generator().manual_seed(3)
+    lm = tiny_lm(layers=3).eval()
+    ids = torch.randint(3, 60, (16, 14), generator=g)
+    mask = torch.ones_like(ids)
+    mask[:5, :3] = 0  # left padding
+    w = torch.softmax(torch.randn(16, lm.n_adapters, generator=g), -1)
+    ref = _scores(lm, ids, mask, w)
+    for name, tol in (("int8", INT8_REL_TOL), ("bf16", 2e-2)):
+        m = copy.deepcopy(lm)
+        precision.apply(m, Precision(name, name, "cpu", "test"))
+        s = _scores(m, ids, mask, w)
+        rel = float((s - ref).norm() / ref.norm())
+        assert rel < tol, (name, rel)
+        rank = np.corrcoef(np.argsort(np.argsort(s.numpy())), np.argsort(np.argsort(ref.numpy())))[0, 1]
+        assert rank > 0.9, (name, rank)
+
+
+def test_run_keeps_its_precision(tmp_path, capsys):
+    """train.py records the precision; rerun without --precision (resumed) it keeps bf16; infer.py scores
+    in the run's precision unless told otherwise."""
+    import infer
+    import train
+    from tests.test_train_cli import train_tiny_run
+
+    run = train_tiny_run(tmp_path, "--precision", "bf16")
+    assert json.loads((run / "precision.json").read_text())["name"] == "bf16"
+    assert json.loads((run / "metrics.json").read_text())["precision"]["name"] == "bf16"
+    argv = json.loads((run / "metrics.json").read_text())["args"]
+    (run / "metrics.json").unlink()
+    capsys.readouterr()
+    again = ["--dataset", "csv", "--data-dir", argv["data_dir"], "--model", argv["model"], "--run-dir", str(run),
+             "--experts", "2", "--max-train-samples", "12", "--max-eval-samples", "8", "--max-test-samples", "0",
+             "--batch-size", "5", "--cf-dim", "8", "--expert-layers", "1", "--max-len", "400", "--no-progress",
+             "--threads", "1", "--resume"]
+    m = train.main(again)
+    assert m["precision"]["name"] == "bf16"
+    assert "precision: bf16 (the run's precision" in capsys.readouterr().out
+    m_run = infer.main(["--run-dir", str(run), "--no-progress", "--out", str(tmp_path / "a")])
+    m_int8 = infer.main(["--run-dir", str(run), "--no-progress", "--out", str(tmp_path / "b"), "--precision", "int8"])
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["precision"] == "bf16"
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["precision"] == "int8"
+    a = [json.loads(x)["score"] for x in (tmp_path / "a" / "scores.jsonl").read_text().splitlines()]
+    b = [json.loads(x)["score"] for x in (tmp_path / "b" / "scores.jsonl").read_text().splitlines()]
+    assert len(a) == len(b) == m_run["rows"] == m_int8["rows"]
+    assert float(np.linalg.norm(np.subtract(a, b)) / np.linalg.norm(a)) < INT8_REL_TOL + 2e-2

@@ -1,0 +1,304 @@
+"""The precision policy: which arithmetic the frozen LLM runs in, for training and scoring alike.
+
+    fp32   the reference: everything in float32.
+    bf16   frozen base weights stored in bfloat16 (cast once, not by autocast on every call); the forward
+           runs under bf16 autocast, so each GEMM reads bf16 and accumulates in fp32. LoRA, the projector
+           and the optimizer state stay fp32 master copies; the losses are computed in fp32.
+    int8   forward-only, CPU only (scoring, ranking, explanations): every frozen linear of the decoder runs
+           as an int8 GEMM with per-token dynamic activation scales and per-channel weight scales, the
+           LoRA deltas in fp32 on top of it. Not for training (no backward through int8 weights).
+    auto   bf16 on a CUDA GPU with bf16; on a CPU, bf16 when a short probe measures bf16 GEMMs at least
+           2x as fast as fp32 (native avx512_bf16 / AMX), else fp32. Never int8: int8 moves scores more
+           than bf16 does, so it is asked for by name.
+
+Why a probe rather than CPU flags: bf16 speed depends on the CPU, the oneDNN build and the matrix shapes
+(machines of the same kind measured 956 GFLOP/s and 0.9 GFLOP/s for bf16 against ~200 for fp32), so the
+decision is made on measured rates, once per process (about 0.1-0.3 s).
+
+Why the int8 GEMM is `torch.ops.quantized.linear_dynamic` (fbgemm / x86 engine, weights prepacked once):
+it is the C++ kernel torch's dynamic quantization has always called, measured 1.4-1.7x fp32 on a 2-core
+AVX2 CPU; the Python front end `torch.ao.quantization.quantize_dynamic` that wraps it is deprecated in
+favour of torchao, and torchao's `Int8DynamicActivationInt8WeightConfig` ran at 4.9 GOP/s in eager mode
+on the same CPU (its speed comes from torch.compile). We call the op directly, so nothing deprecated is
+imported; if a later torch drops the op, `--precision int8` fails with a message saying so.
+"""
+
+import contextlib
+import functools
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # int8 has no backward
+BF16_MIN_SPEEDUP = 2.0  # auto picks bf16 on a CPU when the probe measures bf16 GEMMs at least this much faster
+
+
+class PrecisionError(ValueError):
+    """A precision this device or this job cannot run."""
+
+
+# ----------------------------------------------------------------------------------------------- probe
+def _gemm_rate(dtype, n: int, budget_s: float) -> float:
+    """GFLOP/s of n x n x n matmuls in dtype on the CPU: one untimed call, then calls until budget_s."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        dt = time.perf_counter() - t0
+        if dt >= budget_s or reps >= 20:
+            return 2 * n ** 3 * reps / dt / 1e9
+
+
+def _int8_rate(n: int, budget_s: float) -> float:
+    """GOP/s of the int8 dynamic linear (Int8Linear) on [n, n] x [n, n]."""
+    g = torch.Generator().manual_seed(0)
+    lin = Int8Linear(torch.randn(n, n, generator=g), None)
+    x = torch.randn(n, n, generator=g)
+    lin(x)
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        lin(x)
+        reps += 1
+        dt = time.perf_counter() - t0
+        if dt >= budget_s or reps >= 20:
+            return 2 * n ** 3 * reps / dt / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def probe(int8: bool = False, threads: int = 0) -> dict:
+    """Measured CPU matmul rates {"fp32_gflops", "bf16_gflops", "int8_gops" (with int8), "n", "seconds"},
+    once per process (threads: the torch thread count it was measured at, part of the cache key).
+
+    A 256-cube first: a bf16 path without native support runs at ~1 GFLOP/s, so the 1024-cube (2 GFLOP) is
+    only timed where the small one shows a fast path; the probe never costs more than about half a second."""
+    t0 = time.perf_counter()
+    rates = {}
+    for name, dtype in (("fp32_gflops", torch.float32), ("bf16_gflops", torch.bfloat16)):
+        small = _gemm_rate(dtype, 256, 0.02)
+        rates[name] = _gemm_rate(dtype, 1024, 0.1) if small >= 20 else small
+    if int8:
+        try:
+            rates["int8_gops"] = _int8_rate(1024, 0.1)
+        except PrecisionError:
+            rates["int8_gops"] = None
+    rates.update(n=1024, threads=torch.get_num_threads(), seconds=round(time.perf_counter() - t0, 3))
+    return {k: (round(v, 1) if isinstance(v, float) and k != "seconds" else v) for k, v in rates.items()}
+
+
+# --------------------------------------------------------------------------------------------- resolve
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: `name` is fp32 | bf16 | int8; `requested` what was asked (auto included);
+    `reason` one line saying why; `probe` the measured rates (CPU) or None."""
+
+    name: str
+    requested: str
+    device: str
+    reason: str
+    probe: dict | None = field(default=None, compare=False)
+
+    @property
+    def autocast_dtype(self):
+        return torch.bfloat16 if self.name == "bf16" else None
+
+    def autocast(self):
+        return autocast(self.name, self.device)
+
+    def describe(self) -> str:
+        """One log line: the choice, why, and the probe's rates."""
+        text = f"{self.name} ({self.reason})"
+        if self.probe:
+            text += (f"; probe: fp32 {self.probe['fp32_gflops']:g} GFLOP/s, bf16 {self.probe['bf16_gflops']:g}"
+                     + (f", int8 {self.probe['int8_gops']:g} GOP/s" if self.probe.get("int8_gops") else ""))
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def autocast(name: str, device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device`'s type for "bf16", nothing otherwise."""
+    dev = torch.device(device).type
+    if name == "bf16":
+        return torch.autocast(dev, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve(requested: str, device="cpu", *, training: bool = False, rates: dict = None) -> Precision:
+    """The precision to run for `requested` (one of PRECISIONS) on `device`. rates: probe() output to use
+    instead of probing (tests, a stored run's probe)."""
+    if requested not in PRECISIONS:
+        raise PrecisionError(f"--precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device).type
+    if requested == "int8":
+        if training:
+            raise PrecisionError("--precision int8 is forward-only (scoring, ranking, explanations); training "
+                                 "needs fp32 or bf16 (or auto)")
+        if dev != "cpu":
+            raise PrecisionError(f"--precision int8 is a CPU path (fbgemm/x86 int8 GEMMs); on {dev} use bf16 or auto")
+        check_int8_available()
+        return Precision("int8", requested, dev, "asked for int8: frozen linears int8, LoRA deltas fp32")
+    if dev == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return Precision("bf16" if ok else "fp32", requested, dev,
+                             "CUDA with bf16" if ok else "this GPU has no bf16: fp32")
+        if requested == "bf16" and not ok:
+            raise PrecisionError("--precision bf16: this GPU does not support bfloat16")
+        return Precision(requested, requested, dev, f"asked for {requested}")
+    if dev != "cpu":
+        return Precision("fp32", requested, dev, f"{dev}: fp32 (no precision policy for this device type)")
+    # the reason holds no measured numbers (they differ run to run; a run's artifacts must not): those are
+    # in `probe`, and describe() prints both
+    r = dict(rates) if rates is not None else probe(threads=torch.get_num_threads())
+    ratio = r["bf16_gflops"] / max(r["fp32_gflops"], 1e-9)
+    if requested == "auto":
+        name = "bf16" if ratio >= BF16_MIN_SPEEDUP else "fp32"
+        why = "at least" if name == "bf16" else "under"
+        return Precision(name, requested, dev, f"auto: the probe measured bf16 GEMMs {why} {BF16_MIN_SPEEDUP:g}x "
+                         f"fp32 on this CPU", r)
+    reason = f"asked for {requested}"
+    if requested == "bf16" and ratio < 1.0:
+        reason += ": bf16 is SLOWER than fp32 on this CPU (no native bf16); expect a much slower run"
+    return Precision(requested, requested, dev, reason, r)
+
+
+# ------------------------------------------------------------------------------------------------ int8
+def check_int8_available() -> None:
+    if not hasattr(torch.ops.quantized, "linear_dynamic") or "x86" not in torch.backends.quantized.supported_engines \
+            and "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise PrecisionError(f"--precision int8 needs torch's fbgemm/x86 int8 kernels "
+                             f"(torch.ops.quantized.linear_dynamic); this torch {torch.__version__} has engines "
+                             f"{torch.backends.quantized.supported_engines}")
+
+
+class Int8Linear(nn.Module):
+    """y = int8(x) @ int8(W).T * scales + b for fp32 x [..., K]: W [N, K] quantised per output channel
+    (symmetric), x per call with a dynamic scale; int32 accumulation (fbgemm / x86 engine). Forward only.
+
+    reduce_range=True keeps activations to 7 bits, which rules out int16 saturation in the AVX2 kernels
+    (CPUs without VNNI), as torch's dynamic quantization does by default."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        check_int8_available()
+        w = weight.detach().float().cpu()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # quantized-tensor creation warns that it will move to torchao
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(w, scales, torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float().cpu())
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise PrecisionError("Int8Linear has no backward; --precision int8 is for scoring only")
+        lead = x.shape[:-1]
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float().contiguous(), self._packed, True)
+        return y.view(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 dynamic"
+
+
+# ------------------------------------------------------------------------------------------ the model
+def _is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def cast_frozen(lm, dtype) -> int:
+    """Store every base-model parameter of `lm` (a ThinkRecLM) in dtype, LoRA adapters and the projector
+    excepted (they stay fp32 masters); buffers (RoPE's inv_freq) are left alone. Returns the count cast."""
+    n = 0
+    for name, p in lm.llm.named_parameters():  # tied weights (SmolLM2's head = embeddings) come once
+        if _is_lora_param(name) or p.dtype == dtype or not p.is_floating_point():
+            continue
+        p.data = p.data.to(dtype)
+        n += p.numel()
+    return n
+
+
+def quantize_frozen(lm) -> int:
+    """int8 GEMMs for every frozen linear of the decoder (not the LM head, which scoring reads one row of):
+    plain nn.Linear modules are replaced by Int8Linear; a LoRALinear keeps its adapters and gets an int8
+    base (`mod.int8`). One-way: for a model loaded to score. Returns the number of layers quantised."""
+    from thinkrec.model.lora import LoRALinear
+
+    n = 0
+    for path, mod in list(lm.llm.model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            mod.int8 = Int8Linear(mod.weight, mod.bias)
+            n += 1
+        elif type(mod) is nn.Linear:
+            parent, _, child = path.rpartition(".")
+            setattr(lm.llm.model.get_submodule(parent) if parent else lm.llm.model, child,
+                    Int8Linear(mod.weight, mod.bias))
+            n += 1
+    return n
+
+
+def apply(lm, precision: Precision) -> None:
+    """Put `lm` (a ThinkRecLM, fp32 as loaded) in `precision` and record it as `lm.precision`."""
+    current = getattr(lm, "precision", "fp32")
+    if current == precision.name:
+        return
+    if current != "fp32":
+        raise PrecisionError(f"the model is already in {current}; load it again for {precision.name}")
+    if precision.name == "bf16":
+        cast_frozen(lm, torch.bfloat16)
+    elif precision.name == "int8":
+        if precision.device != "cpu":
+            raise PrecisionError("int8 is a CPU path")
+        quantize_frozen(lm)
+    lm.precision = precision.name
+
+
+# ------------------------------------------------------------------------------------------ a run's precision
+RUN_FILE = "precision.json"
+
+
+def stored(run_dir) -> dict | None:
+    """RUN/precision.json ({"name", "requested", "device", "reason", "probe"}) or None for a run made before
+    precisions existed (it trained in fp32)."""
+    from thinkrec.io import read_json
+
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    obj = read_json(path, f"delete {path} (train.py writes it again; without it the run counts as fp32)")
+    if not isinstance(obj, dict) or obj.get("name") not in PRECISIONS[1:]:
+        raise PrecisionError(f"{path}: no precision name in it (want one of {PRECISIONS[1:]}); delete it")
+    return obj
+
+
+def for_run(run_dir, requested: str | None, device="cpu", *, training: bool) -> Precision:
+    """The precision a job on RUN runs at: `requested` when given (train.py / infer.py --precision); without
+    it, the one the run recorded (RUN/precision.json: a resumed run and infer.py keep the precision the run
+    trained in), or auto for a new training run, fp32 for scoring a run that recorded none."""
+    if requested is not None:
+        return resolve(requested, device, training=training)
+    st = stored(run_dir)
+    if st is None:
+        return resolve("auto" if training else "fp32", device, training=training)
+    p = resolve(st["name"], device, training=training)
+    return Precision(p.name, p.requested, p.device, f"the run's precision ({Path(run_dir) / RUN_FILE}); "
+                     + p.reason, p.probe)
+
+
+def record(run_dir, precision: Precision) -> bool:
+    """Write RUN/precision.json when it is missing or names another precision; True when written."""
+    from thinkrec.io import write_json
+
+    st = stored(run_dir)
+    if st is not None and st.get("name") == precision.name:
+        return False
+    write_json(Path(run_dir) / RUN_FILE, precision.to_dict())
+    return True
