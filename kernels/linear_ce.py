@@ -21,9 +21,9 @@ grad_output. reduction="none" cannot do that (each row's grad_output scales its 
 products), so it stores nothing in the forward and reruns the chunk loop in the backward (one extra
 logits GEMM). An all-ignored batch gives loss 0 and zero gradients for "mean" (1/max(n_valid, 1)).
 
-Precision: fp32 on CPU. On GPU with bf16/fp16 the chunk GEMMs are cuBLAS in the input dtype (fp32
-accumulation), the row kernel works in fp32 and writes dz back in the input dtype, dW accumulates in
-fp32 across chunks.
+Precision: the chunk GEMMs run in the input dtype with fp32 accumulation (cuBLAS on GPU, oneDNN/MKL on
+CPU; fp32, and bf16 under the bf16 precision), the row step works in fp32 and writes dz back in the input
+dtype, dW accumulates in fp32 across chunks. fp16 on CPU has no fast path (never use it there).
 
 Layers: `_ce_rows_kernel` (Triton) -> `launch_config` -> `_TritonOps.ce_rows` / `_TorchOps.ce_rows` (the row
 step) -> `_chunked_ce` (the chunk loop) -> `_LinearCrossEntropy` (autograd) -> `linear_cross_entropy` (public).
@@ -199,7 +199,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="mean", chunk_rows=None):
     """`F.cross_entropy(h @ weight.T, targets)` without ever holding more than one chunk of logits.
 
-    h: [T, D], weight: [V, D] (same dtype; fp32 on CPU, also bf16/fp16 on GPU), targets: [T] int64.
+    h: [T, D], weight: [V, D] (same dtype: fp32 or bf16; fp16 on GPU), targets: [T] int64.
     reduction: "mean" (over non-ignored tokens), "sum" or "none" ([T], ignored rows 0).
     chunk_rows: tokens per chunk; default keeps one [C, V] chunk under CHUNK_BYTES.
     weight may be frozen (requires_grad False): dW is then never computed.

@@ -139,7 +139,7 @@ class _YesHeadBCE(torch.autograd.Function):
 def yes_head_bce(h, lm_weight, token_id, labels, reduction="mean"):
     """BCE-with-logits on the Yes logit `h @ lm_weight[token_id]`; returns (loss, logits [M]).
 
-    h: [M, D] (fp32 on CPU; fp32/bf16/fp16 on GPU), lm_weight: [V, D] same dtype, token_id: int,
+    h: [M, D] (fp32/bf16; fp16 on GPU), lm_weight: [V, D] same dtype, token_id: int,
     labels: [M] in {0, 1} (any dtype). reduction: "mean" | "sum" | "none" (loss [M]).
     Gradients flow to h and, if it requires grad, lm_weight (zero outside row token_id).
     """

@@ -1,8 +1,9 @@
 """linear_cross_entropy against the float64 reference: loss, dh and dW, torch path and Triton path.
 
 Chunk sizes force several chunks with a ragged last one (37 tokens in chunks of 8 or 16). Without
-CUDA the Triton row kernel runs under the interpreter; bf16 is GPU-only (the chunk GEMMs are torch, but
-the interpreter's bf16 is not what runs on a GPU, so it is left to the CUDA test).
+CUDA the Triton row kernel runs under the interpreter; bf16 on the Triton path is GPU-only (the chunk GEMMs
+are torch, but the interpreter's bf16 is not what runs on a GPU, so it is left to the CUDA test). bf16 on the
+PyTorch path (a CPU under --precision bf16) is checked on CPU tensors.
 """
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import linear_cross_entropy, reference
+from kernels._dispatch import use_triton
 from kernels.compile_check import spec_from_case
 from kernels.linear_ce import CHUNK_BYTES, _chunk_rows, compile_cases
 from tests.utils import CUDA, assert_close
@@ -70,6 +72,20 @@ def test_torch_path_matches_reference(monkeypatch, T, D, V, chunk_rows, reductio
 def test_triton_path_matches_reference(monkeypatch, T, D, V, chunk_rows, reduction, dtype):
     monkeypatch.setenv("THINKREC_KERNELS", "triton")
     _check(*_inputs(T, D, V, dtype), reduction, chunk_rows)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("T,D,V,chunk_rows", CASES)
+def test_cpu_bf16_torch_path_matches_reference(monkeypatch, T, D, V, chunk_rows, reduction):
+    """bf16 h and weight on a CPU (--precision bf16 without a GPU): THINKREC_KERNELS=auto takes the PyTorch
+    path (bf16 chunk GEMMs and dz, fp32 row statistics and dW accumulator); loss, dh and dW in bf16, within
+    TOL[bf16] of the float64 reference."""
+    monkeypatch.setenv("THINKREC_KERNELS", "auto")
+    h, w, targets = _inputs(T, D, V, torch.bfloat16, device="cpu")
+    assert not use_triton(h, w)
+    loss = linear_cross_entropy(h, w, targets, ignore_index=IGNORE, reduction=reduction, chunk_rows=chunk_rows)
+    assert loss.dtype == torch.bfloat16
+    _check(h, w, targets, reduction, chunk_rows)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

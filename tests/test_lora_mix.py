@@ -22,7 +22,7 @@ SHAPES = [((1,), 16, 16, 1, 4), ((37,), 72, 136, 3, 8), ((2, 5), 40, 24, 16, 4),
           ((1100,), 24, 20, 3, 4)]    # M > 1024: dA/dB reductions split over M (partial sums added)
 
 
-def _make(lead, K, N, E, r, dtype, seed=0, weights="dense"):
+def _make(lead, K, N, E, r, dtype, seed=0, weights="dense", device=DEV):
     """Inputs scaled so the delta is O(1): x ~ N(0, 1), A ~ N(0, 1/K), B ~ N(0, 1/r)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, K, generator=g)
@@ -32,7 +32,7 @@ def _make(lead, K, N, E, r, dtype, seed=0, weights="dense"):
         w = torch.softmax(torch.randn(*lead, E, generator=g) * 2, -1)
     else:  # one-hot
         w = F.one_hot(torch.randint(0, E, lead, generator=g), E).double()
-    return [t.to(DEV, dtype).requires_grad_() for t in (x, A, B, w)]
+    return [t.to(device, dtype).requires_grad_() for t in (x, A, B, w)]
 
 
 def _grads(out, inputs, g):
@@ -43,15 +43,17 @@ def _check_against_reference(fn, ref_fn, inputs, dtype, name, scale=0.75, relati
     """Output and all gradients of fn(*inputs) vs ref_fn on float64 copies, one shared upstream gradient.
 
     relative_atol: atol is TOL's times the largest |expected| (for sums over ~1e5 rows, where rounding
-    the stored 16-bit intermediates adds ~sqrt(M) * 2**-8 * |term| to elements that may be near zero)."""
+    the stored 16-bit intermediates adds ~sqrt(M) * 2**-8 * |term| to elements that may be near zero);
+    True for every result, or a tuple of labels ("dA", "dB") for those results only."""
     out = fn(*inputs, scale, **kw)
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
     out64 = ref_fn(*inputs64, scale)
-    g = torch.randn(out64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEV)
+    g = torch.randn(out64.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out64.device)
     pairs = [("out", out, out64)]
     pairs += zip("dx dA dB dw dW db".split(), _grads(out, inputs, g.to(dtype)), _grads(out64, inputs64, g))
     for label, got, exp in pairs:
-        atol = TOL[dtype][0] * max(1.0, exp.abs().max().item()) if relative_atol else None
+        rel = relative_atol is True or label in (relative_atol or ())
+        atol = TOL[dtype][0] * max(1.0, exp.abs().max().item()) if rel else None
         assert_close(got, exp, dtype, name=f"{name} {label}", atol=atol)
 
 
@@ -191,6 +193,79 @@ def test_autocast_computes_in_the_autocast_dtype(path, op):
                             torch.autograd.grad(exp.sum(), inputs64, allow_unused=True)):
         if e is not None:
             assert_close(got, e, dt, name=f"{path} {op} autocast {name}")
+
+
+# --precision bf16 on a CPU: the PyTorch path in bf16 (THINKREC_KERNELS=auto takes it for CPU tensors). xa and gb
+# are stored in bf16 there as on a GPU, so in lora_mix over SHAPES dA and dB, sums over M rows of products of them,
+# get TOL's atol times their largest |element| (SHAPES[1]: |dA| up to 32 from terms up to 7, off by up to 0.15
+# where it is near 0; the Triton kernels' roundings, emulated in float64, miss plain TOL there too). Everything
+# else gets TOL as it is.
+BF16_SUMS = ("dA", "dB")
+
+
+@pytest.mark.parametrize("path", ["auto"], indirect=True)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpu_bf16_lora_mix_matches_reference(path, shape):
+    """x, A, B, w in bf16 on a CPU: the PyTorch path computes in bf16; output and every gradient in bf16,
+    within TOL[bf16] of the float64 reference."""
+    bf = torch.bfloat16
+    inputs = _make(*shape, dtype=bf, device="cpu")
+    assert not use_triton(*inputs)
+    assert lora_mix(*inputs, 0.75).dtype == bf
+    _check_against_reference(lora_mix, ref.lora_mix, inputs, bf, f"cpu bf16 {shape}", relative_atol=BF16_SUMS)
+
+
+@pytest.mark.parametrize("path", ["torch", "auto"], indirect=True)
+@pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32], ids=["bf16-adapters", "fp32-adapters"])
+def test_cpu_bf16_lora_linear_matches_reference(path, adapters):
+    """bf16 x, weight and bias on a CPU with bf16 adapters and w, or fp32 ones (LoRA masters, which lora_linear
+    casts to x's dtype, differentiably): the output in bf16, it and every gradient within TOL[bf16] of the
+    float64 reference."""
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(12)
+    x, A, B, w = _make((4, 9), 40, 72, 3, 8, torch.float32, seed=2, device="cpu")
+    x = x.detach().to(bf).requires_grad_()
+    A, B, w = (t.detach().to(adapters).requires_grad_() for t in (A, B, w))
+    W = (torch.randn(72, 40, generator=g) / 40 ** 0.5).to(bf).requires_grad_()
+    b = torch.randn(72, generator=g).to(bf).requires_grad_()
+    inputs = [x, A, B, w, W, b]
+    assert not use_triton(*inputs)
+
+    def ref_fn(x, A, B, w, W, b, scale):
+        return F.linear(x, W, b) + ref.lora_mix(x, A, B, w, scale)
+
+    def ours(x, A, B, w, W, b, scale):
+        return lora_linear(x, W, b, A, B, w, scale)
+
+    assert ours(*inputs, 0.75).dtype == bf
+    _check_against_reference(ours, ref_fn, inputs, bf, f"{path} cpu bf16 lora_linear")
+
+
+@pytest.mark.parametrize("path", ["auto"], indirect=True)
+@pytest.mark.parametrize("base", [torch.float32, torch.bfloat16], ids=["fp32-base", "bf16-base"])
+def test_cpu_bf16_autocast_gives_fp32_adapter_grads(path, base):
+    """--precision bf16 on a CPU in miniature: fp32 x, adapters and w, the base weight and bias in fp32 or
+    stored in bf16 (thinkrec.precision.cast_frozen; frozen then), under CPU bf16 autocast: lora_linear returns
+    bf16 and the gradients reach the fp32 inputs in fp32, all within TOL[bf16] of the float64 reference."""
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(13)
+    x, A, B, w = _make((3, 5), 40, 24, 3, 8, torch.float32, seed=8, device="cpu")
+    W = (torch.randn(24, 40, generator=g) / 40 ** 0.5).to(base).requires_grad_(base == torch.float32)
+    b = torch.randn(24, generator=g).to(base).requires_grad_(base == torch.float32)
+    inputs = [x, A, B, w, W, b]
+    with torch.autocast("cpu", dtype=bf):
+        assert not use_triton(x.to(bf), W, b, A, B, w)
+        out = lora_linear(x, W, b, A, B, w, 0.5)
+    assert out.dtype == bf
+    names = [n for n, t in zip(("dx", "dA", "dB", "dw", "dW", "db"), inputs) if t.requires_grad]
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], up.to(bf))
+    assert [t.dtype for t in grads] == [torch.float32] * len(names), "gradients must reach fp32 inputs in fp32"
+    inputs64 = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    exp = F.linear(inputs64[0], inputs64[4], inputs64[5]) + ref.lora_mix(*inputs64[:4], 0.5)
+    assert_close(out, exp, bf, name=f"autocast bf16 {base} out")
+    for name, got, e in zip(names, grads, torch.autograd.grad(exp, [t for t in inputs64 if t.requires_grad], up)):
+        assert_close(got, e, bf, name=f"autocast bf16 {base} {name}")
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import reference, yes_head_bce
+from kernels._dispatch import use_triton
 from kernels.compile_check import spec_from_case
 from kernels.yes_head import compile_cases
 from tests.utils import CUDA, assert_close
@@ -61,6 +62,18 @@ def _check(h, w, labels, reduction, weight_grad=True):
 def test_torch_path_matches_reference(monkeypatch, M, D, V, reduction):
     monkeypatch.setenv("THINKREC_KERNELS", "torch")
     _check(*_inputs(M, D, V, torch.float32), reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("M,D,V", SHAPES)
+def test_cpu_bf16_torch_path_matches_reference(monkeypatch, M, D, V, reduction):
+    """bf16 h and LM head on a CPU (--precision bf16 without a GPU): THINKREC_KERNELS=auto takes the PyTorch
+    path, whose dot and BCE run in fp32: loss, logits and gradients in bf16, within TOL[bf16]."""
+    monkeypatch.setenv("THINKREC_KERNELS", "auto")
+    h, w, labels = _inputs(M, D, V, torch.bfloat16, device="cpu")
+    assert not use_triton(h, w)
+    assert all(t.dtype == torch.bfloat16 for t in yes_head_bce(h, w, TOKEN_ID, labels, reduction=reduction))
+    _check(h, w, labels, reduction)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -4,9 +4,14 @@
     bf16   frozen base weights stored in bfloat16 (cast once, not by autocast on every call); the forward
            runs under bf16 autocast, so each GEMM reads bf16 and accumulates in fp32. LoRA, the projector
            and the optimizer state stay fp32 master copies; the losses are computed in fp32.
-    int8   forward-only, CPU only (scoring, ranking, explanations): every frozen linear of the decoder runs
-           as an int8 GEMM with per-token dynamic activation scales and per-channel weight scales, the
-           LoRA deltas in fp32 on top of it. Not for training (no backward through int8 weights).
+    int8   EXPERIMENTAL, forward-only, CPU only (scoring, ranking, explanations): every frozen linear of the
+           decoder runs as an int8 GEMM with one dynamic activation scale per call and per-channel weight
+           scales, the LoRA deltas in fp32 on top of it. Not for training (no backward through int8
+           weights). Measured 1.4x fp32 scoring on a 2-core AVX2 CPU, but LLM activations have outlier
+           channels that one scale per call cannot cover: on SmolLM2-135M the Yes logits moved by up to 7
+           (AUC -0.19 on ML-1M rows), and SmoothQuant-style smoothing (alpha 0.5-0.85, calibrated on train
+           prompts) with down_proj kept in fp32 still left the scores' correlation with fp32 at 0.66-0.89.
+           So it is never chosen by auto, and says so when asked for.
     auto   bf16 on a CUDA GPU with bf16; on a CPU, bf16 when a short probe measures bf16 GEMMs at least
            2x as fast as fp32 (native avx512_bf16 / AMX), else fp32. Never int8: int8 moves scores more
            than bf16 does, so it is asked for by name.
@@ -35,6 +40,10 @@ import torch.nn as nn
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # int8 has no backward
+REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in fbgemm's AVX2 kernels (CPUs without VNNI)
+INT8_CAVEAT = ("int8 GEMMs with one dynamic activation scale per call: on SmolLM2-135M they moved Yes logits by "
+               "up to 7 against fp32 and AUC by -0.19 on ML-1M rows; measure with bench/infer_throughput.py "
+               "--precisions int8 before trusting it on your model")
 BF16_MIN_SPEEDUP = 2.0  # auto picks bf16 on a CPU when the probe measures bf16 GEMMs at least this much faster
 
 
@@ -145,7 +154,7 @@ def resolve(requested: str, device="cpu", *, training: bool = False, rates: dict
         if dev != "cpu":
             raise PrecisionError(f"--precision int8 is a CPU path (fbgemm/x86 int8 GEMMs); on {dev} use bf16 or auto")
         check_int8_available()
-        return Precision("int8", requested, dev, "asked for int8: frozen linears int8, LoRA deltas fp32")
+        return Precision("int8", requested, dev, "asked for int8 (EXPERIMENTAL: " + INT8_CAVEAT + ")")
     if dev == "cuda":
         ok = torch.cuda.is_bf16_supported()
         if requested == "auto":
@@ -184,8 +193,9 @@ class Int8Linear(nn.Module):
     """y = int8(x) @ int8(W).T * scales + b for fp32 x [..., K]: W [N, K] quantised per output channel
     (symmetric), x per call with a dynamic scale; int32 accumulation (fbgemm / x86 engine). Forward only.
 
-    reduce_range=True keeps activations to 7 bits, which rules out int16 saturation in the AVX2 kernels
-    (CPUs without VNNI), as torch's dynamic quantization does by default."""
+    reduce_range (REDUCE_RANGE) keeps activations to 7 bits, which rules out int16 saturation in the AVX2
+    kernels (CPUs without VNNI), as torch's dynamic quantization does by default; 8 bits was no better on
+    SmolLM2."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -202,7 +212,7 @@ class Int8Linear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             raise PrecisionError("Int8Linear has no backward; --precision int8 is for scoring only")
         lead = x.shape[:-1]
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float().contiguous(), self._packed, True)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float().contiguous(), self._packed, REDUCE_RANGE)
         return y.view(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
