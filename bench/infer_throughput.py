@@ -3,6 +3,7 @@ batches, plus ranking with a shared prefix.
 
     python bench/infer_throughput.py                   # SmolLM2-135M, CPU, 240 real ML-1M test prompts
     python bench/infer_throughput.py --rows 60 --candidates 40
+    python bench/infer_throughput.py --precisions auto,int8,bf16     # ours at other precisions too
 
 Setup: the shared ML-1M split (`../shared/data/ml1m-collm`) prepared through the data layer; an MF model
 (dim 256, a fixed short schedule) and the 2-group gate built on it, so users are routed as in a real run:
@@ -21,7 +22,14 @@ Providers (same rows, same adapters):
 Before timing, scores are checked: official vs ours-linear on every row, peft-mixed vs ours on one-route
 rows. Ranking: 100 candidates for one user, shared prefix (thinkrec.infer.rank) vs scoring each candidate
 as an ordinary row. peak_fraction = the scorer's linear-layer + attention FLOP/s over this machine's fp32
-matmul rate measured in the same run. Prints a table, then one JSON line.
+matmul rate measured in the same run.
+
+Precisions (`--precisions`, thinkrec/precision.py): `ours-<p>` scores the same rows with the model put in
+precision p (auto = what `--precision auto` resolves to on this machine, reported with the probe's rates):
+rows/s, the speedup over ours in fp32, the largest score change and the AUC drift against fp32 on the same
+rows, and the peak fraction against the GEMM rate of that precision measured here. bf16 on a CPU the probe
+finds without fast bf16 is skipped (it would take hours) unless --force-slow. Prints a table, then one
+JSON line.
 """
 
 import argparse
@@ -81,6 +89,31 @@ def _gemm_rate(threads_note=""):
     return 2 * 2048 * 576 * 1536 / statistics.median(times) / 1e9
 
 
+def _precision_rate(name):
+    """GFLOP/s (GOP/s for int8) of the decoder-sized product [2048, 576] x [576, 1536] at a precision."""
+    import torch
+
+    from thinkrec.precision import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randn(2048, 576, generator=g), torch.randn(1536, 576, generator=g)
+    if name == "fp32":
+        fn = lambda: a @ w.T  # noqa: E731
+    elif name == "bf16":
+        ab, wb = a.bfloat16(), w.bfloat16()
+        fn = lambda: ab @ wb.T  # noqa: E731
+    else:
+        lin = Int8Linear(w, None)
+        fn = lambda: lin(a)  # noqa: E731
+    fn()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 2 * 2048 * 576 * 1536 / statistics.median(times) / 1e9
+
+
 def _flops(lm, samples):
     """Linear-layer and attention FLOPs of a padding-free forward over `samples` (prompt only)."""
     import torch
@@ -99,6 +132,9 @@ def main():
     ap.add_argument("--candidates", type=int, default=100, help="candidates ranked for one user")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--skip-official", action="store_true", help="leave the slowest peer out")
+    ap.add_argument("--precisions", default="auto,int8", help="ours at these precisions besides fp32 "
+                    "(auto, bf16, int8; comma-separated, '' for none)")
+    ap.add_argument("--force-slow", action="store_true", help="time bf16 even where the probe finds it slow")
     a = ap.parse_args()
 
     import numpy as np
@@ -193,6 +229,47 @@ def main():
     flops = _flops(lm, samples)
     peak_fraction = flops / results["ours"]["seconds"] / 1e9 / gemm
 
+    # --- ours at other precisions: same rows; speed, score change and AUC drift against fp32
+    import copy
+
+    from thinkrec import precision as P
+    from thinkrec.metrics import evaluate
+
+    labels = prep.inter.label[rows]
+    fp32_scores = ours()
+    auc32 = evaluate(users, fp32_scores, labels)["auc"]
+    probe = P.probe(int8=True, threads=torch.get_num_threads())
+    auto = P.resolve("auto", "cpu", rates=probe)
+    print(f"precision probe: {probe}; auto -> {auto.name} ({auto.reason})", flush=True)
+    prec_rows = {}
+    for req in [p for p in a.precisions.split(",") if p]:
+        p = P.resolve(req, "cpu", rates=probe)
+        key = f"ours-{req}" if req == "auto" else f"ours-{p.name}"
+        if p.name == "fp32":
+            prec_rows[key] = {"precision": "fp32", "same_as": "ours"}
+            continue
+        if p.name == "bf16" and probe["bf16_gflops"] < probe["fp32_gflops"] and not a.force_slow:
+            prec_rows[key] = {"precision": "bf16", "skipped": f"bf16 GEMM {probe['bf16_gflops']} GFLOP/s against "
+                              f"fp32 {probe['fp32_gflops']} here (no native bf16); --force-slow times it anyway"}
+            print(f"  {key:12} skipped: {prec_rows[key]['skipped']}", flush=True)
+            continue
+        m = copy.deepcopy(lm)
+        P.apply(m, p)
+        score_samples(m, samples[:4], weights[:4], ue, ie, tok.pad_token_id)  # warm-up
+        job = ScoreJob(lambda i: samples[i], np.array([len(x) for x in samples]), weights, ue, ie, tok.pad_token_id)
+        t = time.perf_counter()
+        sc = run_job(m, job, batch_tokens=8192, max_rows=64)
+        sec = time.perf_counter() - t
+        rate = _precision_rate(p.name)
+        prec_rows[key] = {"precision": p.name, "seconds": round(sec, 2), "rows_per_s": round(len(rows) / sec, 2),
+                          "speedup_vs_fp32": round(results["ours"]["seconds"] / sec, 3),
+                          "max_abs_score_diff": round(float(np.abs(sc - fp32_scores).max()), 4),
+                          "auc_drift": round(float(evaluate(users, sc, labels)["auc"] - auc32), 5),
+                          "gemm_rate": round(rate, 1), "peak_fraction": round(flops / sec / 1e9 / rate, 3)}
+        print(f"  {key:12} {sec:8.1f} s  {len(rows) / sec:7.2f} rows/s  ({prec_rows[key]['speedup_vs_fp32']:.2f}x fp32, "
+              f"AUC drift {prec_rows[key]['auc_drift']:+.4f})", flush=True)
+        del m
+
     # --- ranking: one user's candidates, shared prefix vs each as an ordinary row
     user = int(users[np.flatnonzero(route == 2)[0]] if (route == 2).any() else users[0])
     items = read_candidates("all", loaded, user)[: a.candidates]
@@ -215,6 +292,17 @@ def main():
     print("|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['seconds']:.1f} | {r['rows_per_s']:.2f} | {r['seconds'] / base:.2f}x |")
+    if prec_rows:
+        print("\n| ours at | precision | seconds | rows/s | vs ours fp32 | max score change | AUC drift | "
+              "GEMM rate here | peak fraction |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for key, r in prec_rows.items():
+            if "seconds" in r:
+                print(f"| {key} | {r['precision']} | {r['seconds']:.1f} | {r['rows_per_s']:.2f} | "
+                      f"{r['speedup_vs_fp32']:.2f}x | {r['max_abs_score_diff']:.4f} | {r['auc_drift']:+.5f} | "
+                      f"{r['gemm_rate']:.0f} | {r['peak_fraction']:.2f} |")
+            else:
+                print(f"| {key} | {r['precision']} | {r.get('skipped') or 'same as ours (fp32)'} | | | | | | |")
     print(f"\nranking {len(items)} candidates: shared prefix {rank_shared:.1f} s, each alone {rank_alone:.1f} s "
           f"({rank_alone / rank_shared:.2f}x), max |diff| {rank_diff:.1e}")
     print(f"ours: {flops / 1e12:.2f} TFLOP in {base:.1f} s = {flops / base / 1e9:.0f} GFLOP/s; fp32 matmul here "
@@ -225,7 +313,9 @@ def main():
         "results": results, "checks": checks,
         "speedup_vs_official": None if a.skip_official else round(results["official"]["seconds"] / base, 3),
         "speedup_vs_peft_mixed": round(results["peft-mixed"]["seconds"] / base, 3),
-        "speedup_auto_vs_official": None, "auto_unavailable": "--precision lands with the precision issue",
+        "precision_auto": auto.name, "precision_probe": probe, "precisions": prec_rows,
+        "speedup_auto_vs_official": None if a.skip_official else round(
+            results["official"]["seconds"] / prec_rows.get("ours-auto", {}).get("seconds", base), 3),
         "rank_prefix_speedup": round(rank_alone / rank_shared, 3), "rank_candidates": len(items),
         "rank_max_abs_diff": rank_diff, "rows_per_s": results["ours"]["rows_per_s"],
         "gemm_gflops_fp32": round(gemm, 1), "peak_fraction": round(peak_fraction, 3),

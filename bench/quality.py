@@ -9,7 +9,11 @@ Data: `../shared/data/ml1m-collm` (33,891 / 10,401 / 7,331 rows) through the dat
 - LLM: SmolLM2-135M-Instruct with the global LoRA trained by the stage-1 loop (prompts without CF ids,
   plain Yes/No samples, 0.9 BCE + 0.1 LM) on `--train-samples` random train rows for `--epochs`, then the
   Yes logit on the test rows; `zero-shot` is the same model before training.
-Test rows: `--test-samples` random test rows (the same for every model). Prints a table, then one JSON line.
+Test rows: `--test-samples` random test rows (the same for every model).
+Precisions (`--precisions fp32,bf16`, thinkrec/precision.py): stage 1 is trained once per precision from the
+same initial adapter on the same batches; the JSON line gives each one's metrics, the AUC difference against
+fp32 and the first batch's loss at each precision (dropout off). bf16 is skipped on a CPU the probe finds
+without fast bf16 unless --force-slow. Prints a table, then one JSON line.
 """
 
 import argparse
@@ -34,6 +38,8 @@ def main():
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-zero-shot", action="store_true", help="skip scoring the untrained model")
+    ap.add_argument("--precisions", default="fp32", help="train stage 1 at each: fp32, bf16 (comma-separated)")
+    ap.add_argument("--force-slow", action="store_true", help="run bf16 even where the probe finds it slow")
     a = ap.parse_args()
 
     import numpy as np
@@ -58,23 +64,44 @@ def main():
     mf, cfg, _, data = search("mf", prep, {"lr": [1e-3], "dim": [256], "weight_decay": [1e-6]}, seed=a.seed)
     results["mf"] = {**evaluate(users, predict(mf, data, test_rows), labels), "seconds": time.perf_counter() - t}
 
-    # --- stage 1 of the LLM
-    lm, tok = ThinkRecLM.from_pretrained(a.model, n_experts=0)
-    builder = PromptBuilder(prep, tok, mode="text", max_len=a.max_len)
-    test = SampleSet(builder, test_rows)
-    inputs = StageInputs(plain=SampleSet(builder, train_rows), pad_id=tok.pad_token_id)
-    if not a.no_zero_shot:
+    # --- stage 1 of the LLM, at each precision from the same initial adapter
+    from thinkrec import precision as P
+    from thinkrec.train.batches import collate
+    from thinkrec.train.losses import batch_loss, loss_positions
+
+    probe = P.probe(threads=torch.get_num_threads())
+    first_losses, skipped = {}, {}
+    for prec in [p for p in a.precisions.split(",") if p]:
+        if prec == "bf16" and probe["bf16_gflops"] < probe["fp32_gflops"] and not a.force_slow:
+            skipped[prec] = f"probe: bf16 {probe['bf16_gflops']} GFLOP/s, fp32 {probe['fp32_gflops']} (no native bf16)"
+            print(f"skipped {prec}: {skipped[prec]}")
+            continue
+        torch.manual_seed(a.seed)
+        lm, tok = ThinkRecLM.from_pretrained(a.model, n_experts=0)
+        P.apply(lm, P.Precision(prec, prec, "cpu", "bench"))
+        builder = PromptBuilder(prep, tok, mode="text", max_len=a.max_len)
+        test = SampleSet(builder, test_rows)
+        inputs = StageInputs(plain=SampleSet(builder, train_rows), pad_id=tok.pad_token_id)
+        if not a.no_zero_shot and prec == "fp32":
+            t = time.perf_counter()
+            s = score(lm, test, inputs, batch_size=16, progress=True, desc="zero-shot")
+            results["zero-shot"] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t,
+                                    **_logit_stats(s, labels)}
+        setup(lm, "stage1")
+        lm.eval()
+        first = collate([inputs.plain.sample(i) for i in range(a.batch_size)], inputs.plain.users[:a.batch_size],
+                        tok.pad_token_id)
+        with torch.no_grad():
+            h = lm(first.input_ids, first.attention_mask, select=loss_positions(first))
+            first_losses[prec] = float(batch_loss(h, lm.lm_head_weight, lm.yes_token_id, first)[0])
         t = time.perf_counter()
-        s = score(lm, test, inputs, batch_size=16, progress=True, desc="zero-shot")
-        results["zero-shot"] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t, **_logit_stats(s, labels)}
-    setup(lm, "stage1")
-    t = time.perf_counter()
-    cfg = LoopConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, desc="stage1")
-    res = train_stage(lm, inputs, cfg, None)
-    train_s = time.perf_counter() - t
-    t = time.perf_counter()
-    s = score(lm, test, inputs, batch_size=16, progress=True, desc="test")
-    results["stage1"] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t, "train_seconds": train_s,
+        cfg = LoopConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, desc=f"stage1 {prec}")
+        res = train_stage(lm, inputs, cfg, None)
+        train_s = time.perf_counter() - t
+        t = time.perf_counter()
+        s = score(lm, test, inputs, batch_size=16, progress=True, desc="test")
+        name = "stage1" if prec == "fp32" else f"stage1-{prec}"
+        results[name] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t, "train_seconds": train_s,
                          "steps": res["state"].step, **_logit_stats(s, labels)}
 
     print("| model | AUC | UAUC | NDCG@5 | MAP@5 | seconds | mean Yes logit (liked / not) |\n|---|---|---|---|---|---|---|")
@@ -83,10 +110,15 @@ def main():
         print(f"| {name} | {m['auc']:.4f} | {m['uauc']:.4f} | {m['ndcg@5']:.4f} | {m['map@5']:.4f} | "
               f"{m['seconds'] + m.get('train_seconds', 0):.0f} | {logit} |")
     out = {"train_samples": len(train_rows), "test_rows": len(test_rows), "test_users": int(len(np.unique(users))),
-           "epochs": a.epochs, "lr": a.lr}
+           "epochs": a.epochs, "lr": a.lr, "precision_probe": probe, "precisions_skipped": skipped,
+           "first_loss": first_losses}
     for name, m in results.items():
         out[name] = {k: round(float(m[k]), 4) for k in ("auc", "uauc", "ndcg@5", "map@5", "logit_pos", "logit_neg")
                      if k in m}
+    if "stage1" in results and "stage1-bf16" in results:
+        out["auc_diff_bf16_vs_fp32"] = round(results["stage1-bf16"]["auc"] - results["stage1"]["auc"], 5)
+        out["first_loss_rel_bf16_vs_fp32"] = round(abs(first_losses["bf16"] - first_losses["fp32"])
+                                                   / abs(first_losses["fp32"]), 5)
     print_json(out)
 
 

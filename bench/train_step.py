@@ -14,12 +14,19 @@ split `../shared/data/ml1m-collm` read through the data layer's `csv` source):
   mixing groups, layers below the last 8 merged and run without autograd (thinkrec/train/prefix.py).
 - `ours-cached` (stage 3): the same with the prefix cache warm, i.e. every epoch after the first: the
   frozen 22 layers' output of each sample is reused, a step runs the top 8 layers only.
+Precisions (`--precisions`, thinkrec/precision.py): fp32, and bf16 where the probe measures bf16 GEMMs
+faster than fp32 (else skipped with the probe's rates; --force-slow times it anyway). At bf16 `ours` stores
+the frozen weights in bf16 (LoRA and AdamW fp32) and `official` runs the HF + peft recipe under
+torch.autocast(bf16) with fp32 weights, as the official code runs under fp16 autocast on GPUs. The peak
+fraction is a step's effective FLOP/s (forward linear and attention FLOPs, twice: the backward through
+frozen weights computes dx only) over the GEMM rate of its precision measured in the same run.
 A step = forward, loss, backward, AdamW step. Before timing, the first step's loss of both providers is
 checked to agree (dropout off for the check). Each (stage, provider) runs in a fresh subprocess; peak
 memory is VmHWM minus VmRSS after the model and batches exist (CPU, /proc/self/clear_refs resets the
 mark) or torch.cuda.max_memory_allocated minus the allocation before the steps (CUDA).
-Prints a table, then one JSON line with stage1_speedup and stage3_speedup (official time / ours) and
-stage3_speedup_cached (official / ours-cached).
+Prints a table, then one JSON line with stage1_speedup and stage3_speedup (official time / ours, fp32),
+stage3_speedup_cached (official / ours-cached), stage1/3_speedup_bf16_vs_fp32 (ours vs ours),
+stage1_peak_fraction and the probe's rates.
 """
 
 import argparse
@@ -116,10 +123,27 @@ def _our_step(lm, fwd, batch, cf, groups, cached):
     return batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)[0]
 
 
-def worker(args):
-    """One (stage, provider): prints one JSON line with times and memory."""
+def _step_flops(lm, batch, stage, k=8):
+    """FLOPs of a step: the forward's linear-layer and attention FLOPs over the batch's real tokens, twice for
+    the layers autograd runs (their backward computes dx through frozen weights), once for stage 3's frozen
+    prefix."""
     import torch
 
+    cfg = lm.llm.config
+    per_layer = sum(m.weight.numel() for m in lm.llm.model.layers[0].modules()
+                    if isinstance(m, torch.nn.Linear) or hasattr(m, "lora_A"))
+    lens = batch.attention_mask.sum(1).tolist()
+    layer = [2 * per_layer * n + 2 * cfg.hidden_size * n * n for n in lens]  # linears + causal QK^T and PV
+    L = cfg.num_hidden_layers
+    trained = L if stage == 1 else k
+    return sum(layer) * (2 * trained + (L - trained))
+
+
+def worker(args):
+    """One (stage, provider, precision): prints one JSON line with times and memory."""
+    import torch
+
+    from thinkrec import precision as P
     from thinkrec.model import ThinkRecLM
     from thinkrec.train import stages
     from thinkrec.train.batches import cf_inputs
@@ -136,13 +160,19 @@ def worker(args):
     cfs = [cf_inputs(b, ue, ie) for b in batches]
     groups = [torch.arange(len(b.labels)) % args.experts for b in batches]  # every batch mixes the groups
     cached = args.provider == "ours-cached"
-    fwd = stages.setup(lm, f"stage{args.stage}", prefix_cache_mb=4096 if cached else 0) or lm  # stage 3: FrozenPrefix
+    prec = P.Precision(args.precision, args.precision, dev.type, "bench")
     if args.provider == "official":
+        fwd = stages.setup(lm, f"stage{args.stage}", prefix_cache_mb=0)
         model = _official_model(lm, args.stage).to(dev)
         model.train()
-        step = lambda b, cf, gr: _official_step(model, lm, b, cf)  # noqa: E731
+
+        def step(b, cf, gr):  # the recipe under autocast (fp32 weights cast by autocast on every call)
+            with P.autocast(args.precision, dev):
+                return _official_step(model, lm, b, cf)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
+        P.apply(lm, prec)  # before the frozen prefix merges its layers, so they are merged in bf16 too
+        fwd = stages.setup(lm, f"stage{args.stage}", prefix_cache_mb=4096 if cached else 0) or lm  # stage 3: FrozenPrefix
         lm.train()
         step = lambda b, cf, gr: _our_step(lm, fwd, b, cf, gr if args.stage == 3 else None, cached)  # noqa: E731
         params = [p for p in lm.parameters() if p.requires_grad]
@@ -168,13 +198,14 @@ def worker(args):
     times = time_runs(lambda: train_step(next(repeat) % len(batches)), args.repeats, dev)
     peak = peak_memory(dev) - base
     tokens = sum(int(batches[r % len(batches)].attention_mask.sum()) for r in range(args.repeats)) / args.repeats
+    flops = sum(_step_flops(lm, batches[r % len(batches)], args.stage) for r in range(args.repeats)) / args.repeats
     print_json({"median_s": statistics.median(times), "times": times, "peak_mb": peak / 2**20,
-                "tokens_per_batch": tokens})
+                "tokens_per_batch": tokens, "step_gflop": flops / 1e9})
 
 
-def _run(stage, provider, a, check=False):
+def _run(stage, provider, a, check=False, precision="fp32"):
     args = ["--worker", "--stage", stage, "--provider", provider, "--repeats", a.repeats, "--batches", a.batches,
-            "--batch-size", a.batch_size, "--device", a.device, "--experts", a.experts]
+            "--batch-size", a.batch_size, "--device", a.device, "--experts", a.experts, "--precision", precision]
     args += (["--model", a.model] if a.model else []) + (["--check"] if check else [])
     return run_worker(os.path.abspath(__file__), args)
 
@@ -188,6 +219,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per provider (median reported)")
     ap.add_argument("--experts", type=int, default=2)
     ap.add_argument("--stages", default="1,3")
+    ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (bf16 only where the probe finds "
+                    "it faster than fp32, unless --force-slow)")
+    ap.add_argument("--force-slow", action="store_true", help="time bf16 even where the probe finds it slow")
+    ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
@@ -195,33 +230,70 @@ def main():
     a = ap.parse_args()
     if a.worker:
         return worker(a)
+    import torch
+
+    from thinkrec import precision as P
+
+    probe = P.probe(threads=torch.get_num_threads()) if a.device == "cpu" else None
+    precs, skipped = [], {}
+    for p in [x for x in a.precisions.split(",") if x]:
+        if p == "bf16" and probe and probe["bf16_gflops"] < probe["fp32_gflops"] and not a.force_slow:
+            skipped[p] = (f"bf16 GEMM {probe['bf16_gflops']} GFLOP/s against fp32 {probe['fp32_gflops']} on this CPU "
+                          f"(no native bf16): a step would take hours; --force-slow runs it anyway")
+        else:
+            precs.append(p)
+    rates = {"fp32": probe["fp32_gflops"], "bf16": probe["bf16_gflops"]} if probe else {}
+    print(f"precision probe: {probe}" + "".join(f"\nskipped {p}: {why}" for p, why in skipped.items()))
     res = {}
-    print(f"| stage | provider | step s (median of {a.repeats}) | samples/s | peak MB | tokens/batch |")
-    print("|---|---|---|---|---|---|")
-    for stage in [int(s) for s in a.stages.split(",")]:
-        chk = {p: _run(stage, p, a, check=True)["check_loss"] for p in ("official", "ours")}
-        rel = abs(chk["ours"] - chk["official"]) / max(1.0, abs(chk["official"]))
-        if rel > 1e-3:
-            raise SystemExit(f"stage {stage}: losses differ before timing: {chk}")
-        for p in ("official", "ours") + (("ours-cached",) if stage == 3 else ()):
-            r = _run(stage, p, a)
-            r["samples_per_s"] = a.batch_size / r["median_s"]
-            res[(stage, p)] = r
-            print(f"| {stage} | {p} | {r['median_s']:.2f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} | "
-                  f"{r['tokens_per_batch']:.0f} |", flush=True)
-        res[(stage, "check")] = chk
-    out = {"device": a.device, "batch_size": a.batch_size, "repeats": a.repeats}
-    for stage in [int(s) for s in a.stages.split(",")]:
-        o, u = res[(stage, "official")], res[(stage, "ours")]
-        out[f"stage{stage}_speedup"] = round(o["median_s"] / u["median_s"], 3)
-        out[f"stage{stage}_samples_per_s"] = {"official": round(o["samples_per_s"], 3), "ours": round(u["samples_per_s"], 3)}
-        out[f"stage{stage}_peak_mb"] = {"official": round(o["peak_mb"], 1), "ours": round(u["peak_mb"], 1)}
-        out[f"stage{stage}_check_loss"] = res[(stage, "check")]
-        if (stage, "ours-cached") in res:  # epochs after the first: the frozen prefix comes from the cache
-            c = res[(stage, "ours-cached")]
-            out[f"stage{stage}_speedup_cached"] = round(o["median_s"] / c["median_s"], 3)
-            out[f"stage{stage}_samples_per_s"]["ours-cached"] = round(c["samples_per_s"], 3)
-            out[f"stage{stage}_peak_mb"]["ours-cached"] = round(c["peak_mb"], 1)
+    print(f"| stage | precision | provider | step s (median of {a.repeats}) | samples/s | peak MB | tokens/batch | "
+          f"GFLOP/step | peak fraction |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    stages_ = [int(s) for s in a.stages.split(",")]
+    for stage in stages_:
+        for prec in precs:
+            chk = {p: _run(stage, p, a, check=True, precision=prec)["check_loss"] for p in ("official", "ours")}
+            rel = abs(chk["ours"] - chk["official"]) / max(1.0, abs(chk["official"]))
+            if rel > (1e-3 if prec == "fp32" else 1e-2):
+                raise SystemExit(f"stage {stage} {prec}: losses differ before timing: {chk}")
+            for p in ("official", "ours") + (("ours-cached",) if stage == 3 else ()):
+                r = _run(stage, p, a, precision=prec)
+                r["samples_per_s"] = a.batch_size / r["median_s"]
+                r["peak_fraction"] = r["step_gflop"] / r["median_s"] / rates[prec] if rates else None
+                res[(stage, p, prec)] = r
+                pf = "" if r["peak_fraction"] is None else f"{r['peak_fraction']:.2f}"
+                print(f"| {stage} | {prec} | {p} | {r['median_s']:.2f} | {r['samples_per_s']:.2f} | {r['peak_mb']:.0f} | "
+                      f"{r['tokens_per_batch']:.0f} | {r['step_gflop']:.0f} | {pf} |", flush=True)
+            res[(stage, "check", prec)] = chk
+    out = {"device": a.device, "batch_size": a.batch_size, "repeats": a.repeats, "precision_probe": probe,
+           "precisions_skipped": skipped}
+    for stage in stages_:
+        if (stage, "ours", "fp32") in res:
+            o, u = res[(stage, "official", "fp32")], res[(stage, "ours", "fp32")]
+            out[f"stage{stage}_speedup"] = round(o["median_s"] / u["median_s"], 3)
+            out[f"stage{stage}_samples_per_s"] = {"official": round(o["samples_per_s"], 3),
+                                                  "ours": round(u["samples_per_s"], 3)}
+            out[f"stage{stage}_peak_mb"] = {"official": round(o["peak_mb"], 1), "ours": round(u["peak_mb"], 1)}
+            out[f"stage{stage}_check_loss"] = res[(stage, "check", "fp32")]
+            if (stage, "ours-cached", "fp32") in res:  # epochs after the first: the frozen prefix from the cache
+                c = res[(stage, "ours-cached", "fp32")]
+                out[f"stage{stage}_speedup_cached"] = round(o["median_s"] / c["median_s"], 3)
+                out[f"stage{stage}_samples_per_s"]["ours-cached"] = round(c["samples_per_s"], 3)
+                out[f"stage{stage}_peak_mb"]["ours-cached"] = round(c["peak_mb"], 1)
+        for prec in precs:
+            u = res.get((stage, "ours", prec))
+            if u and u["peak_fraction"] is not None:
+                out[f"stage{stage}_peak_fraction" + ("" if prec == "fp32" else f"_{prec}")] = round(u["peak_fraction"], 3)
+        if (stage, "ours", "bf16") in res and (stage, "ours", "fp32") in res:
+            b, f = res[(stage, "ours", "bf16")], res[(stage, "ours", "fp32")]
+            out[f"stage{stage}_speedup_bf16_vs_fp32"] = round(f["median_s"] / b["median_s"], 3)
+            out[f"stage{stage}_official_bf16_vs_ours_bf16"] = round(res[(stage, "official", "bf16")]["median_s"]
+                                                                    / b["median_s"], 3)
+            out[f"stage{stage}_check_loss_bf16"] = res[(stage, "check", "bf16")]
+            out[f"stage{stage}_first_loss_rel_bf16_vs_fp32"] = round(
+                abs(res[(stage, "check", "bf16")]["ours"] - res[(stage, "check", "fp32")]["ours"])
+                / abs(res[(stage, "check", "fp32")]["ours"]), 5)
+        elif "bf16" in skipped:
+            out[f"stage{stage}_speedup_bf16_vs_fp32"] = None
     print_json(out)
 
 
