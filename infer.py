@@ -45,6 +45,9 @@ def parse(argv=None):
     p.add_argument("--run-dir", default="runs/ml100k", help="a run of train.py")
     p.add_argument("--out", default=None, help="output directory (default RUN/infer)")
     p.add_argument("--model", default=None, help="base model, when the one recorded with the adapters moved")
+    p.add_argument("--stage", default=None, choices=["stage1", "stage2", "stage3"],
+                   help="score with this stage's adapters (default the last finished one; stage2 on the train "
+                        "split chooses the samples for reasoning traces, as the official recipe does)")
     # what to score
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--max-rows", type=int, default=None,
@@ -103,7 +106,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision)
+    loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision, stage=args.stage)
     log(f"precision: {loaded.precision.describe()}")
     mode = args.prompt
     if args.rank:

@@ -22,6 +22,7 @@ import shlex
 import socket
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -133,6 +134,46 @@ def write_json(path, obj, indent: int | None = 1) -> None:
 def write_jsonl(path, rows) -> None:
     """Atomically write one standard-JSON object per line."""
     atomic_write_text(path, "".join(to_json(r) + "\n" for r in rows))
+
+
+class AppendLog:
+    """An append-only JSON Lines file for long jobs that may be killed and rerun (scores, traces, keywords).
+
+    `read()` returns the complete records and cuts a last line a kill left without its newline (from the file
+    too, so the next append starts on a clean line); a complete line that is not JSON is an ArtifactError
+    naming file and line. `append(obj)` writes one line and flushes it, under a lock, so worker threads can
+    share one log. Each line is written with one write() call, and a record counts only once its newline is
+    on disk, so a rerun never sees half a record."""
+
+    def __init__(self, path, recompute: str = "delete it to start over"):
+        self.path, self.recompute = Path(path), recompute
+        self._lock = threading.Lock()
+
+    def read(self) -> list:
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(cut)
+        rows = []
+        for n, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise _damaged(self.path, f"line {n} is not valid JSON", e, self.recompute) from None
+        return rows
+
+    def append(self, obj) -> None:
+        line = (to_json(obj) + "\n").encode("utf-8")
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as f:
+                f.write(line)
+                f.flush()
 
 
 # --- readers that name the damaged file

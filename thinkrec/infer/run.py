@@ -48,7 +48,14 @@ def run_arg(args: dict, key: str, default=None):
     return default if v in (None, "None", "") else v
 
 
-def final_stage(run: Path) -> Path:
+def final_stage(run: Path, stage: str | None = None) -> Path:
+    """RUN/<stage>, or the last finished stage (stage3, else stage2, else stage1)."""
+    if stage is not None:
+        if stage not in STAGE_ORDER:
+            raise RunError(f"--stage {stage!r} is not one of {STAGE_ORDER}")
+        if not (run / stage / "adapters.json").is_file():
+            raise RunError(f"{run / stage}: not trained (no adapters.json)")
+        return run / stage
     for s in STAGE_ORDER:
         if (run / s / "adapters.json").is_file():
             return run / s
@@ -104,14 +111,16 @@ class LoadedRun:
 
 
 def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None, device="cpu",
-             precision: str | None = None) -> LoadedRun:
+             precision: str | None = None, stage: str | None = None) -> LoadedRun:
     """Load RUN for scoring; `model` overrides the base model recorded with the adapters (a moved cache);
-    `precision` (fp32 | bf16 | int8 | auto) overrides the one the run trained in (thinkrec.precision.for_run)."""
+    `precision` (fp32 | bf16 | int8 | auto) overrides the one the run trained in (thinkrec.precision.for_run);
+    `stage` picks the adapters (default the last finished stage; stage2's are what the official recipe scores
+    the training split with to choose the samples for reasoning traces)."""
     run = Path(run_dir)
     if not run.is_dir():
         raise RunError(f"--run-dir {run}: no such directory")
     args = train_args(run)
-    stage = final_stage(run)
+    stage = final_stage(run, stage)
     prec = for_run(run, precision, device, training=False)  # a precision this device lacks fails before loading
     cfg, _ = read_adapters(stage)
     cf_model = run_arg(args, "cf_model") or next((m for m in ("mf", "lightgcn", "sasrec")
@@ -134,7 +143,11 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     if groups["weights"].shape[1] != lm.n_adapters:
         raise RunError(f"{run}/experts/groups.safetensors gates {groups['weights'].shape[1]} adapters but "
                        f"{stage}/adapters.json has {lm.n_adapters}; delete RUN/experts/ and the stages to retrain")
-    return LoadedRun(run, lm, tok, prep, cf, cf_model, groups["weights"], stage,
+    gate = groups["weights"]
+    if stage.name != "stage3":  # the experts train in stage 3; before it every user has the global adapter
+        gate = np.zeros_like(gate)
+        gate[:, 0] = 1.0
+    return LoadedRun(run, lm, tok, prep, cf, cf_model, gate, stage,
                      int(max_len or run_arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix, prec)
 
 

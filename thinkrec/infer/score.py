@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thinkrec.io import ArtifactError, atomic_file, read_json, to_json, write_json
+from thinkrec.io import AppendLog, ArtifactError, atomic_file, read_json, to_json, write_json
 from thinkrec.train.batches import cf_inputs, collate
 from thinkrec.train.losses import yes_logits, yes_positions
 
@@ -136,18 +136,12 @@ class ScoreLog:
 
     def _read_complete_lines(self) -> dict:
         """Lines up to the last newline (a kill can cut the last one; it is dropped from the file too)."""
-        data = self.partial.read_bytes()
-        cut = data.rfind(b"\n") + 1
-        if cut < len(data):
-            with open(self.partial, "r+b") as f:
-                f.truncate(cut)
         done = {}
-        for line_no, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
+        for n, obj in enumerate(AppendLog(self.partial, "delete it or pass --overwrite").read(), 1):
             try:
-                obj = json.loads(line)
                 done[int(obj["pos"])] = obj
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ArtifactError(f"{self.partial}:{line_no}: not a score line ({e}); delete the file or pass "
+            except (KeyError, TypeError, ValueError) as e:
+                raise ArtifactError(f"{self.partial}: record {n} is not a score line ({e}); delete the file or pass "
                                     "--overwrite") from None
         return done
 
