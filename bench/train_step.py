@@ -123,20 +123,23 @@ def _our_step(lm, fwd, batch, cf, groups, cached):
     return batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)[0]
 
 
-def _step_flops(lm, batch, stage, k=8):
+def _step_flops(lm, batch, stage, cached=False, k=8):
     """FLOPs of a step: the forward's linear-layer and attention FLOPs over the batch's real tokens, twice for
     the layers autograd runs (their backward computes dx through frozen weights), once for stage 3's frozen
-    prefix."""
+    prefix (not at all when it comes from the prefix cache). The last layer counts its key and value
+    projections only: the rest of it runs for the few positions the losses read."""
     import torch
 
     cfg = lm.llm.config
-    per_layer = sum(m.weight.numel() for m in lm.llm.model.layers[0].modules()
-                    if isinstance(m, torch.nn.Linear) or hasattr(m, "lora_A"))
-    lens = batch.attention_mask.sum(1).tolist()
-    layer = [2 * per_layer * n + 2 * cfg.hidden_size * n * n for n in lens]  # linears + causal QK^T and PV
+    first = lm.llm.model.layers[0]
+    per_layer = sum(m.weight.numel() for m in first.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "lora_A"))
+    kv = first.self_attn.k_proj.weight.numel() + first.self_attn.v_proj.weight.numel()
+    n = batch.attention_mask.sum(1).tolist()
+    layer = sum(2 * per_layer * t + 2 * cfg.hidden_size * t * t for t in n)  # linears + causal QK^T and PV
+    last = sum(2 * kv * t for t in n)
     L = cfg.num_hidden_layers
     trained = L if stage == 1 else k
-    return sum(layer) * (2 * trained + (L - trained))
+    return 2 * ((trained - 1) * layer + last) + (0 if cached else (L - trained) * layer)
 
 
 def worker(args):
@@ -198,7 +201,8 @@ def worker(args):
     times = time_runs(lambda: train_step(next(repeat) % len(batches)), args.repeats, dev)
     peak = peak_memory(dev) - base
     tokens = sum(int(batches[r % len(batches)].attention_mask.sum()) for r in range(args.repeats)) / args.repeats
-    flops = sum(_step_flops(lm, batches[r % len(batches)], args.stage) for r in range(args.repeats)) / args.repeats
+    flops = sum(_step_flops(lm, batches[r % len(batches)], args.stage, cached)
+                for r in range(args.repeats)) / args.repeats
     print_json({"median_s": statistics.median(times), "times": times, "peak_mb": peak / 2**20,
                 "tokens_per_batch": tokens, "step_gflop": flops / 1e9})
 
@@ -242,8 +246,12 @@ def main():
                           f"(no native bf16): a step would take hours; --force-slow runs it anyway")
         else:
             precs.append(p)
-    rates = {"fp32": probe["fp32_gflops"], "bf16": probe["bf16_gflops"]} if probe else {}
-    print(f"precision probe: {probe}" + "".join(f"\nskipped {p}: {why}" for p, why in skipped.items()))
+    # the peak fraction's denominator, timed longer than the probe's 0.1 s (which is for a decision)
+    # (the best of three 0.3 s timings: the rate this CPU reaches, not a moment when another process held a core)
+    rates = {p: round(max(P.gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16, 1024, 0.3)
+                          for _ in range(3)), 1) for p in precs} if probe else {}
+    print(f"precision probe: {probe}; GEMM rates for the peak fraction: {rates}"
+          + "".join(f"\nskipped {p}: {why}" for p, why in skipped.items()))
     res = {}
     print(f"| stage | precision | provider | step s (median of {a.repeats}) | samples/s | peak MB | tokens/batch | "
           f"GFLOP/step | peak fraction |")
@@ -265,7 +273,7 @@ def main():
                       f"{r['tokens_per_batch']:.0f} | {r['step_gflop']:.0f} | {pf} |", flush=True)
             res[(stage, "check", prec)] = chk
     out = {"device": a.device, "batch_size": a.batch_size, "repeats": a.repeats, "precision_probe": probe,
-           "precisions_skipped": skipped}
+           "gemm_gflops": rates, "precisions_skipped": skipped}
     for stage in stages_:
         if (stage, "ours", "fp32") in res:
             o, u = res[(stage, "official", "fp32")], res[(stage, "ours", "fp32")]

@@ -52,7 +52,7 @@ class PrecisionError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- probe
-def _gemm_rate(dtype, n: int, budget_s: float) -> float:
+def gemm_rate(dtype, n: int, budget_s: float) -> float:
     """GFLOP/s of n x n x n matmuls in dtype on the CPU: one untimed call, then calls until budget_s."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
@@ -91,8 +91,8 @@ def probe(int8: bool = False, threads: int = 0) -> dict:
     t0 = time.perf_counter()
     rates = {}
     for name, dtype in (("fp32_gflops", torch.float32), ("bf16_gflops", torch.bfloat16)):
-        small = _gemm_rate(dtype, 256, 0.02)
-        rates[name] = _gemm_rate(dtype, 1024, 0.1) if small >= 20 else small
+        small = gemm_rate(dtype, 256, 0.02)
+        rates[name] = gemm_rate(dtype, 1024, 0.1) if small >= 20 else small
     if int8:
         try:
             rates["int8_gops"] = _int8_rate(1024, 0.1)
