@@ -52,6 +52,10 @@ from thinkrec.train.loop import derive_seed
 from thinkrec.train.stages import EXPERT_LAYERS
 
 
+DEFAULT_MAX_LEN = 512  # no prompt of the paper's ML-1M split is cut (longest 443 tokens with ids, 465 for C.3)
+QUICK_MAX_LEN = 224  # the offline smoke run (ml100k): quick, and it says how many rows lose history
+
+
 class UsageError(ValueError):
     """An argument or input that cannot work, found before the long work starts."""
 
@@ -85,7 +89,10 @@ def parse(argv=None):
     p.add_argument("--max-train-samples", type=_number(int, 0), default=64, help="training rows per stage (0 = all)")
     p.add_argument("--max-eval-samples", type=_number(int, 0), default=48, help="valid rows scored per evaluation (0 = all)")
     p.add_argument("--max-test-samples", type=_number(int, 0), default=160, help="test rows scored at the end (0 = all)")
-    p.add_argument("--max-len", type=_number(int, 16), default=224, help="tokens per sample; older history items are dropped")
+    p.add_argument("--max-len", type=_number(int, 16), default=None,
+                   help="tokens per sample; older history items are dropped beyond it (the run says how many rows "
+                        "lose some). Default 512, which keeps every ML-1M prompt whole (the longest, with ids, is "
+                        f"443 tokens); {QUICK_MAX_LEN} for the quick offline ml100k default")
     p.add_argument("--traces", default=None, help="reasoning traces JSON Lines (default RUN/reasoning/traces.jsonl "
                    "when it exists; without traces every sample is a plain Yes/No one)")
     p.add_argument("--keywords", default=None, help="item keywords JSON Lines (default RUN/data/keywords.jsonl if any)")
@@ -129,6 +136,8 @@ def parse(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     args.run_dir = Path(args.run_dir or f"runs/{args.dataset}")
+    if args.max_len is None:
+        args.max_len = QUICK_MAX_LEN if args.dataset == "ml100k" else DEFAULT_MAX_LEN
     return args
 
 
@@ -265,6 +274,10 @@ def run_pipeline(args, d) -> dict:
     traces = read_traces(trace_path, prep) if trace_path.exists() else {}
     if d.is_main:
         log(f"train rows {len(train_rows)}, valid rows {len(valid_rows)}, reasoning traces {len(traces)}")
+    truncation = {"max_len": args.max_len, **{name: truncation_counts(builder("ids"), rows) for name, rows in
+                                              (("train", train_rows), ("valid", valid_rows))}}
+    if d.is_main:
+        log(truncation_line(truncation, "the stage-2/3 prompt"))
     if not len(valid_rows):
         raise UsageError("no valid rows to select on (--max-eval-samples 0 takes all)")
 
@@ -308,6 +321,7 @@ def run_pipeline(args, d) -> dict:
     # --- test: the fused model (gate weights per user), through infer.py's scoring path -> RUN/infer/
     lm.set_trainable(layers=[], adapters=[], projector=False)
     test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
+    truncation["test"] = truncation_counts(builder("ids"), test_rows.data_row)
     loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, groups["weights"], stage_dir(run, "stage3"),
                        args.max_len, keywords, precision=prec)
     mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
@@ -323,6 +337,7 @@ def run_pipeline(args, d) -> dict:
     metrics = {"test": test["all"]["thinkrec"] if test else None, "test_cf": test["all"]["cf"] if test else None,
                "test_rows": len(test_rows), "test_official_sample": (test or {}).get("official_sample"),
                "prompt": mode, "routing": test["routing"] if test else None, "precision": prec.to_dict(),
+               "truncation": truncation,
                "stages": stage_info, "seconds": round(time.perf_counter() - t_start, 1),
                # what was run, not how it was driven: resumed or not, checkpoint cadence and progress bars
                # do not change a single number
@@ -332,6 +347,22 @@ def run_pipeline(args, d) -> dict:
         log(summary(metrics, args, prep))
         log(to_json({"test": metrics["test"], "routing": metrics["routing"], "seconds": metrics["seconds"]}))
     return metrics
+
+
+def truncation_counts(builder, rows) -> dict:
+    """How many of `rows` lose history items to --max-len, and the longest untruncated prompt."""
+    full = builder.untruncated_lengths(rows) if len(rows) else np.zeros(0, np.int64)
+    return {"rows": int(len(rows)), "truncated": int((full > builder.max_len).sum()),
+            "longest": int(full.max()) if len(full) else 0}
+
+
+def truncation_line(t: dict, prompt: str) -> str:
+    parts = [f"{k} {v['truncated']} of {v['rows']}" for k, v in t.items() if isinstance(v, dict)]
+    longest = max(v["longest"] for v in t.values() if isinstance(v, dict))
+    if not any(v["truncated"] for v in t.values() if isinstance(v, dict)):
+        return f"prompts: none over --max-len {t['max_len']} ({prompt}; longest {longest} tokens)"
+    return (f"prompts over --max-len {t['max_len']} ({prompt}), their oldest history items dropped: "
+            f"{', '.join(parts)} rows; --max-len {longest} keeps every history whole")
 
 
 def summary(metrics: dict, args, prep) -> str:
@@ -357,6 +388,8 @@ def summary(metrics: dict, args, prep) -> str:
                      "pipeline works, not what ThinkRec reaches; the paper's setting trains and tests on every row: "
                      "python train.py --dataset csv --data-dir ../shared/data/ml1m-collm "
                      "--max-train-samples 0 --max-eval-samples 0 --max-test-samples 0")
+    if metrics.get("truncation"):
+        lines.append(truncation_line(metrics["truncation"], "the stage-2/3 prompt"))
     lines.append(f"scores per row: {args.run_dir / 'infer' / 'scores.jsonl'}; score other rows with "
                  f"python infer.py --run-dir {args.run_dir}")
     return "\n".join(lines)

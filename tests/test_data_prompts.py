@@ -111,6 +111,13 @@ def test_truncation_drops_oldest_history_first(tok, ph):
     assert tight.sample(11).n_history == 0
     with pytest.raises(ValueError, match="row 11"):
         PromptBuilder(prep, tok, mode="ids", placeholder_ids=ph, max_len=len(bare) - 1).sample(11)
+    # untruncated_lengths: the whole-history length, > max_len exactly for the rows that lose history
+    cut = PromptBuilder(prep, tok, mode="ids", placeholder_ids=ph, max_len=limit)
+    rows = np.arange(12)
+    full_len = cut.untruncated_lengths(rows)
+    assert full_len.tolist() == [len(full.sample(r)) for r in rows]
+    lost = [cut.sample(r).n_history < full.sample(r).n_history for r in rows]
+    assert (full_len > limit).tolist() == lost and any(lost)
 
 
 def test_reasoning_answer_is_capped_and_ends_with_eos(tok, ph):

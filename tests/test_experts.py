@@ -124,7 +124,8 @@ def test_cli_writes_groups_and_report(tmp_path):
 
     x, truth = _blobs(n_per=(12, 9), dim=5)
     n = len(x)
-    user = np.arange(n - 2)  # the last 2 users have only a test row: unseen in training -> global
+    user = np.arange(n - 2)  # the last 2 users have only a test row: unseen in training
+    x[-2] = x[:-2].mean(0)  # a cold user as the CF models leave it (the mean trained vector): zero once centred
     inter = Interactions(np.r_[user, n - 2, n - 1], np.zeros(n, np.int64), (np.arange(n) % 3 == 0).astype(np.int8),
                          np.arange(n), np.r_[np.zeros(n - 2), 2, 2].astype(np.int8))
     save_prepared(Prepared(inter, [str(u) for u in range(n)], [{"item": 0, "raw_id": "0"}], {}), tmp_path)
@@ -133,7 +134,9 @@ def test_cli_writes_groups_and_report(tmp_path):
     rep = main(["--run", str(tmp_path), "--groups", "2"])
     out = load_file(tmp_path / "experts" / "groups.safetensors")
     assert out["weights"].shape == (n, 3) and out["centroids"].shape == (2, 5)
-    assert out["labels"][-2:].tolist() == [-1, -1] and out["route"][-2:].tolist() == [0, 0]
+    assert out["labels"][-2:].tolist() == [-1, -1]
+    # unseen users are gated by their embedding (official): the cold one is global, the other one is routed
+    assert out["route"][-2] == 0 and out["route"][-1] != 0
     assert sorted(rep["group_sizes"]) == [7, 12] and sum(rep["routing"].values()) == n
     assert rep["cohens_d_embedding"] > 3 and 0 <= rep["cohens_d_like_rate"] < 3
     assert json.loads((tmp_path / "experts" / "report.json").read_text())["group_sizes"] == rep["group_sizes"]
@@ -205,3 +208,24 @@ def test_narrow_cone_users_are_routed_after_centring():
     np.testing.assert_allclose(tensors["center"].numpy(), cone.mean(0), rtol=1e-5)
     _, off = group_users(cone, prep, GroupConfig(groups=2, center=False))
     assert off["routing_by_split"]["test"]["global"] == 60
+
+
+def test_gate_thresholds_at_their_boundaries():
+    """H(w) >= threshold -> global (the official >=); max(w) > threshold -> single (strict), else mixture."""
+    import math
+
+    cents = np.array([[1.0, 0.0], [0.0, 1.0]])
+    u = np.array([[1.0, 0.4]])
+    from thinkrec.experts import GroupConfig, _cosine
+
+    z = _cosine(u, cents)[0][0] / GroupConfig.tau  # the gate's own softmax, in the same arithmetic
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    h = float(-(p * np.log(np.maximum(p, 1e-300))).sum())
+    assert gate(u, cents, single_threshold=1.0, entropy_threshold=h)[1][0] == ROUTE_GLOBAL  # equal: global
+    assert gate(u, cents, single_threshold=1.0, entropy_threshold=h + 1e-6)[1][0] == ROUTE_MIXTURE
+    top = float(p.max())
+    assert gate(u, cents, single_threshold=top, entropy_threshold=10.0)[1][0] == ROUTE_MIXTURE  # equal: not single
+    assert gate(u, cents, single_threshold=top - 1e-6, entropy_threshold=10.0)[1][0] == ROUTE_SINGLE
+    uniform = gate(np.array([[1.0, 1.0]]), cents)  # w = (1/2, 1/2): H = log 2 >= 0.95 log 2
+    assert uniform[1][0] == ROUTE_GLOBAL and math.isclose(0.95 * math.log(2), 0.6585, rel_tol=1e-3)

@@ -23,11 +23,14 @@ Gate (DESIGN.md "Instance-wise fusion"), for a user embedding e_u (minus the sto
 clustered users' mean for spherical grouping, 0 otherwise) and centroids c_1..c_N:
     w = softmax_n(cos(e_u, c_n) / tau)                         [N]
     if max_n w_n > 0.5 + 0.6 / N:    one-hot on argmax (route 1, "single")
-    elif H(w) > 0.95 log N:          the global adapter alone (route 0, "global")
+    elif H(w) >= 0.95 log N:         the global adapter alone (route 0, "global"; >= as the official gate)
     else:                            the mixture sum_n w_n LoRA_n, global weight 0 (route 2, "mixture")
 Output weights are over E = N + 1 adapters: column 0 = global, columns 1..N = experts.
 Special cases, so that no row is NaN and every row sums to 1:
-  - users unseen in training (`known` False) and zero embeddings (cosine undefined) -> global;
+  - zero embeddings (cosine undefined) -> global. Users unseen in training are gated by their CF embedding,
+    as the official gate does; the CF models give them the mean trained user vector (cf/*.fill_cold_users),
+    which centring makes zero, so with spherical grouping they take the global adapter. `known` False
+    forces global (kept for callers that want it);
   - N = 1: the formula gives max(w) = 1 > 1.1 false, H = 0 > 0 false, i.e. a "mixture" of the one expert;
     we return it as what it is, the single expert (route 1).
 
@@ -67,7 +70,7 @@ class GroupConfig:
     center: bool = True  # spherical: directions around the users' mean (clustering and gate), see group_users
     tau: float = 0.1  # softmax temperature over cosine similarities
     single_threshold: float | None = None  # max weight above which one expert is used; None: 0.5 + 0.6/N
-    entropy_threshold: float | None = None  # entropy (nats) above which global is used; None: 0.95 log N
+    entropy_threshold: float | None = None  # entropy (nats) from which global is used; None: 0.95 log N
 
 
 def _as_f32(x, name: str) -> np.ndarray:
@@ -233,7 +236,7 @@ def gate(user_emb, cents, tau: float = GroupConfig.tau, single_threshold: float 
     entropy = -(w * np.log(np.maximum(w, 1e-300))).sum(1)
     top = w.argmax(1)
     route = np.full(n, ROUTE_MIXTURE, np.int8)
-    route[entropy > entropy_threshold] = ROUTE_GLOBAL
+    route[entropy >= entropy_threshold] = ROUTE_GLOBAL
     route[w.max(1) > single_threshold] = ROUTE_SINGLE
     if n_groups == 1:
         route[:] = ROUTE_SINGLE  # a mixture of one expert is that expert
@@ -333,7 +336,7 @@ def group_users(emb: np.ndarray, prep, cfg: GroupConfig):
         labels[known] = cluster(emb[known], n_groups, cfg.cluster, seed=cfg.seed, nredo=cfg.nredo)
     directions = cfg.cluster == "spherical"
     cents = centroids(emb, labels, n_groups, directions)
-    weights, route = gate(emb, cents, cfg.tau, cfg.single_threshold, cfg.entropy_threshold, known=known)
+    weights, route = gate(emb, cents, cfg.tau, cfg.single_threshold, cfg.entropy_threshold)  # unseen users too
     rows = np.bincount(train.user, minlength=prep.n_users)
     like = np.bincount(train.user, weights=train.label, minlength=prep.n_users) / np.maximum(rows, 1)  # like rate
     # Cohen's d on the embedding in the clustering's geometry (directions for spherical k-means)
@@ -438,7 +441,7 @@ def main(argv=None) -> dict:
     p.add_argument("--single-threshold", type=float, default=GroupConfig.single_threshold,
                    help="max weight above which one expert is used; default 0.5 + 0.6/N")
     p.add_argument("--entropy-threshold", type=float, default=GroupConfig.entropy_threshold,
-                   help="entropy (nats) above which global is used; default 0.95 log N")
+                   help="entropy (nats) from which (>=) global is used; default 0.95 log N")
     args = p.parse_args(argv)
     print(vars(args))
     return build_groups(args.run, GroupConfig(**{f.name: getattr(args, f.name) for f in fields(GroupConfig)}))

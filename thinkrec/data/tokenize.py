@@ -240,6 +240,26 @@ class PromptBuilder:
         and truncation drops oldest items by a running sum, as `sample` does. Equals `len(sample(r))`.
         """
         rows = np.arange(len(self._item)) if rows is None else np.asarray(rows, dtype=np.int64)
+        keys, glen, total = self._full_lengths(rows)
+        # after dropping the first j columns the length is total - cumsum[:, j-1]; take the fewest drops
+        cum = np.concatenate([np.zeros((len(rows), 1), np.int64), np.cumsum(glen, axis=1)], axis=1)
+        fits = (total[:, None] - cum) <= self.max_len
+        first_fit = np.where(fits.any(axis=1), fits.argmax(axis=1), cum.shape[1] - 1)
+        out = total - cum[np.arange(len(rows)), first_fit]
+        has_hist = keys[:, -1] >= 0
+        emptied = has_hist & (first_fit == cum.shape[1] - 1) & (glen[:, -1] > 0)
+        no_hist = ~has_hist
+        return out + len(self._empty) * (emptied | no_hist)
+
+    def untruncated_lengths(self, rows=None) -> np.ndarray:
+        """[len(rows)] tokens of each prompt with its whole history (hist_len items) and plain answer: where
+        it passes max_len, `sample` drops the oldest history items."""
+        rows = np.arange(len(self._item)) if rows is None else np.asarray(rows, dtype=np.int64)
+        keys, _, total = self._full_lengths(rows)
+        return total + len(self._empty) * (keys[:, -1] < 0)  # no history: the list reads "none"
+
+    def _full_lengths(self, rows):
+        """(history keys [R, L], token length of each history item [R, L], untruncated total [R])."""
         self.warm(rows)
         keys = self._keys[rows]  # [R, L], -1 = padding (always on the left)
         uniq = np.unique(keys[keys >= 0])
@@ -251,16 +271,7 @@ class PromptBuilder:
         t_len = np.array([len(self._tail(t)) for t in t_uniq.tolist()], dtype=np.int64)[t_inv]
         answer = np.array([len(a) for a in self.answers])[np.asarray(self._label)[rows]]
         fixed = len(self._prefix) + len(self._head) + t_len + answer
-        total = fixed + glen.sum(axis=1)
-        # after dropping the first j columns the length is total - cumsum[:, j-1]; take the fewest drops
-        cum = np.concatenate([np.zeros((len(rows), 1), np.int64), np.cumsum(glen, axis=1)], axis=1)
-        fits = (total[:, None] - cum) <= self.max_len
-        first_fit = np.where(fits.any(axis=1), fits.argmax(axis=1), cum.shape[1] - 1)
-        out = total - cum[np.arange(len(rows)), first_fit]
-        has_hist = keys[:, -1] >= 0
-        emptied = has_hist & (first_fit == cum.shape[1] - 1) & (glen[:, -1] > 0)
-        no_hist = ~has_hist
-        return out + len(self._empty) * (emptied | no_hist)
+        return keys, glen, fixed + glen.sum(axis=1)
 
     def warm(self, rows=None) -> None:
         """Tokenise the distinct texts of `rows` (default all) in batched calls (Rust-side, parallel)."""
