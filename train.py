@@ -261,11 +261,14 @@ def run_pipeline(args, d) -> dict:
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
     builders = {}
 
-    def builder(mode):
-        if mode not in builders:
-            builders[mode] = PromptBuilder(prep, tok, mode=mode, max_len=args.max_len, keywords=keywords,
-                                           placeholder_ids=lm.placeholder_token_ids)
-        return builders[mode]
+    def builder(mode, with_ids=None):
+        """Training prompts ("text", "ids") cut at --max-len; the C.3 scoring prompt ("reason") gets 409 more
+        tokens, as infer.py scores test rows (thinkrec.infer.LoadedRun.builder)."""
+        if (mode, with_ids) not in builders:
+            max_len = args.max_len + (409 if mode == "reason" else 0)
+            builders[mode, with_ids] = PromptBuilder(prep, tok, mode=mode, max_len=max_len, keywords=keywords,
+                                                     placeholder_ids=lm.placeholder_token_ids, with_ids=with_ids)
+        return builders[mode, with_ids]
 
     by_split = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
     train_rows = subsample(by_split["train"], args.max_train_samples, args.seed)
@@ -296,7 +299,9 @@ def run_pipeline(args, d) -> dict:
         route = table_router(train_table(groups, cf["user_emb"].numpy())) if stage == "stage3" else None
         reason_rows = np.array(sorted(traces), dtype=np.int64)
         inputs = StageInputs(
-            plain=SampleSet(builder(mode), train_rows), valid=SampleSet(builder(mode), valid_rows),
+            # selection scores valid rows with the paper's C.3 prompt, what the evaluation scores (the official
+            # code does so too); stage 1, which knows no CF ids, with C.3 minus its id slots
+            plain=SampleSet(builder(mode), train_rows), valid=SampleSet(builder("reason", mode == "ids"), valid_rows),
             reasoning=SampleSet(PromptBuilder(prep, tok, mode="reason", max_len=args.max_len + 409,
                                               keywords=keywords, with_ids=mode == "ids",
                                               placeholder_ids=lm.placeholder_token_ids), reason_rows, traces)

@@ -111,3 +111,22 @@ def test_degenerate_groups_stop_before_training(tmp_path):
     assert sorted(rep["silhouette_by_n"]) == [2, 3, 4]
     assert len(rep["group_sizes"]) == n and min(rep["group_sizes"]) >= 1
     assert rep["silhouette"] == pytest.approx(rep["silhouette_by_n"][n], abs=1e-4)
+
+
+def test_selection_scores_valid_rows_with_the_c3_prompt(tmp_path, monkeypatch):
+    """Every stage selects on the paper's C.3 prompt (what the evaluation scores): with CF ids in stages 2
+    and 3, without them in stage 1, which knows none."""
+    from thinkrec.train import loop
+
+    seen = []
+    real = loop.evaluate_set
+
+    def recording(lm, sset, *a, **kw):
+        seen.append((kw.get("desc") or a[-1], sset.builder.mode, sset.builder.with_ids, sset.builder.max_len))
+        return real(lm, sset, *a, **kw)
+
+    monkeypatch.setattr(loop, "evaluate_set", recording)
+    train_tiny_run(tmp_path)
+    by_stage = {desc.split()[0]: (mode, ids, max_len) for desc, mode, ids, max_len in seen}
+    assert by_stage == {"stage1": ("reason", False, 809), "stage2": ("reason", True, 809),
+                        "stage3": ("reason", True, 809)}
