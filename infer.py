@@ -58,6 +58,9 @@ def parse(argv=None):
     p.add_argument("--prompt", default="reason", choices=["reason", "ids", "text"],
                    help="reason: the paper's C.3 recommendation prompt with CF ids (what the official evaluation "
                         "scores); ids: the stage-2/3 training prompt; text: stage 1's, without ids")
+    p.add_argument("--history", default=None, choices=["strict", "file"],
+                   help="history rule of the prompts (default the run's, train.py --history): strict = earlier "
+                        "timestamps only; file = also earlier rows of the same second (official)")
     p.add_argument("--mix", default="delta", choices=["delta", "linear"],
                    help="mixture of experts: sum_e w_e B_e A_e (exact), or peft's linear combination")
     # how
@@ -106,7 +109,8 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision, stage=args.stage)
+    loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision, stage=args.stage,
+                      history=args.history)
     log(f"precision: {loaded.precision.describe()}")
     mode = args.prompt
     if args.rank:

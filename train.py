@@ -33,6 +33,7 @@ from thinkrec import precision
 from thinkrec.cf import CFConfig, train_cf
 from thinkrec.cf.train import load_embeddings
 from thinkrec.data import DataError, load_prepared, prepare
+from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import load_keywords
 from thinkrec.data.tokenize import PromptBuilder
@@ -93,6 +94,10 @@ def parse(argv=None):
                    help="tokens per sample; older history items are dropped beyond it (the run says how many rows "
                         "lose some). Default 512, which keeps every ML-1M prompt whole (the longest, with ids, is "
                         f"443 tokens); {QUICK_MAX_LEN} for the quick offline ml100k default")
+    p.add_argument("--history", default="strict", choices=HISTORY_RULES,
+                   help="which earlier interactions a prompt shows: strict (an earlier timestamp) or file (also "
+                        "earlier rows of the same second, the official code's rule; it can show a test row the "
+                        "label of another test row rated in the same second)")
     p.add_argument("--traces", default=None, help="reasoning traces JSON Lines (default RUN/reasoning/traces.jsonl "
                    "when it exists; without traces every sample is a plain Yes/No one)")
     p.add_argument("--keywords", default=None, help="item keywords JSON Lines (default RUN/data/keywords.jsonl if any)")
@@ -267,7 +272,8 @@ def run_pipeline(args, d) -> dict:
         if (mode, with_ids) not in builders:
             max_len = args.max_len + (409 if mode == "reason" else 0)
             builders[mode, with_ids] = PromptBuilder(prep, tok, mode=mode, max_len=max_len, keywords=keywords,
-                                                     placeholder_ids=lm.placeholder_token_ids, with_ids=with_ids)
+                                                     placeholder_ids=lm.placeholder_token_ids, with_ids=with_ids,
+                                                     history_rule=args.history)
         return builders[mode, with_ids]
 
     by_split = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
@@ -304,7 +310,8 @@ def run_pipeline(args, d) -> dict:
             plain=SampleSet(builder(mode), train_rows), valid=SampleSet(builder("reason", mode == "ids"), valid_rows),
             reasoning=SampleSet(PromptBuilder(prep, tok, mode="reason", max_len=args.max_len + 409,
                                               keywords=keywords, with_ids=mode == "ids",
-                                              placeholder_ids=lm.placeholder_token_ids), reason_rows, traces)
+                                              placeholder_ids=lm.placeholder_token_ids, history_rule=args.history),
+                                reason_rows, traces)
             if traces else None,
             route=route, user_emb=user_emb, item_emb=item_emb, prefix=prefix, pad_id=tok.pad_token_id)
         lr = args.stage3_lr if (stage == "stage3" and args.stage3_lr) else args.lr
@@ -328,7 +335,7 @@ def run_pipeline(args, d) -> dict:
     test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
     truncation["test"] = truncation_counts(builder("ids"), test_rows.data_row)
     loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, groups["weights"], stage_dir(run, "stage3"),
-                       args.max_len, keywords, precision=prec)
+                       args.max_len, keywords, history=args.history, precision=prec)
     mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
     test = None
     if d.is_main:

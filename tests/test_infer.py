@@ -12,7 +12,7 @@ import torch
 from tests.test_train_cli import train_tiny_run
 from tests.train_fixtures import PAD, sample_set, tiny_lm
 from thinkrec.data import DataError
-from thinkrec.infer import ScoreLog, load_run, read_input, score_rows, score_samples, split_rows
+from thinkrec.infer import RunError, ScoreLog, load_run, read_input, score_rows, score_samples, split_rows
 from thinkrec.infer.rank import rank_items, read_candidates, user_history
 from thinkrec.model.lora import merge_lora
 
@@ -228,3 +228,19 @@ def test_cli_exit_status_and_message_on_bad_input(run, tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == f"infer.py: error: {path}:2: label must be 0 or 1, got 'yes'"
     assert not (tmp_path / "out").exists()
+
+
+def test_stage2_scores_with_the_global_adapter_and_the_history_rule_is_recorded(run, tmp_path):
+    """--stage stage2 (what chooses the samples for reasoning traces): every user on the global adapter, as
+    the experts train only in stage 3; --history file is used and recorded."""
+    import infer
+
+    m = infer.main(_argv(run, tmp_path / "out", "--stage", "stage2", "--history", "file"))
+    assert (m["stage"], m["history"]) == ("stage2", "file")
+    assert set(m["routing"]) == {"global"}
+    lines = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
+    assert all(x["weights"][0] == 1.0 for x in lines)
+    with pytest.raises(RunError, match="not one of"):
+        from thinkrec.infer.run import final_stage
+
+        final_stage(run, "stage4")

@@ -1,6 +1,6 @@
 """Per-row histories: the user's last `max_len` interactions with a strictly earlier timestamp.
 
-    build_histories(user [n], timestamp [n], max_len) -> hist [n, max_len] int64
+    build_histories(user [n], timestamp [n], max_len, ties="strict") -> hist [n, max_len] int64
 
 `hist[r]` holds ROW indices into the same arrays, oldest first, left-padded with -1: `hist[r, -1]` is the
 most recent earlier interaction. Rows of any split count (a test row's history includes the user's train
@@ -11,7 +11,14 @@ Vectorised: sort rows by (user, timestamp, row); for sorted position p let g(p) 
 p's (user, timestamp) tie group and u(p) the first position of p's user. The history of p is the sorted
 positions [max(u(p), g(p) - max_len), g(p)), so column `max_len - k` is position g(p) - k when
 g(p) - k >= u(p). That is `max_len` vector operations over n rows: O(n * max_len) memory traffic.
+
+ties="file" is the official code's rule (CoLLM's released ML-1M histories follow it): rows of the same
+second that come earlier in the data's row order count too, i.e. g(p) is replaced by p. Such a row can be
+another row of the same split, so a test prompt may show the label of another test row rated in the same
+second (21% of the paper's ML-1M rows have a different history under the two rules).
 """
+
+HISTORY_RULES = ("strict", "file")
 
 import numpy as np
 
@@ -22,8 +29,12 @@ def _group_starts(new_group: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(starts)
 
 
-def build_histories(user: np.ndarray, timestamp: np.ndarray, max_len: int = 10) -> np.ndarray:
-    """Return [n, max_len] int64 row indices of each row's history (-1 = padding, oldest first)."""
+def build_histories(user: np.ndarray, timestamp: np.ndarray, max_len: int = 10, ties: str = "strict") -> np.ndarray:
+    """Return [n, max_len] int64 row indices of each row's history (-1 = padding, oldest first).
+    ties: "strict" (rows of the same second are never history) or "file" (earlier rows of the same second
+    in row order are, as in the official code)."""
+    if ties not in HISTORY_RULES:
+        raise ValueError(f"history rule {ties!r} is not one of {HISTORY_RULES}")
     user = np.asarray(user)
     timestamp = np.asarray(timestamp)
     if user.shape != timestamp.shape or user.ndim != 1:
@@ -41,7 +52,7 @@ def build_histories(user: np.ndarray, timestamp: np.ndarray, max_len: int = 10) 
     new_tie = new_user.copy()
     new_tie[1:] |= st[1:] != st[:-1]
     user_start = _group_starts(new_user)
-    tie_start = _group_starts(new_tie)
+    tie_start = _group_starts(new_tie) if ties == "strict" else np.arange(n)
     out = np.empty((n, max_len), dtype=np.int64)  # indexed by sorted position
     for k in range(1, max_len + 1):
         pos = tie_start - k

@@ -102,7 +102,8 @@ class PromptBuilder:
     """
 
     def __init__(self, prep, tokenizer, mode="text", noun=None, max_len=1024, placeholder_ids=None,
-                 keywords=None, hist_len=10, with_ids=None, max_answer_len=409, eos_after_trace=True):
+                 keywords=None, hist_len=10, with_ids=None, max_answer_len=409, eos_after_trace=True,
+                 history_rule="strict"):
         if prompts._uses_ids(mode, with_ids) and placeholder_ids is None:
             raise ValueError(f"mode {mode!r} uses CF-id placeholders: pass placeholder_ids (token id(s))")
         self.prep, self.mode, self.with_ids = prep, mode, with_ids
@@ -111,7 +112,8 @@ class PromptBuilder:
         self.seg = SegmentTokenizer(tokenizer, placeholder_ids if placeholder_ids is not None else -1)
         self.eos = tokenizer.eos_token_id if eos_after_trace else None
         inter = prep.inter
-        self.hist = build_histories(inter.user, inter.timestamp, hist_len)
+        self.history_rule = history_rule  # thinkrec.data.history: "strict" (ours) or "file" (official ties)
+        self.hist = build_histories(inter.user, inter.timestamp, hist_len, history_rule)
         self._item, self._label, self._user = inter.item.tolist(), inter.label.tolist(), inter.user.tolist()
         # [n, hist_len] group keys 4 * item + 2 * label + newest (-1 = padding): one .tolist() per sample
         # instead of per-entry numpy indexing (3x faster assembly measured on the ML-1M split)

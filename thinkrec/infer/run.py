@@ -88,6 +88,7 @@ class LoadedRun:
     max_len: int
     keywords: dict | None
     mix: str = "delta"  # how a mixture combines experts: "delta" (exact) or "linear" (peft's)
+    history: str = "strict"  # history rule of the prompts (thinkrec.data.history): "strict" or "file"
     precision: Precision | None = None  # what the model runs in (lm.precision); None: fp32 as loaded
 
     def builder(self, mode: str, prep=None) -> PromptBuilder:
@@ -96,7 +97,7 @@ class LoadedRun:
         max_len = self.max_len + (409 if mode == "reason" else 0)  # as train.py builds its reasoning prompts
         return PromptBuilder(prep or self.prep, self.tok, mode="reason" if mode == "reason" else mode, max_len=max_len,
                              keywords=self.keywords, with_ids=None if mode != "text" else False,
-                             placeholder_ids=self.lm.placeholder_token_ids)
+                             placeholder_ids=self.lm.placeholder_token_ids, history_rule=self.history)
 
     def mf_scores(self, users, items) -> np.ndarray:
         """The CF model's own logits <u, i> + b_u + c_i + g for (user, item) index pairs."""
@@ -111,10 +112,10 @@ class LoadedRun:
 
 
 def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None, device="cpu",
-             precision: str | None = None, stage: str | None = None) -> LoadedRun:
+             precision: str | None = None, stage: str | None = None, history: str | None = None) -> LoadedRun:
     """Load RUN for scoring; `model` overrides the base model recorded with the adapters (a moved cache);
     `precision` (fp32 | bf16 | int8 | auto) overrides the one the run trained in (thinkrec.precision.for_run);
-    `stage` picks the adapters (default the last finished stage; stage2's are what the official recipe scores
+    `history` the history rule (default the run's, train.py --history); `stage` picks the adapters (default the last finished stage; stage2's are what the official recipe scores
     the training split with to choose the samples for reasoning traces)."""
     run = Path(run_dir)
     if not run.is_dir():
@@ -148,7 +149,8 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
         gate = np.zeros_like(gate)
         gate[:, 0] = 1.0
     return LoadedRun(run, lm, tok, prep, cf, cf_model, gate, stage,
-                     int(max_len or run_arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix, prec)
+                     int(max_len or run_arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix,
+                     history or run_arg(args, "history", "strict"), prec)
 
 
 __all__ = ["LoadedRun", "RunError", "load_run", "route_names", "train_args", "ROUTE_GLOBAL", "ROUTE_SINGLE",
