@@ -114,6 +114,9 @@ def parse(argv=None):
     p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
     p.add_argument("--cf-dim", type=_number(int, 1), default=256, help="CF embedding size (official 256)")
     p.add_argument("--expert-layers", type=_number(int, 1), default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
+    p.add_argument("--stage3-select", default="joint", choices=["joint", "group"],
+                   help="stage 3 model selection: one criterion over all valid rows (joint), or each expert keeps "
+                        "the parameters that were best on its own group's valid rows (group, the official way)")
     p.add_argument("--prefix-cache-mb", type=_number(float, 0), default=4096,
                    help="stage 3 keeps the frozen layers' output per sample up to this many MB, so epochs after "
                         "the first run only the trainable layers (0 = recompute every step)")
@@ -302,7 +305,10 @@ def run_pipeline(args, d) -> dict:
             continue
         prefix = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
         mode = "text" if stage == "stage1" else "ids"  # stage 1's prompts have no CF slots
-        route = table_router(train_table(groups, cf["user_emb"].numpy())) if stage == "stage3" else None
+        table = train_table(groups, cf["user_emb"].numpy()) if stage == "stage3" else None
+        route = table_router(table) if stage == "stage3" else None
+        valid_groups = (table[prep.inter.user[valid_rows]].argmax(1)  # each valid row's expert (adapter index)
+                        if stage == "stage3" and args.stage3_select == "group" else None)
         reason_rows = np.array(sorted(traces), dtype=np.int64)
         inputs = StageInputs(
             # selection scores valid rows with the paper's C.3 prompt, what the evaluation scores (the official
@@ -313,7 +319,8 @@ def run_pipeline(args, d) -> dict:
                                               placeholder_ids=lm.placeholder_token_ids, history_rule=args.history),
                                 reason_rows, traces)
             if traces else None,
-            route=route, user_emb=user_emb, item_emb=item_emb, prefix=prefix, pad_id=tok.pad_token_id)
+            route=route, user_emb=user_emb, item_emb=item_emb, prefix=prefix, pad_id=tok.pad_token_id,
+            valid_groups=valid_groups)
         lr = args.stage3_lr if (stage == "stage3" and args.stage3_lr) else args.lr
         cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, eval_every=args.eval_every,

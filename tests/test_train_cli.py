@@ -119,14 +119,23 @@ def test_selection_scores_valid_rows_with_the_c3_prompt(tmp_path, monkeypatch):
     from thinkrec.train import loop
 
     seen = []
-    real = loop.evaluate_set
+    real = loop.score
 
     def recording(lm, sset, *a, **kw):
         seen.append((kw.get("desc") or a[-1], sset.builder.mode, sset.builder.with_ids, sset.builder.max_len))
         return real(lm, sset, *a, **kw)
 
-    monkeypatch.setattr(loop, "evaluate_set", recording)
+    monkeypatch.setattr(loop, "score", recording)
     train_tiny_run(tmp_path)
     by_stage = {desc.split()[0]: (mode, ids, max_len) for desc, mode, ids, max_len in seen}
     assert by_stage == {"stage1": ("reason", False, 809), "stage2": ("reason", True, 809),
                         "stage3": ("reason", True, 809)}
+
+
+def test_stage3_group_selection_tracks_each_group(tmp_path):
+    """--stage3-select group: stage 3's evaluations carry each group's criterion and train.json keeps them."""
+    run = train_tiny_run(tmp_path, "--stage3-select", "group", "--eval-every", "1")
+    info = json.loads((run / "stage3" / "train.json").read_text())
+    assert all(set(h["groups"]) == {"1", "2"} for h in info["history"])
+    assert all("groups" not in h for s in ("stage1", "stage2")
+               for h in json.loads((run / s / "train.json").read_text())["history"])

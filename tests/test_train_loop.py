@@ -122,6 +122,46 @@ def test_best_parameters_are_restored(tmp_path):
             assert torch.equal(p, res["best"][n])
 
 
+def test_per_group_selection_keeps_each_experts_own_best(monkeypatch):
+    """valid_groups: expert 1 keeps the parameters of the evaluation where group 1's rows scored best, expert 2
+    those where group 2's did, though the joint criterion peaks elsewhere; the stage goes on while any
+    group improves."""
+    from thinkrec.train import loop
+
+    torch.manual_seed(0)
+    lm = tiny_lm(layers=2, n_experts=2)
+    lm.set_trainable(adapters=[1, 2])
+    inputs = _inputs(traces=False)
+    v = inputs.valid
+    groups = np.where(np.arange(len(v)) % 2 == 0, 1, 2)
+    labels = v.labels.astype(float)
+    best_at = {1: 2, 2: 4}  # evaluation number where each group's rows are ranked perfectly
+    snaps, n_eval = [], [0]
+
+    def scripted(lm_, sset, *a, **kw):
+        n_eval[0] += 1
+        snaps.append(_trainable(lm_))
+        out = np.empty(len(sset))
+        for g in (1, 2):
+            sel = groups == g
+            good = n_eval[0] == best_at[g]
+            out[sel] = (labels[sel] if good else 1 - labels[sel]) + 0.01 * np.arange(sel.sum())
+        return out
+
+    monkeypatch.setattr(loop, "score", scripted)
+    inputs.valid_groups = groups
+    res = train_stage(lm, inputs, _cfg(lr=5e-2, eval_every=1, accum=1, patience=3), None, log=lambda *_: None)
+    st = res["state"]
+    assert n_eval[0] >= 5 and {g: step for g, (_, step) in st.group_best.items()} == {
+        "1": st.history[1]["step"], "2": st.history[3]["step"]}
+    for n, p in lm.named_parameters():
+        if p.requires_grad:
+            g = loop.adapter_of(n)
+            assert torch.equal(p, snaps[best_at[g] - 1][n]), n  # expert g from its own best evaluation
+    assert not torch.equal(snaps[1][next(n for n in snaps[1] if loop.adapter_of(n) == 1)],
+                           snaps[3][next(n for n in snaps[3] if loop.adapter_of(n) == 1)])  # they did move
+
+
 def test_lr_schedule():
     cfg = LoopConfig(lr=1.0, warmup=4, min_lr_ratio=0.5)
     lrs = [lr_at(t, 100, cfg) for t in range(100)]

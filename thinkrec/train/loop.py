@@ -72,6 +72,9 @@ class StageInputs:
     item_emb: torch.Tensor | None = None  # [n_items, d_cf]
     prefix: FrozenPrefix | None = None  # stage 3's frozen lower layers; None: the model's own forward
     pad_id: int = 0
+    # per-group selection (stage 3, the official way): the adapter index (1..N) of each valid row; each
+    # expert keeps the parameters that were best on its own group's rows. None: one joint criterion
+    valid_groups: np.ndarray | None = None
 
 
 @dataclass
@@ -86,6 +89,7 @@ class LoopState:
     evals_since_best: int = 0
     history: list = field(default_factory=list)
     done: bool = False
+    group_best: dict = field(default_factory=dict)  # per-group selection: {adapter index: [criterion, step]}
 
 
 def derive_seed(seed: int, *names) -> int:
@@ -152,6 +156,36 @@ def evaluate_set(lm, sset: SampleSet, inputs: StageInputs, d: Dist = Dist(), bat
                  desc="eval") -> dict:
     scores = score(lm, sset, inputs, d, batch_size, progress, desc)
     return evaluate(sset.users, scores, sset.labels)
+
+
+def adapter_of(name: str):
+    """The adapter index a LoRA parameter name belongs to ("....lora_A.2" -> 2), or None."""
+    head, _, last = name.rpartition(".")
+    return int(last) if head.endswith((".lora_A", ".lora_B")) and last.isdigit() else None
+
+
+def _select_per_group(st: LoopState, best, named: dict, scores, valid, groups, joint_improved: bool):
+    """Per-group selection: the parameters of adapter g are kept from the evaluation where the criterion on
+    group g's valid rows was best (the official code trains one group at a time and early-stops each on its
+    own rows; this is that selection inside one joint run). Parameters of no group follow the joint
+    criterion. Returns (best, whether any group or the joint criterion improved)."""
+    best = dict(best or {})
+    improved = joint_improved
+    present = sorted({int(x) for x in groups})
+    for g in present:
+        sel = np.asarray(groups) == g
+        c = selection_score(evaluate(valid.users[sel], scores[sel], valid.labels[sel]), nan_as_zero=True)
+        key = str(g)
+        if key not in st.group_best or c > st.group_best[key][0]:
+            st.group_best[key] = [c, st.step]
+            improved = True
+            for n, p in named.items():
+                if adapter_of(n) == g:
+                    best[n] = p.detach().clone()
+    for n, p in named.items():  # no group's own (projector, an adapter without valid rows): the joint criterion
+        if adapter_of(n) not in present and (joint_improved or n not in best):
+            best[n] = p.detach().clone()
+    return best, improved
 
 
 def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist = Dist(), resume=True,
@@ -253,13 +287,23 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
         last = st.step >= total
         evaluated = inputs.valid is not None and ((cfg.eval_every and st.step % cfg.eval_every == 0) or last)
         if evaluated:
-            m = evaluate_set(lm, inputs.valid, inputs, d, cfg.eval_batch_size, cfg.progress, f"{cfg.desc} eval")
+            v = inputs.valid
+            scores = score(lm, v, inputs, d, cfg.eval_batch_size, cfg.progress, f"{cfg.desc} eval")
+            m = evaluate(v.users, scores, v.labels)
             crit = selection_score(m, nan_as_zero=True)  # AUC/4 + UAUC/3, a NaN part counts 0
             st.history.append({"step": st.step, "loss": parts["loss"], "auc": m["auc"], "uauc": m["uauc"],
                                "criterion": crit, "seconds": round(time.perf_counter() - t0, 1)})
-            if crit > st.best_score:
-                st.best_score, st.best_step, st.evals_since_best = crit, st.step, 0
-                best = {n: p.detach().clone() for n, p in named.items()}
+            improved = crit > st.best_score
+            if improved:
+                st.best_score, st.best_step = crit, st.step
+            if inputs.valid_groups is None:
+                if improved:
+                    best = {n: p.detach().clone() for n, p in named.items()}
+            else:
+                best, improved = _select_per_group(st, best, named, scores, v, inputs.valid_groups, improved)
+                st.history[-1]["groups"] = {g: c for g, (c, _) in st.group_best.items()}
+            if improved:
+                st.evals_since_best = 0
             else:
                 st.evals_since_best += 1
                 st.done = st.evals_since_best >= cfg.patience
