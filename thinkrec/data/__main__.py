@@ -3,6 +3,7 @@
     python -m thinkrec.data prepare --dataset ml1m --data-dir ~/data/ml-1m --out runs/ml1m
     python -m thinkrec.data prepare --dataset csv --data-dir ../shared/data/ml1m-collm --noun movie --out runs/x
     python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --mode reason
+    python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --history file     # the official ties rule
 """
 
 import argparse
@@ -11,12 +12,12 @@ import numpy as np
 
 from . import prompts
 from .errors import DataError
-from .history import build_histories
+from .history import HISTORY_RULES, build_histories
 from .prepare import prepare
 from .prepared import SPLITS, load_prepared
 
 
-def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None) -> str:
+def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None, history: str = "strict") -> str:
     """The full prompt (placeholders as text) of the `row`-th sample of `split`, then its answer."""
     prep = load_prepared(run)
     rows = np.flatnonzero(prep.inter.split == SPLITS.index(split))
@@ -24,7 +25,7 @@ def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None) 
         raise DataError(f"--row {row}: split {split!r} has {len(rows)} rows")
     r = int(rows[row])
     inter = prep.inter
-    hist = build_histories(inter.user, inter.timestamp, 10)[r]
+    hist = build_histories(inter.user, inter.timestamp, 10, history)[r]
     kw = prompts.load_keywords(keywords, prep.items) if keywords else prompts.run_keywords(run, prep.items)
     noun = prep.stats.get("noun") or prompts.NOUNS.get(prep.stats.get("dataset"), "item")
     history = [(int(inter.item[h]), int(inter.label[h])) for h in hist if h >= 0]
@@ -50,13 +51,15 @@ def main(argv=None) -> int:
     q.add_argument("--row", type=int, default=0, help="row number within the split (0-based)")
     q.add_argument("--mode", default="reason", choices=prompts.MODES)
     q.add_argument("--keywords", default=None, help="keyword JSON Lines (default RUN/data/keywords.jsonl if present)")
+    q.add_argument("--history", default="strict", choices=HISTORY_RULES,
+                   help="strict: earlier timestamps only; file: also earlier rows of the same second (official)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "prepare":
             opts = {"mirror": args.mirror} if args.mirror else {}
             prepare(args.dataset, data_dir=args.data_dir, out=args.out, noun=args.noun, **opts)
         else:
-            print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords))
+            print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords, args.history))
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from thinkrec.data import DataError
+from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prompts import load_keywords
 from thinkrec.io import to_json
 
@@ -32,6 +33,8 @@ def synth_main(argv=None) -> dict:
     p.add_argument("--run", default=None, help="run directory (default runs/<dataset>; its data is prepared there "
                    "first when missing)")
     p.add_argument("--noun", default=None, help="the prompts' noun (default the data's: movie / book / business)")
+    p.add_argument("--history", default="strict", choices=HISTORY_RULES,
+                   help="history rule of the teacher's prompt, as train.py --history (file: the official ties rule)")
     p.add_argument("--teacher", default="local", help="an OpenAI-compatible base URL (http://host:8000/v1), "
                    "'local' (the embedded SmolLM2-135M) or 'local:MODEL' (an HF id or directory)")
     p.add_argument("--model", default=None, help="model name the server serves (HTTP teachers)")
@@ -65,7 +68,8 @@ def synth_main(argv=None) -> dict:
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
     out = Path(a.out) if a.out else run / "reasoning" / "traces.jsonl"
     print(f"{len(rows)} training samples ({a.select}) -> {out}, teacher {teacher.name}", file=sys.stderr, flush=True)
-    summary = synthesize(prep, rows, teacher, out, keywords=keywords, noun=noun, concurrency=a.concurrency,
+    summary = synthesize(prep, rows, teacher, out, keywords=keywords, noun=noun, history=a.history,
+                         concurrency=a.concurrency,
                          max_rounds=a.max_rounds, max_tokens=a.max_tokens, progress=not a.no_progress,
                          log=lambda *m: print(*m, file=sys.stderr, flush=True))
     print(to_json(summary), flush=True)

@@ -81,11 +81,11 @@ def select_rows(prep, select: str, *, n: int = 0, seed: int = 0, scores=None, ro
     return np.asarray(pool, dtype=np.int64)
 
 
-def make_tasks(prep, rows, keywords=None, hist_len: int = 10, noun: str | None = None) -> list:
-    """One reflect-loop Task per data row: the C.2 first turn from the row's history (the same rule the
-    training prompts use) and its target."""
+def make_tasks(prep, rows, keywords=None, hist_len: int = 10, noun: str | None = None, history: str = "strict") -> list:
+    """One reflect-loop Task per data row: the C.2 first turn from the row's history (`history`: the rule the
+    training prompts use, thinkrec.data.history) and its target."""
     inter = prep.inter
-    hist = build_histories(inter.user, inter.timestamp, hist_len)
+    hist = build_histories(inter.user, inter.timestamp, hist_len, history)
     noun = noun or prep.stats.get("noun") or prompts.NOUNS.get(prep.stats.get("dataset"), "item")
     tasks = []
     for r in np.asarray(rows).tolist():
@@ -99,8 +99,8 @@ def make_tasks(prep, rows, keywords=None, hist_len: int = 10, noun: str | None =
 
 
 # ------------------------------------------------------------------------------------------------ run
-def synthesize(prep, rows, teacher, out, *, keywords=None, noun=None, concurrency: int = 16, max_rounds: int = 6,
-               max_tokens: int = 1024, progress: bool = True, log=print) -> dict:
+def synthesize(prep, rows, teacher, out, *, keywords=None, noun=None, history: str = "strict", concurrency: int = 16,
+               max_rounds: int = 6, max_tokens: int = 1024, progress: bool = True, log=print) -> dict:
     """Run the reflect loop on every row not finished before; returns the summary (also logged)."""
     traces, failures = AppendLog(out), AppendLog(failures_path(out))
     done = {int(r["row"]) for r in traces.read()}
@@ -108,7 +108,7 @@ def synthesize(prep, rows, teacher, out, *, keywords=None, noun=None, concurrenc
     todo = [r for r in np.asarray(rows).tolist() if r not in done and r not in wrong]
     if len(todo) < len(rows):
         log(f"continuing {out}: {len(rows) - len(todo)} of {len(rows)} samples finished before")
-    tasks = make_tasks(prep, todo, keywords, noun=noun)
+    tasks = make_tasks(prep, todo, keywords, noun=noun, history=history)
     stats0 = teacher.stats.snapshot()
     t0 = time.perf_counter()
     n_ok = n_wrong = n_err = rounds = 0
