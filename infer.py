@@ -61,6 +61,8 @@ def parse(argv=None):
     p.add_argument("--history", default=None, choices=["strict", "file"],
                    help="history rule of the prompts (default the run's, train.py --history): strict = earlier "
                         "timestamps only; file = also earlier rows of the same second (official)")
+    p.add_argument("--titles", default=None, choices=["full", "no-year"],
+                   help="item titles in prompts (default the run's, train.py --titles)")
     p.add_argument("--mix", default="delta", choices=["delta", "linear"],
                    help="mixture of experts: sum_e w_e B_e A_e (exact), or peft's linear combination")
     # how
@@ -110,7 +112,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision, stage=args.stage,
-                      history=args.history)
+                      history=args.history, titles=args.titles)
     log(f"precision: {loaded.precision.describe()}")
     mode = args.prompt
     if args.rank:

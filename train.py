@@ -35,7 +35,7 @@ from thinkrec.cf.train import load_embeddings
 from thinkrec.data import DataError, load_prepared, prepare
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
-from thinkrec.data.prompts import load_keywords
+from thinkrec.data.prompts import TITLE_STYLES, load_keywords, with_titles
 from thinkrec.data.tokenize import PromptBuilder
 from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, GroupError, build_groups, load_groups, small_groups, table_router,
                               train_table)
@@ -98,6 +98,8 @@ def parse(argv=None):
                    help="which earlier interactions a prompt shows: strict (an earlier timestamp) or file (also "
                         "earlier rows of the same second, the official code's rule; it can show a test row the "
                         "label of another test row rated in the same second)")
+    p.add_argument("--titles", default="full", choices=TITLE_STYLES,
+                   help="item titles in prompts: full, or no-year (the official code's ML-1M titles)")
     p.add_argument("--traces", default=None, help="reasoning traces JSON Lines (default RUN/reasoning/traces.jsonl "
                    "when it exists; without traces every sample is a plain Yes/No one)")
     p.add_argument("--keywords", default=None, help="item keywords JSON Lines (default RUN/data/keywords.jsonl if any)")
@@ -242,7 +244,7 @@ def run_pipeline(args, d) -> dict:
     if d.is_main and not (run / "data" / "stats.json").exists():
         prepare(args.dataset, data_dir=args.data_dir, out=run)
     d.barrier()
-    prep = load_prepared(run)
+    prep = with_titles(load_prepared(run), args.titles)
     check_data(prep, args)
 
     # --- CF model and expert groups
@@ -342,7 +344,7 @@ def run_pipeline(args, d) -> dict:
     test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
     truncation["test"] = truncation_counts(builder("ids"), test_rows.data_row)
     loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, groups["weights"], stage_dir(run, "stage3"),
-                       args.max_len, keywords, history=args.history, precision=prec)
+                       args.max_len, keywords, history=args.history, titles=args.titles, precision=prec)
     mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
     test = None
     if d.is_main:

@@ -309,3 +309,19 @@ def test_cli_prompt_history_rule_on_a_same_second_tie(tmp_path, capsys):
     assert main(run + ["--history", "file"]) == 0
     official = capsys.readouterr().out
     assert '"Matrix, The (1999)" (evaluation: No)' in official and "Matrix" not in strict.split("Leverage")[0]
+    assert main(run + ["--history", "file", "--titles", "no-year"]) == 0  # the official code's ML-1M titles
+    assert capsys.readouterr().out == official.replace(" (1999)", "").replace(" (1995)", "")
+
+
+def test_with_titles_strips_the_year_as_the_official_code():
+    from thinkrec.data.prepared import Prepared
+    from thinkrec.data.prompts import with_titles
+
+    items = [{"item": 0, "raw_id": "1", "title": "Shining, The (1980)"}, {"item": 1, "raw_id": "2", "title": "Se7en"},
+             {"item": 2, "raw_id": "3", "title": "Apollo 13 (1995)"}]
+    prep = Prepared(None, [], items, {})
+    out = with_titles(prep, "no-year")
+    assert [it["title"] for it in out.items] == ["Shining, The", "Se7en", "Apollo 13"]
+    assert prep.items[0]["title"] == "Shining, The (1980)" and with_titles(prep, "full") is prep
+    with pytest.raises(ValueError, match="title style"):
+        with_titles(prep, "short")

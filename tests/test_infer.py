@@ -235,8 +235,8 @@ def test_stage2_scores_with_the_global_adapter_and_the_history_rule_is_recorded(
     the experts train only in stage 3; --history file is used and recorded."""
     import infer
 
-    m = infer.main(_argv(run, tmp_path / "out", "--stage", "stage2", "--history", "file"))
-    assert (m["stage"], m["history"]) == ("stage2", "file")
+    m = infer.main(_argv(run, tmp_path / "out", "--stage", "stage2", "--history", "file", "--titles", "no-year"))
+    assert (m["stage"], m["history"], m["titles"]) == ("stage2", "file", "no-year")
     assert set(m["routing"]) == {"global"}
     lines = [json.loads(x) for x in (tmp_path / "out" / "scores.jsonl").read_text().splitlines()]
     assert all(x["weights"][0] == 1.0 for x in lines)

@@ -17,9 +17,10 @@ from .prepare import prepare
 from .prepared import SPLITS, load_prepared
 
 
-def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None, history: str = "strict") -> str:
+def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None, history: str = "strict",
+                titles: str = "full") -> str:
     """The full prompt (placeholders as text) of the `row`-th sample of `split`, then its answer."""
-    prep = load_prepared(run)
+    prep = prompts.with_titles(load_prepared(run), titles)
     rows = np.flatnonzero(prep.inter.split == SPLITS.index(split))
     if not 0 <= row < len(rows):
         raise DataError(f"--row {row}: split {split!r} has {len(rows)} rows")
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     q.add_argument("--row", type=int, default=0, help="row number within the split (0-based)")
     q.add_argument("--mode", default="reason", choices=prompts.MODES)
     q.add_argument("--keywords", default=None, help="keyword JSON Lines (default RUN/data/keywords.jsonl if present)")
+    q.add_argument("--titles", default="full", choices=prompts.TITLE_STYLES,
+                   help="item titles: full, or no-year (the official code's ML-1M titles)")
     q.add_argument("--history", default="strict", choices=HISTORY_RULES,
                    help="strict: earlier timestamps only; file: also earlier rows of the same second (official)")
     args = ap.parse_args(argv)
@@ -59,7 +62,7 @@ def main(argv=None) -> int:
             opts = {"mirror": args.mirror} if args.mirror else {}
             prepare(args.dataset, data_dir=args.data_dir, out=args.out, noun=args.noun, **opts)
         else:
-            print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords, args.history))
+            print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords, args.history, args.titles))
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,7 +26,9 @@ history item is one group (its separator included) so truncation drops whole gro
 `teacher_prompt` gives the C.2 text for the reasoning teacher (plain string, no ids).
 """
 
+import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +51,21 @@ class Placeholder:
     @property
     def text(self) -> str:
         return USER_PH if self.kind == 0 else ITEM_PH
+
+
+TITLE_STYLES = ("full", "no-year")
+_YEAR = re.compile(r"\s+\((\d+)\)")  # the official code's pattern: "Shining, The (1980)" -> "Shining, The"
+
+
+def with_titles(prep, style: str = "full"):
+    """`prep` with its item titles as prompts show them: "full" (as the source gives them) or "no-year" (the
+    official code's ML-1M titles, every " (digits)" removed). A new Prepared; `prep` is not changed."""
+    if style not in TITLE_STYLES:
+        raise ValueError(f"title style {style!r} is not one of {TITLE_STYLES}")
+    if style == "full":
+        return prep
+    items = [dict(it, title=_YEAR.sub("", str(it.get("title", "")))) for it in prep.items]
+    return dataclasses.replace(prep, items=items)
 
 
 def plural(noun: str) -> str:

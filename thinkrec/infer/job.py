@@ -67,7 +67,8 @@ def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", b
         lengths = np.array([len(sample(i)) for i in range(len(rows))], np.int64)
     meta = {"run": str(loaded.dir.resolve()), "stage": loaded.stage.name, "source": rows.source, "rows": len(rows),
             "prompt": prompt, "mix": loaded.mix, "precision": loaded.lm.precision, "history": loaded.history,
-            "batch_tokens": batch_tokens, "max_rows": max_rows, "row_checksum": _checksum(rows), **(extra_meta or {})}
+            "titles": loaded.titles, "batch_tokens": batch_tokens, "max_rows": max_rows,
+            "row_checksum": _checksum(rows), **(extra_meta or {})}
     slog = ScoreLog(out_dir / "scores.jsonl", meta)
     done = slog.start(overwrite)
     if done:
@@ -98,7 +99,7 @@ def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", b
 
     metrics = {"rows": len(rows), "source": rows.source, "prompt": prompt, "stage": loaded.stage.name,
                "mix": loaded.mix, "precision": loaded.lm.precision, "history": loaded.history,
-               "routing": _route_counts(routes),
+               "titles": loaded.titles, "routing": _route_counts(routes),
                "unknown": {"users": len(rows.unknown_users), "items": len(rows.unknown_items)},
                "rows_per_s": round((len(rows) - len(done)) / max(seconds, 1e-9), 2), "seconds": round(seconds, 2)}
     labelled = rows.label >= 0

@@ -16,7 +16,7 @@ import torch
 
 from thinkrec.cf.train import load_embeddings
 from thinkrec.data import load_prepared
-from thinkrec.data.prompts import load_keywords
+from thinkrec.data.prompts import load_keywords, with_titles
 from thinkrec.data.tokenize import PromptBuilder
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
@@ -89,6 +89,7 @@ class LoadedRun:
     keywords: dict | None
     mix: str = "delta"  # how a mixture combines experts: "delta" (exact) or "linear" (peft's)
     history: str = "strict"  # history rule of the prompts (thinkrec.data.history): "strict" or "file"
+    titles: str = "full"  # item titles in prompts (thinkrec.data.prompts.with_titles): "full" or "no-year"
     precision: Precision | None = None  # what the model runs in (lm.precision); None: fp32 as loaded
 
     def builder(self, mode: str, prep=None) -> PromptBuilder:
@@ -112,10 +113,12 @@ class LoadedRun:
 
 
 def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None, device="cpu",
-             precision: str | None = None, stage: str | None = None, history: str | None = None) -> LoadedRun:
+             precision: str | None = None, stage: str | None = None, history: str | None = None,
+             titles: str | None = None) -> LoadedRun:
     """Load RUN for scoring; `model` overrides the base model recorded with the adapters (a moved cache);
     `precision` (fp32 | bf16 | int8 | auto) overrides the one the run trained in (thinkrec.precision.for_run);
-    `history` the history rule (default the run's, train.py --history); `stage` picks the adapters (default the last finished stage; stage2's are what the official recipe scores
+    `history` the history rule and `titles` the title style (default the run's, train.py --history/--titles);
+    `stage` picks the adapters (default the last finished stage; stage2's are what the official recipe scores
     the training split with to choose the samples for reasoning traces)."""
     run = Path(run_dir)
     if not run.is_dir():
@@ -137,7 +140,8 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     lm.set_trainable(layers=[], adapters=[], projector=False)
     lm.eval()
     apply_precision(lm, prec)
-    prep = load_prepared(run)
+    titles = titles or run_arg(args, "titles", "full")
+    prep = with_titles(load_prepared(run), titles)
     kw_arg = run_arg(args, "keywords")
     kw_path = Path(kw_arg) if kw_arg else run / "data" / "keywords.jsonl"
     keywords = load_keywords(kw_path, prep.items) if kw_path.is_file() else None
@@ -150,7 +154,7 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
         gate[:, 0] = 1.0
     return LoadedRun(run, lm, tok, prep, cf, cf_model, gate, stage,
                      int(max_len or run_arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix,
-                     history or run_arg(args, "history", "strict"), prec)
+                     history or run_arg(args, "history", "strict"), titles, prec)
 
 
 __all__ = ["LoadedRun", "RunError", "load_run", "route_names", "train_args", "ROUTE_GLOBAL", "ROUTE_SINGLE",

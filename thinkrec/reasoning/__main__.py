@@ -18,6 +18,7 @@ from pathlib import Path
 
 from thinkrec.data import DataError
 from thinkrec.data.history import HISTORY_RULES
+from thinkrec.data.prompts import TITLE_STYLES, with_titles
 from thinkrec.data.prompts import load_keywords
 from thinkrec.io import to_json
 
@@ -33,6 +34,7 @@ def synth_main(argv=None) -> dict:
     p.add_argument("--run", default=None, help="run directory (default runs/<dataset>; its data is prepared there "
                    "first when missing)")
     p.add_argument("--noun", default=None, help="the prompts' noun (default the data's: movie / book / business)")
+    p.add_argument("--titles", default="full", choices=TITLE_STYLES, help="item titles, as train.py --titles")
     p.add_argument("--history", default="strict", choices=HISTORY_RULES,
                    help="history rule of the teacher's prompt, as train.py --history (file: the official ties rule)")
     p.add_argument("--teacher", default="local", help="an OpenAI-compatible base URL (http://host:8000/v1), "
@@ -57,6 +59,7 @@ def synth_main(argv=None) -> dict:
             p.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'n' else 1}")
     run = Path(a.run or f"runs/{a.dataset}")
     prep, noun = load_data(a.dataset, a.data_dir, run, a.noun)
+    prep = with_titles(prep, a.titles)
     rows = select_rows(prep, a.select, n=a.n, seed=a.seed, scores=a.scores, rows_file=a.rows)
     if not len(rows):
         raise DataError(f"--select {a.select} chose no training rows")
