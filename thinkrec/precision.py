@@ -114,10 +114,6 @@ class Precision:
     reason: str
     probe: dict | None = field(default=None, compare=False)
 
-    @property
-    def autocast_dtype(self):
-        return torch.bfloat16 if self.name == "bf16" else None
-
     def autocast(self):
         return autocast(self.name, self.device)
 
@@ -182,11 +178,11 @@ def resolve(requested: str, device="cpu", *, training: bool = False, rates: dict
 
 # ------------------------------------------------------------------------------------------------ int8
 def check_int8_available() -> None:
-    if not hasattr(torch.ops.quantized, "linear_dynamic") or "x86" not in torch.backends.quantized.supported_engines \
-            and "fbgemm" not in torch.backends.quantized.supported_engines:
+    engines = torch.backends.quantized.supported_engines
+    if not hasattr(torch.ops.quantized, "linear_dynamic") or not ({"x86", "fbgemm"} & set(engines)):
         raise PrecisionError(f"--precision int8 needs torch's fbgemm/x86 int8 kernels "
                              f"(torch.ops.quantized.linear_dynamic); this torch {torch.__version__} has engines "
-                             f"{torch.backends.quantized.supported_engines}")
+                             f"{engines}")
 
 
 class Int8Linear(nn.Module):
