@@ -295,8 +295,9 @@ def for_run(run_dir, requested: str | None, device="cpu", *, training: bool) -> 
     if st is None:
         return resolve("auto" if training else "fp32", device, training=training)
     p = resolve(st["name"], device, training=training)
-    return Precision(p.name, p.requested, p.device, f"the run's precision ({Path(run_dir) / RUN_FILE}); "
-                     + p.reason, p.probe)
+    warning = p.reason.partition(": ")[2] if ": " in p.reason else ""  # e.g. bf16 on a CPU without it
+    return Precision(p.name, p.requested, p.device, f"the run's precision, {Path(run_dir) / RUN_FILE} (chosen as "
+                     f"{st.get('requested', st['name'])})" + (f": {warning}" if warning else ""), p.probe)
 
 
 def record(run_dir, precision: Precision) -> bool:
