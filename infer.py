@@ -24,12 +24,15 @@ import numpy as np
 import torch
 
 from thinkrec.data import DataError
+from thinkrec.data.history import HISTORY_RULES
+from thinkrec.data.prompts import TITLE_STYLES
 from thinkrec.infer import RunError, load_run, read_input, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
 from thinkrec.infer.run import run_arg, train_args
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, to_json
 from thinkrec.model import ModelLoadError
 from thinkrec.model.adapters import AdapterFileError
+from thinkrec.train.stages import STAGES
 from thinkrec.precision import PRECISIONS, PrecisionError
 
 USER_ERRORS = (DataError, RunError, ArtifactError, ModelLoadError, AdapterFileError, RunLockedError,
@@ -45,7 +48,7 @@ def parse(argv=None):
     p.add_argument("--run-dir", default="runs/ml100k", help="a run of train.py")
     p.add_argument("--out", default=None, help="output directory (default RUN/infer)")
     p.add_argument("--model", default=None, help="base model, when the one recorded with the adapters moved")
-    p.add_argument("--stage", default=None, choices=["stage1", "stage2", "stage3"],
+    p.add_argument("--stage", default=None, choices=STAGES,
                    help="score with this stage's adapters (default the last finished one; stage2 on the train "
                         "split chooses the samples for reasoning traces, as the official recipe does)")
     # what to score
@@ -58,10 +61,10 @@ def parse(argv=None):
     p.add_argument("--prompt", default="reason", choices=["reason", "ids", "text"],
                    help="reason: the paper's C.3 recommendation prompt with CF ids (what the official evaluation "
                         "scores); ids: the stage-2/3 training prompt; text: stage 1's, without ids")
-    p.add_argument("--history", default=None, choices=["strict", "file"],
+    p.add_argument("--history", default=None, choices=HISTORY_RULES,
                    help="history rule of the prompts (default the run's, train.py --history): strict = earlier "
                         "timestamps only; file = also earlier rows of the same second (official)")
-    p.add_argument("--titles", default=None, choices=["full", "no-year"],
+    p.add_argument("--titles", default=None, choices=TITLE_STYLES,
                    help="item titles in prompts (default the run's, train.py --titles)")
     p.add_argument("--mix", default="delta", choices=["delta", "linear"],
                    help="mixture of experts: sum_e w_e B_e A_e (exact), or peft's linear combination")

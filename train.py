@@ -36,7 +36,7 @@ from thinkrec.data import DataError, load_prepared, prepare
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import TITLE_STYLES, load_keywords, with_titles
-from thinkrec.data.tokenize import PromptBuilder
+from thinkrec.data.tokenize import DEFAULT_MAX_LEN, QUICK_MAX_LEN, PromptBuilder, default_max_len
 from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, GroupError, build_groups, load_groups, small_groups, table_router,
                               train_table)
 from thinkrec.infer import LoadedRun, score_rows, split_rows
@@ -51,10 +51,6 @@ from thinkrec.train.checkpoint import CheckpointError
 from thinkrec.train.ddp import shutdown
 from thinkrec.train.loop import derive_seed
 from thinkrec.train.stages import EXPERT_LAYERS
-
-
-DEFAULT_MAX_LEN = 512  # no prompt of the paper's ML-1M split is cut (longest 443 tokens with ids, 465 for C.3)
-QUICK_MAX_LEN = 224  # the offline smoke run (ml100k): quick, and it says how many rows lose history
 
 
 class UsageError(ValueError):
@@ -92,8 +88,8 @@ def parse(argv=None):
     p.add_argument("--max-test-samples", type=_number(int, 0), default=160, help="test rows scored at the end (0 = all)")
     p.add_argument("--max-len", type=_number(int, 16), default=None,
                    help="tokens per sample; older history items are dropped beyond it (the run says how many rows "
-                        "lose some). Default 512, which keeps every ML-1M prompt whole (the longest, with ids, is "
-                        f"443 tokens); {QUICK_MAX_LEN} for the quick offline ml100k default")
+                        f"lose some). Default {DEFAULT_MAX_LEN}, which keeps every ML-1M prompt whole (the longest, "
+                        f"with ids, is 443 tokens); {QUICK_MAX_LEN} for the quick offline ml100k default")
     p.add_argument("--history", default="strict", choices=HISTORY_RULES,
                    help="which earlier interactions a prompt shows: strict (an earlier timestamp) or file (also "
                         "earlier rows of the same second, the official code's rule; it can show a test row the "
@@ -147,7 +143,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     args.run_dir = Path(args.run_dir or f"runs/{args.dataset}")
     if args.max_len is None:
-        args.max_len = QUICK_MAX_LEN if args.dataset == "ml100k" else DEFAULT_MAX_LEN
+        args.max_len = default_max_len(args.dataset)
     return args
 
 
@@ -378,12 +374,14 @@ def truncation_counts(builder, rows) -> dict:
 
 
 def truncation_line(t: dict, prompt: str) -> str:
-    parts = [f"{k} {v['truncated']} of {v['rows']}" for k, v in t.items() if isinstance(v, dict)]
-    longest = max(v["longest"] for v in t.values() if isinstance(v, dict))
-    if not any(v["truncated"] for v in t.values() if isinstance(v, dict)):
+    """One line from {"max_len", split: truncation_counts(...)}."""
+    splits = {k: v for k, v in t.items() if k != "max_len"}
+    longest = max(v["longest"] for v in splits.values())
+    if not any(v["truncated"] for v in splits.values()):
         return f"prompts: none over --max-len {t['max_len']} ({prompt}; longest {longest} tokens)"
-    return (f"prompts over --max-len {t['max_len']} ({prompt}), their oldest history items dropped: "
-            f"{', '.join(parts)} rows; --max-len {longest} keeps every history whole")
+    parts = ", ".join(f"{k} {v['truncated']} of {v['rows']}" for k, v in splits.items())
+    return (f"prompts over --max-len {t['max_len']} ({prompt}), their oldest history items dropped: {parts} rows; "
+            f"--max-len {longest} keeps every history whole")
 
 
 def summary(metrics: dict, args, prep) -> str:

@@ -248,7 +248,7 @@ def main():
         if p.name == "fp32":
             prec_rows[key] = {"precision": "fp32", "same_as": "ours"}
             continue
-        if p.name == "bf16" and probe["bf16_gflops"] < probe["fp32_gflops"] and not a.force_slow:
+        if P.slow_warning(p.name, probe) and not a.force_slow:
             prec_rows[key] = {"precision": "bf16", "skipped": f"bf16 GEMM {probe['bf16_gflops']} GFLOP/s against "
                               f"fp32 {probe['fp32_gflops']} here (no native bf16); --force-slow times it anyway"}
             print(f"  {key:12} skipped: {prec_rows[key]['skipped']}", flush=True)

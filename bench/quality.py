@@ -72,7 +72,7 @@ def main():
     probe = P.probe(threads=torch.get_num_threads())
     first_losses, skipped = {}, {}
     for prec in [p for p in a.precisions.split(",") if p]:
-        if prec == "bf16" and probe["bf16_gflops"] < probe["fp32_gflops"] and not a.force_slow:
+        if P.slow_warning(prec, probe) and not a.force_slow:
             skipped[prec] = f"probe: bf16 {probe['bf16_gflops']} GFLOP/s, fp32 {probe['fp32_gflops']} (no native bf16)"
             print(f"skipped {prec}: {skipped[prec]}")
             continue

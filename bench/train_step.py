@@ -241,7 +241,7 @@ def main():
     probe = P.probe(threads=torch.get_num_threads()) if a.device == "cpu" else None
     precs, skipped = [], {}
     for p in [x for x in a.precisions.split(",") if x]:
-        if p == "bf16" and probe and probe["bf16_gflops"] < probe["fp32_gflops"] and not a.force_slow:
+        if P.slow_warning(p, probe) and not a.force_slow:
             skipped[p] = (f"bf16 GEMM {probe['bf16_gflops']} GFLOP/s against fp32 {probe['fp32_gflops']} on this CPU "
                           f"(no native bf16): a step would take hours; --force-slow runs it anyway")
         else:

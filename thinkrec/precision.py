@@ -52,33 +52,31 @@ class PrecisionError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- probe
-def gemm_rate(dtype, n: int, budget_s: float) -> float:
-    """GFLOP/s of n x n x n matmuls in dtype on the CPU: one untimed call, then calls until budget_s."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
-    a @ b
+def _rate(fn, flops: float, budget_s: float) -> float:
+    """GFLOP/s (GOP/s) of fn(), which does `flops` operations: one untimed call, then calls until budget_s
+    (at most 20)."""
+    fn()
     reps, t0 = 0, time.perf_counter()
     while True:
-        a @ b
+        fn()
         reps += 1
         dt = time.perf_counter() - t0
         if dt >= budget_s or reps >= 20:
-            return 2 * n ** 3 * reps / dt / 1e9
+            return flops * reps / dt / 1e9
+
+
+def gemm_rate(dtype, n: int, budget_s: float) -> float:
+    """GFLOP/s of n x n x n matmuls in dtype on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+    return _rate(lambda: a @ b, 2 * n ** 3, budget_s)
 
 
 def _int8_rate(n: int, budget_s: float) -> float:
     """GOP/s of the int8 dynamic linear (Int8Linear) on [n, n] x [n, n]."""
     g = torch.Generator().manual_seed(0)
-    lin = Int8Linear(torch.randn(n, n, generator=g), None)
-    x = torch.randn(n, n, generator=g)
-    lin(x)
-    reps, t0 = 0, time.perf_counter()
-    while True:
-        lin(x)
-        reps += 1
-        dt = time.perf_counter() - t0
-        if dt >= budget_s or reps >= 20:
-            return 2 * n ** 3 * reps / dt / 1e9
+    lin, x = Int8Linear(torch.randn(n, n, generator=g), None), torch.randn(n, n, generator=g)
+    return _rate(lambda: lin(x), 2 * n ** 3, budget_s)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,10 +168,15 @@ def resolve(requested: str, device="cpu", *, training: bool = False, rates: dict
         why = "at least" if name == "bf16" else "under"
         return Precision(name, requested, dev, f"auto: the probe measured bf16 GEMMs {why} {BF16_MIN_SPEEDUP:g}x "
                          f"fp32 on this CPU", r)
-    reason = f"asked for {requested}"
-    if requested == "bf16" and ratio < 1.0:
-        reason += ": bf16 is SLOWER than fp32 on this CPU (no native bf16); expect a much slower run"
-    return Precision(requested, requested, dev, reason, r)
+    warning = slow_warning(requested, r)
+    return Precision(requested, requested, dev, f"asked for {requested}" + (f": {warning}" if warning else ""), r)
+
+
+def slow_warning(name: str, rates: dict | None) -> str:
+    """A warning when `name` is bf16 on a CPU whose probe found bf16 GEMMs slower than fp32, else ''."""
+    if name == "bf16" and rates and rates["bf16_gflops"] < rates["fp32_gflops"]:
+        return "bf16 is SLOWER than fp32 on this CPU (no native bf16); expect a much slower run"
+    return ""
 
 
 # ------------------------------------------------------------------------------------------------ int8
@@ -295,7 +298,7 @@ def for_run(run_dir, requested: str | None, device="cpu", *, training: bool) -> 
     if st is None:
         return resolve("auto" if training else "fp32", device, training=training)
     p = resolve(st["name"], device, training=training)
-    warning = p.reason.partition(": ")[2] if ": " in p.reason else ""  # e.g. bf16 on a CPU without it
+    warning = slow_warning(p.name, p.probe)
     return Precision(p.name, p.requested, p.device, f"the run's precision, {Path(run_dir) / RUN_FILE} (chosen as "
                      f"{st.get('requested', st['name'])})" + (f": {warning}" if warning else ""), p.probe)
 

@@ -94,6 +94,15 @@ class SegmentTokenizer:
                 ids.append(self.ph_ids[s.kind])
 
 
+DEFAULT_MAX_LEN = 512  # no prompt of the paper's ML-1M split is cut (longest 443 tokens with ids, 465 for C.3)
+QUICK_MAX_LEN = 224  # the offline smoke run (ml100k): quick, and train.py says how many rows lose history
+
+
+def default_max_len(dataset: str | None) -> int:
+    """train.py's --max-len default for a dataset: QUICK_MAX_LEN for the offline ml100k run, else DEFAULT_MAX_LEN."""
+    return QUICK_MAX_LEN if dataset == "ml100k" else DEFAULT_MAX_LEN
+
+
 class PromptBuilder:
     """Builds `Sample`s for rows of a Prepared (see the module docstring for the structure).
 

@@ -17,7 +17,7 @@ import torch
 from thinkrec.cf.train import load_embeddings
 from thinkrec.data import load_prepared
 from thinkrec.data.prompts import load_keywords, with_titles
-from thinkrec.data.tokenize import PromptBuilder
+from thinkrec.data.tokenize import PromptBuilder, default_max_len
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
 from thinkrec.model.adapters import read_adapters
@@ -25,7 +25,6 @@ from thinkrec.precision import Precision, for_run
 from thinkrec.precision import apply as apply_precision
 
 STAGE_ORDER = ("stage3", "stage2", "stage1")
-DEFAULT_MAX_LEN = 224  # train.py's --max-len default
 
 
 class RunError(ValueError):
@@ -153,7 +152,7 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
         gate = np.zeros_like(gate)
         gate[:, 0] = 1.0
     return LoadedRun(run, lm, tok, prep, cf, cf_model, gate, stage,
-                     int(max_len or run_arg(args, "max_len", DEFAULT_MAX_LEN)), keywords, mix,
+                     int(max_len or run_arg(args, "max_len", default_max_len(prep.stats.get("dataset")))), keywords, mix,
                      history or run_arg(args, "history", "strict"), titles, prec)
 
 

@@ -35,6 +35,11 @@ SELECT = ("errors", "random", "rows")
 
 
 # ------------------------------------------------------------------------------------------- selection
+def _check_train_row(train, row: int, where: str, hint: str = "") -> None:
+    if not (0 <= row < len(train) and train[row]):
+        raise DataError(f"{where}: row {row} is not a training row of this run's data{hint}")
+
+
 def select_rows(prep, select: str, *, n: int = 0, seed: int = 0, scores=None, rows_file=None) -> np.ndarray:
     """Training data rows to ask the teacher about, in ascending order; n > 0 caps them (seeded draw)."""
     train = prep.inter.split == SPLITS.index("train")
@@ -51,9 +56,7 @@ def select_rows(prep, select: str, *, n: int = 0, seed: int = 0, scores=None, ro
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{scores}:{line_no}: expected infer.py's score line with row, prob, label ({e})") \
                     from None
-            if not (0 <= row < len(train) and train[row]):
-                raise DataError(f"{scores}:{line_no}: row {row} is not a training row of this run's data "
-                                f"(score the train split: infer.py --split train)")
+            _check_train_row(train, row, f"{scores}:{line_no}", " (score the train split: infer.py --split train)")
             if label is not None and (prob > 0.5) != bool(label):
                 pool.append(row)
         pool = np.unique(np.asarray(pool, dtype=np.int64))
@@ -70,8 +73,7 @@ def select_rows(prep, select: str, *, n: int = 0, seed: int = 0, scores=None, ro
                     row = int(json.loads(text)["row"]) if text.startswith("{") else int(text)
                 except (ValueError, KeyError, TypeError) as e:
                     raise DataError(f"{rows_file}:{line_no}: not a row number ({e})") from None
-                if not (0 <= row < len(train) and train[row]):
-                    raise DataError(f"{rows_file}:{line_no}: row {row} is not a training row of this run's data")
+                _check_train_row(train, row, f"{rows_file}:{line_no}")
                 pool.append(row)
         pool = np.unique(np.asarray(pool, dtype=np.int64))
     else:

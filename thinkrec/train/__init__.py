@@ -4,8 +4,8 @@ resumable checkpoints, data parallelism) and the three stages. The CLI is train.
 from .batches import Batch, collate
 from .data import SampleSet, read_traces, subsample
 from .ddp import Dist, init_from_env
-from .loop import LoopConfig, StageInputs, evaluate_set, score, train_stage
+from .loop import LoopConfig, StageInputs, score, train_stage
 from .stages import STAGES, is_done, setup, stage_dir
 
 __all__ = ["Batch", "collate", "SampleSet", "read_traces", "subsample", "Dist", "init_from_env", "LoopConfig",
-           "StageInputs", "evaluate_set", "score", "train_stage", "STAGES", "is_done", "setup", "stage_dir"]
+           "StageInputs", "score", "train_stage", "STAGES", "is_done", "setup", "stage_dir"]

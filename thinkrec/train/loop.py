@@ -152,11 +152,6 @@ def score(lm, sset: SampleSet, inputs: StageInputs, d: Dist = Dist(), batch_size
     return d.all_reduce_sum(out).numpy()
 
 
-def evaluate_set(lm, sset: SampleSet, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16, progress=False,
-                 desc="eval") -> dict:
-    scores = score(lm, sset, inputs, d, batch_size, progress, desc)
-    return evaluate(sset.users, scores, sset.labels)
-
 
 def adapter_of(name: str):
     """The adapter index a LoRA parameter name belongs to ("....lora_A.2" -> 2), or None."""
