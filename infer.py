@@ -34,9 +34,10 @@ from thinkrec.model import ModelLoadError
 from thinkrec.model.adapters import AdapterFileError
 from thinkrec.train.stages import STAGES
 from thinkrec.precision import PRECISIONS, PrecisionError
+from thinkrec.recipe import RECIPES, RecipeError
 
 USER_ERRORS = (DataError, RunError, ArtifactError, ModelLoadError, AdapterFileError, RunLockedError,
-               FileNotFoundError, PrecisionError)
+               FileNotFoundError, PrecisionError, RecipeError)
 
 
 class UsageError(ValueError):
@@ -61,6 +62,9 @@ def parse(argv=None):
     p.add_argument("--prompt", default="reason", choices=["reason", "ids", "text"],
                    help="reason: the paper's C.3 recommendation prompt with CF ids (what the official evaluation "
                         "scores); ids: the stage-2/3 training prompt; text: stage 1's, without ids")
+    p.add_argument("--recipe", default=None, choices=RECIPES,
+                   help="the run's recipe (train.py --recipe, RUN/recipe.json; the default): its prompt style and "
+                        "answer tokens; naming another stops")
     p.add_argument("--history", default=None, choices=HISTORY_RULES,
                    help="history rule of the prompts (default the run's, train.py --history): strict = earlier "
                         "timestamps only; file = also earlier rows of the same second (official)")
@@ -115,7 +119,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision, stage=args.stage,
-                      history=args.history, titles=args.titles)
+                      history=args.history, titles=args.titles, recipe=args.recipe)
     log(f"precision: {loaded.precision.describe()}")
     mode = args.prompt
     if args.rank:
@@ -130,11 +134,9 @@ def main(argv=None) -> dict:
         n = args.max_rows if args.max_rows is not None else int(run_arg(targs, "max_test_samples", 0))
         seed = int(run_arg(targs, "seed", 0)) + 2  # train.py draws its test rows with seed + 2
         rows = split_rows(loaded.prep, args.split, n if args.split == "test" else (args.max_rows or 0), seed)
-        official = None
         sample = official_sample(loaded.prep, run_arg(targs, "data_dir"), args.split)
-        if sample is not None:
-            pos = np.flatnonzero(np.isin(rows.data_row, sample))
-            official = (pos, f"official 25% {args.split} sample ({len(pos)} of its {len(sample)} rows scored)")
+        pos = np.flatnonzero(np.isin(rows.data_row, sample))
+        official = (pos, f"official 25% {args.split} sample ({len(pos)} of its {len(sample)} rows scored)")
     if args.explain:
         from thinkrec.infer.explain import explain_cli
 

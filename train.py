@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from thinkrec import precision
+from thinkrec import recipe as recipes
 from thinkrec.cf import CFConfig, train_cf
 from thinkrec.cf.train import load_embeddings
 from thinkrec.data import DataError, load_prepared, prepare
@@ -45,6 +46,7 @@ from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temp
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model.adapters import AdapterFileError
 from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
+from thinkrec.recipe import RECIPES, RecipeError
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             setup, stage_dir, subsample, train_stage)
 from thinkrec.train.checkpoint import CheckpointError
@@ -59,7 +61,7 @@ class UsageError(ValueError):
 
 # errors about the user's input or files: their message is the whole story (a traceback is for bugs)
 USER_ERRORS = (UsageError, GroupError, DataError, ModelLoadError, ArtifactError, RunLockedError, CheckpointError,
-               AdapterFileError, PrecisionError)
+               AdapterFileError, PrecisionError, RecipeError)
 
 
 def _number(kind, low, inclusive=True):
@@ -80,6 +82,12 @@ def _experts(text):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
+    p.add_argument("--recipe", default=None, choices=RECIPES,
+                   help="ours (default), or official: the authors' released code reproduced (verbatim prompts and "
+                        "answers, their history rule, titles, grouping, stage-3 prompt and selection, schedule, "
+                        "early stopping and validation sample; see the README's recipe table). The flags below "
+                        "that name a point (--history, --titles, --cluster, --stage3-select, --lr, ...) override "
+                        "it. A run keeps the recipe it started with (RUN/recipe.json)")
     p.add_argument("--dataset", default="ml100k", help="ml100k | ml1m | amazon-book | yelp | csv")
     p.add_argument("--data-dir", default=None, help="raw files (default: download / the offline mirror)")
     p.add_argument("--run-dir", default=None, help="where every artifact goes (default runs/<dataset>)")
@@ -90,12 +98,12 @@ def parse(argv=None):
                    help="tokens per sample; older history items are dropped beyond it (the run says how many rows "
                         f"lose some). Default {DEFAULT_MAX_LEN}, which keeps every ML-1M prompt whole (the longest, "
                         f"with ids, is 443 tokens); {QUICK_MAX_LEN} for the quick offline ml100k default")
-    p.add_argument("--history", default="strict", choices=HISTORY_RULES,
-                   help="which earlier interactions a prompt shows: strict (an earlier timestamp) or file (also "
+    p.add_argument("--history", default=None, choices=HISTORY_RULES,
+                   help="which earlier interactions a prompt shows: strict (an earlier timestamp; ours) or file (also "
                         "earlier rows of the same second, the official code's rule; it can show a test row the "
                         "label of another test row rated in the same second)")
-    p.add_argument("--titles", default="full", choices=TITLE_STYLES,
-                   help="item titles in prompts: full, or no-year (the official code's ML-1M titles)")
+    p.add_argument("--titles", default=None, choices=TITLE_STYLES,
+                   help="item titles in prompts: full (ours), or no-year (the official code's ML-1M titles)")
     p.add_argument("--traces", default=None, help="reasoning traces JSON Lines (default RUN/reasoning/traces.jsonl "
                    "when it exists; without traces every sample is a plain Yes/No one)")
     p.add_argument("--keywords", default=None, help="item keywords JSON Lines (default RUN/data/keywords.jsonl if any)")
@@ -103,18 +111,22 @@ def parse(argv=None):
     p.add_argument("--model", default=None, help="HF id, local dir or .gguf (default SmolLM2-135M-Instruct, offline)")
     p.add_argument("--experts", type=_experts, default=2,
                    help="number of user groups / LoRA experts N, or 'auto': N in 2..10 by silhouette")
-    p.add_argument("--cluster", default=GroupConfig.cluster, choices=CLUSTER_METHODS,
-                   help="user grouping: spherical k-means (cosine, as the gate routes), raw-L2 k-means, or the "
-                        "official standard-scaled Ward")
+    p.add_argument("--cluster", default=None, choices=CLUSTER_METHODS,
+                   help="user grouping: spherical k-means of the training users (cosine, as the gate routes; ours), "
+                        "raw-L2 k-means, or standard-scaled Ward (the official recipe clusters all users so)")
     p.add_argument("--min-group-share", type=_number(float, 0), default=GroupConfig.min_share,
                    help="stop before training when a group holds fewer of the training users than this")
     p.add_argument("--allow-small-groups", action="store_true", help="train experts on small groups anyway")
     p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
     p.add_argument("--cf-dim", type=_number(int, 1), default=256, help="CF embedding size (official 256)")
     p.add_argument("--expert-layers", type=_number(int, 1), default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
-    p.add_argument("--stage3-select", default="joint", choices=["joint", "group"],
+    p.add_argument("--stage3-select", default=None, choices=["joint", "group"],
                    help="stage 3 model selection: one criterion over all valid rows (joint), or each expert keeps "
                         "the parameters that were best on its own group's valid rows (group, the official way)")
+    p.add_argument("--last-stage", default=STAGES[-1], choices=STAGES,
+                   help="stop after this stage and test with its adapters: stage1 (a TALLRec-style run: LoRA on "
+                        "prompts without ids), stage2 (CoLLM-style: plus the CF projector), stage3 (ThinkRec's "
+                        "experts); before stage 3 every user has the global adapter")
     p.add_argument("--prefix-cache-mb", type=_number(float, 0), default=4096,
                    help="stage 3 keeps the frozen layers' output per sample up to this many MB, so epochs after "
                         "the first run only the trainable layers (0 = recompute every step)")
@@ -122,12 +134,17 @@ def parse(argv=None):
     p.add_argument("--epochs", type=_number(float, 0, inclusive=False), default=LoopConfig.epochs, help="passes over the training rows per stage")
     p.add_argument("--batch-size", type=_number(int, 1), default=LoopConfig.batch_size, help="rows per micro-batch (all ranks together)")
     p.add_argument("--accum", type=_number(int, 1), default=LoopConfig.accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=_number(float, 0, inclusive=False), default=LoopConfig.lr, help="AdamW peak learning rate (stages 1 and 2)")
-    p.add_argument("--stage3-lr", type=_number(float, 0, inclusive=False), default=None, help="stage 3 learning rate (default --lr; official 1e-5)")
+    p.add_argument("--lr", type=_number(float, 0, inclusive=False), default=None,
+                   help=f"AdamW peak learning rate of stages 1 and 2 (default {LoopConfig.lr}, as the official configs)")
+    p.add_argument("--stage3-lr", type=_number(float, 0, inclusive=False), default=None,
+                   help="stage 3 learning rate (default --lr; the official recipe 1e-5, rising to 8e-5)")
+    p.add_argument("--iters-per-epoch", type=_number(int, 0), default=None,
+                   help="micro-batches per epoch: 0 = one pass over the training rows (ours), the official 800")
     p.add_argument("--weight-decay", type=_number(float, 0), default=LoopConfig.weight_decay)
     p.add_argument("--warmup", type=_number(int, 0), default=LoopConfig.warmup, help="warmup steps (capped at 10%% of a stage's steps)")
-    p.add_argument("--eval-every", type=_number(int, 0), default=LoopConfig.eval_every,
-                   help="optimizer steps between valid evaluations (0 = at the end)")
+    p.add_argument("--eval-every", type=_number(int, 0), default=None,
+                   help="optimizer steps between valid evaluations (0 = at the end; default 0, the official recipe "
+                        "once per epoch)")
     p.add_argument("--patience", type=_number(int, 1), default=LoopConfig.patience, help="evaluations without improvement before stopping")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
     p.add_argument("--precision", default=None, choices=TRAIN_PRECISIONS,
@@ -145,6 +162,33 @@ def parse(argv=None):
     if args.max_len is None:
         args.max_len = default_max_len(args.dataset)
     return args
+
+
+def apply_recipe(args) -> recipes.Recipe:
+    """Resolve --recipe (or the run's own, RUN/recipe.json) and fill every point not given as a flag."""
+    rec = recipes.for_run(args.run_dir, args.recipe)
+    args.recipe = rec.name
+    for flag, value in (("history", rec.history), ("titles", rec.titles), ("cluster", rec.cluster),
+                        ("stage3_select", rec.stage3_select), ("iters_per_epoch", rec.iters_per_epoch)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    if args.eval_every is None:  # the official recipe validates once per epoch
+        args.eval_every = max(1, args.iters_per_epoch // args.accum) if rec.name == "official" else 0
+    return rec
+
+
+def stage_schedule(args, rec: recipes.Recipe, stage: str) -> dict:
+    """LoopConfig's learning-rate fields of one stage: the recipe's schedule, --lr / --stage3-lr over it."""
+    sched = (rec.stages or {}).get(stage)
+    if stage == "stage3" and args.stage3_lr:
+        lr = args.stage3_lr
+    elif stage == "stage3" and sched:  # the official stage 3 has its own rates; ours runs at --lr
+        lr = sched.lr
+    else:
+        lr = args.lr or (sched.lr if sched else LoopConfig.lr)
+    if sched is None:
+        return {"lr": lr}
+    return {"lr": lr, "min_lr": sched.min_lr, "warmup_lr": sched.warmup_lr}
 
 
 def log(*a):
@@ -199,10 +243,12 @@ def main(argv=None) -> dict:
     d = init_from_env()
     if args.threads:
         torch.set_num_threads(args.threads)
+    rec = apply_recipe(args)
     with contextlib.ExitStack() as held:
         if d.is_main:
             check_paths(args)
             held.enter_context(RunLock(args.run_dir, "train.py"))
+            recipes.record(args.run_dir, rec)
             for path in clean_stale_temps(args.run_dir):
                 log(f"removed {path}, left by a killed write")
             log(to_json({k: str(v) for k, v in vars(args).items()}))
@@ -240,6 +286,8 @@ def run_pipeline(args, d) -> dict:
     if d.is_main and not (run / "data" / "stats.json").exists():
         prepare(args.dataset, data_dir=args.data_dir, out=run)
     d.barrier()
+    rec = recipes.get(args.recipe)
+    style = rec.prompts  # ours, or the official prompt files verbatim (thinkrec.data.prompts)
     prep = with_titles(load_prepared(run), args.titles)
     check_data(prep, args)
 
@@ -250,7 +298,8 @@ def run_pipeline(args, d) -> dict:
                                patience=3, seed=args.seed, threads=torch.get_num_threads()))
     if d.is_main and not (run / "experts" / "groups.safetensors").exists():
         build_groups(run, GroupConfig(model=args.cf_model, groups=0 if args.experts == "auto" else args.experts,
-                                      cluster=args.cluster, seed=args.seed, min_share=args.min_group_share))
+                                      cluster=args.cluster, users=rec.cluster_users, seed=args.seed,
+                                      min_share=args.min_group_share))
     d.barrier()
     cf = load_embeddings(run, args.cf_model)
     user_emb, item_emb = cf["user_emb"].to(d.device), cf["item_emb"].to(d.device)  # moved once, indexed per batch
@@ -260,30 +309,34 @@ def run_pipeline(args, d) -> dict:
     # --- model and prompts
     torch.manual_seed(derive_seed(args.seed, "model"))  # LoRA A and the projector, whichever phases ran before
     lm, tok = ThinkRecLM.from_pretrained(args.model, n_experts=n_experts, lora=LoRAConfig(),
-                                         cf_dim=user_emb.shape[1], device=d.device)
+                                         cf_dim=user_emb.shape[1], device=d.device, prompt_style=style)
     prec = run_precision(args, d)
     precision.apply(lm, prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
     kw_path = Path(args.keywords) if args.keywords else run / "data" / "keywords.jsonl"
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
     builders = {}
 
-    def builder(mode, with_ids=None):
-        """Training prompts ("text", "ids") cut at --max-len; the C.3 scoring prompt ("reason") gets 409 more
-        tokens, as infer.py scores test rows (thinkrec.infer.LoadedRun.builder)."""
-        if (mode, with_ids) not in builders:
-            max_len = args.max_len + (409 if mode == "reason" else 0)
-            builders[mode, with_ids] = PromptBuilder(prep, tok, mode=mode, max_len=max_len, keywords=keywords,
-                                                     placeholder_ids=lm.placeholder_token_ids, with_ids=with_ids,
-                                                     history_rule=args.history)
-        return builders[mode, with_ids]
+    def builder(mode, with_ids=None, traces=False):
+        """Plain training prompts ("text", "ids") cut at --max-len; the C.3 scoring prompt ("reason") and
+        reasoning samples (`traces`, whose answers are up to 409 tokens) get 409 more, as infer.py scores
+        test rows (thinkrec.infer.LoadedRun.builder)."""
+        key = (mode, with_ids, traces or mode == "reason")
+        if key not in builders:
+            builders[key] = PromptBuilder(prep, tok, mode=mode, max_len=args.max_len + (409 if key[2] else 0),
+                                          keywords=keywords, placeholder_ids=lm.placeholder_token_ids,
+                                          with_ids=with_ids, history_rule=args.history, style=style)
+        return builders[key]
 
     by_split = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
     train_rows = subsample(by_split["train"], args.max_train_samples, args.seed)
-    valid_rows = subsample(by_split["valid"], args.max_eval_samples, args.seed + 1)
+    # validation: a seeded subsample of valid (ours), or of the official 25% sample (official recipe)
+    valid_pool = official_sample(prep, args.data_dir, "valid") if rec.valid == "official" else by_split["valid"]
+    valid_rows = subsample(valid_pool, args.max_eval_samples, args.seed + 1)
     trace_path = Path(args.traces) if args.traces else run / "reasoning" / "traces.jsonl"
     traces = read_traces(trace_path, prep) if trace_path.exists() else {}
     if d.is_main:
-        log(f"train rows {len(train_rows)}, valid rows {len(valid_rows)}, reasoning traces {len(traces)}")
+        log(f"recipe {rec.name}; train rows {len(train_rows)}, valid rows {len(valid_rows)}"
+            f"{' (of the official 25% valid sample)' if rec.valid == 'official' else ''}, reasoning traces {len(traces)}")
     truncation = {"max_len": args.max_len, **{name: truncation_counts(builder("ids"), rows) for name, rows in
                                               (("train", train_rows), ("valid", valid_rows))}}
     if d.is_main:
@@ -293,7 +346,7 @@ def run_pipeline(args, d) -> dict:
 
     # --- stages 1, 2, 3
     stage_info = {}
-    for stage in STAGES:
+    for stage in STAGES[:STAGES.index(args.last_stage) + 1]:
         out = stage_dir(run, stage)
         if is_done(run, stage):
             load_adapters(lm, out)
@@ -302,7 +355,8 @@ def run_pipeline(args, d) -> dict:
                 log(f"[{stage}] {out} exists: loaded, skipped")
             continue
         prefix = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
-        mode = "text" if stage == "stage1" else "ids"  # stage 1's prompts have no CF slots
+        # stage 1's prompts have no CF slots; the official recipe's stage 3 uses stage 1's prompt
+        mode = "text" if stage == "stage1" or (stage == "stage3" and rec.stage3_prompt == "text") else "ids"
         table = train_table(groups, cf["user_emb"].numpy()) if stage == "stage3" else None
         route = table_router(table) if stage == "stage3" else None
         valid_groups = (table[prep.inter.user[valid_rows]].argmax(1)  # each valid row's expert (adapter index)
@@ -311,16 +365,15 @@ def run_pipeline(args, d) -> dict:
         inputs = StageInputs(
             # selection scores valid rows with the paper's C.3 prompt, what the evaluation scores (the official
             # code does so too); stage 1, which knows no CF ids, with C.3 minus its id slots
-            plain=SampleSet(builder(mode), train_rows), valid=SampleSet(builder("reason", mode == "ids"), valid_rows),
-            reasoning=SampleSet(PromptBuilder(prep, tok, mode="reason", max_len=args.max_len + 409,
-                                              keywords=keywords, with_ids=mode == "ids",
-                                              placeholder_ids=lm.placeholder_token_ids, history_rule=args.history),
-                                reason_rows, traces)
-            if traces else None,
+            plain=SampleSet(builder(mode), train_rows),
+            valid=SampleSet(builder("reason", stage != "stage1"), valid_rows),
+            # reasoning samples: the C.3 prompt (ours) or the stage's own (official)
+            reasoning=SampleSet(builder("reason", mode == "ids") if rec.reason_prompt == "reason"
+                                else builder(mode, traces=True), reason_rows, traces) if traces else None,
             route=route, user_emb=user_emb, item_emb=item_emb, prefix=prefix, pad_id=tok.pad_token_id,
             valid_groups=valid_groups)
-        lr = args.stage3_lr if (stage == "stage3" and args.stage3_lr) else args.lr
-        cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum, lr=lr,
+        cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum,
+                         **stage_schedule(args, rec, stage), iters_per_epoch=args.iters_per_epoch, stop=rec.stop,
                          weight_decay=args.weight_decay, warmup=args.warmup, eval_every=args.eval_every,
                          patience=args.patience, seed=args.seed, grad_ckpt=args.grad_ckpt,
                          ckpt_minutes=args.ckpt_minutes, progress=not args.no_progress, desc=stage)
@@ -339,14 +392,17 @@ def run_pipeline(args, d) -> dict:
     lm.set_trainable(layers=[], adapters=[], projector=False)
     test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
     truncation["test"] = truncation_counts(builder("ids"), test_rows.data_row)
-    loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, groups["weights"], stage_dir(run, "stage3"),
-                       args.max_len, keywords, history=args.history, titles=args.titles, precision=prec)
+    gate = groups["weights"]
+    if args.last_stage != "stage3":  # the experts train in stage 3; before it every user has the global adapter
+        gate = np.zeros_like(gate)
+        gate[:, 0] = 1.0
+    loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, gate, stage_dir(run, args.last_stage),
+                       args.max_len, keywords, history=args.history, titles=args.titles, precision=prec, style=style)
     mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
     test = None
     if d.is_main:
-        sample = official_sample(prep, args.data_dir, "test")  # the paper's ML-1M split: its official 25%
-        official = None if sample is None else (np.flatnonzero(np.isin(test_rows.data_row, sample)),
-                                                "official 25% test sample")
+        sample = official_sample(prep, args.data_dir, "test")  # the official evaluation's 25% of the test split
+        official = (np.flatnonzero(np.isin(test_rows.data_row, sample)), "official 25% test sample")
         test = score_rows(loaded, test_rows, run / "infer", mode, batch_tokens=args.batch_size * 2 * args.max_len,
                           max_rows=2 * args.batch_size, progress=not args.no_progress, overwrite=True, log=log,
                           official_rows=official)

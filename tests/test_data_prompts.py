@@ -192,3 +192,114 @@ def test_assembly_equals_full_string_with_smollm2(mode):
     for r in range(len(prep.inter)):
         s = b.sample(r)
         assert s.input_ids.tolist() + s.answer_ids.tolist() == real(b.text(r) + (" Yes" if s.label else " No"))["input_ids"]
+
+
+# --- the official recipe's prompts (thinkrec.recipe "official"): the authors' prompt files verbatim
+
+def _tie_prepared(dataset="ml1m", titles="no-year"):
+    """User 0: item 0 (liked) at t=1, item 1 (disliked) at t=2, then the test row (item 2) at t=2 as well:
+    the official rule shows item 1 to the test row (same second, earlier in the file), ours does not."""
+    items = [{"item": 0, "raw_id": "1", "title": "Shining, The (1980)", "description": "Horror"},
+             {"item": 1, "raw_id": "2", "title": "Heat (1995)", "description": "Action, Crime"},
+             {"item": 2, "raw_id": "3", "title": "Big (1988)", "description": "Comedy, Fantasy"}]
+    return prompts.with_titles(toy_prepared([(0, 0, 1, 1, 0), (0, 1, 0, 2, 0), (0, 2, 1, 2, 2)], items, dataset),
+                               titles)
+
+
+OFFICIAL_END_ANSWER = ' Please begin your answer with "Yes" or "No". \\n#Answer:'
+OFFICIAL_USER = " Additionally, we have information about the user's preferences encoded in the feature <UserID>."
+
+
+@pytest.mark.parametrize("history,shown", [("file", 2), ("strict", 1)])
+def test_official_prompts_verbatim(tok, ph, history, shown):
+    prep = _tie_prepared()
+    his_ids = ['"Shining, The" with feature <ItemID> (evaluation: Yes) with description: Horror',
+               '"Heat" with feature <ItemID> (evaluation: No) with description: Action, Crime'][:shown]
+    his_text = [h.replace(" with feature <ItemID>", "") for h in his_ids]
+    head = "<s>#Question: A user has given high ratings to the following movies: "
+    target = '"Big" with description: Comedy, Fantasy'
+    want = {
+        "text": head + "; ".join(his_text) + ". Leverage the information to predict whether the user would enjoy the "
+                "movie titled " + target + "?" + OFFICIAL_END_ANSWER,
+        "ids": head + "; ".join(his_ids) + "." + OFFICIAL_USER + " Using all available information, make a "
+               "prediction about whether the user would enjoy the movie titled " + target + " with the feature "
+               "<ItemID>?" + OFFICIAL_END_ANSWER,
+        "reason": head + "; ".join(his_ids) + "." + OFFICIAL_USER + " Based on the descriptions and the user's "
+                  "enjoyment of each movie in the historical sequence, construct a persona of the user's preferences "
+                  "and reevaluate whether the user would enjoy the movie titled " + target + " with the feature "
+                  '<ItemID>. Please begin your analysis with "Yes" or "No". \\n#Answer:',
+    }
+    for mode, text in want.items():
+        b = PromptBuilder(prep, tok, mode=mode, placeholder_ids=ph, history_rule=history, style="official")
+        assert b.text(2) == text, mode
+        assert "\n" not in b.text(2)  # the two characters backslash-n, not a newline
+        s = b.sample(2)
+        # no tokenizer BOS (the prompt starts with the text "<s>"); the answer "Yes" follows "#Answer:" directly
+        assert s.input_ids.tolist() + s.answer_ids.tolist() == tok(text + "Yes", add_special_tokens=False)["input_ids"]
+        assert s.answer_ids.tolist() == tok("Yes", add_special_tokens=False)["input_ids"]
+        if mode != "text":
+            assert s.ph_index.tolist() == [0, 1][:shown] + [0, 2] and s.ph_kind.tolist() == [1] * shown + [0, 1]
+
+
+def test_official_empty_history_is_unknow_with_a_zero_item_slot(tok, ph):
+    import torch
+
+    from thinkrec.train.batches import cf_vectors
+
+    prep = _tie_prepared()
+    text = PromptBuilder(prep, tok, mode="text", style="official").text(0)
+    assert text == ('<s>#Question: A user has given high ratings to the following movies: "Unknow" (evaluation: No) '
+                    'with description: . Leverage the information to predict whether the user would enjoy the movie '
+                    'titled "Shining, The" with description: Horror?' + OFFICIAL_END_ANSWER)
+    b = PromptBuilder(prep, tok, mode="ids", placeholder_ids=ph, style="official")
+    assert '"Unknow" with feature <ItemID> (evaluation: No) with description: .' + OFFICIAL_USER in b.text(0)
+    s = b.sample(0)
+    assert s.ph_index.tolist() == [prompts.NO_ITEM, 0, 0] and s.ph_kind.tolist() == [1, 0, 1]
+    assert s.input_ids.tolist() == tok(b.text(0), add_special_tokens=False)["input_ids"]
+    ue, ie = torch.randn(1, 4), torch.randn(3, 4)
+    v = cf_vectors(s.ph_kind.astype(np.int64), s.ph_index, ue, ie)
+    assert v[0].abs().sum() == 0 and torch.equal(v[1], ue[0]) and torch.equal(v[2], ie[0])
+    assert b.lengths(np.arange(3)).tolist() == [len(b.sample(r)) for r in range(3)]
+
+
+@pytest.mark.parametrize("dataset,noun", [("amazon-book", "book"), ("yelp", "business")])
+def test_official_prompts_use_the_datasets_noun(tok, ph, dataset, noun):
+    text = PromptBuilder(_tie_prepared(dataset), tok, mode="reason", placeholder_ids=ph, style="official").text(2)
+    assert f"following {prompts.plural(noun)}: " in text and f"each {noun} in the historical" in text
+    assert f"enjoy the {noun} titled" in text and "movie" not in text
+
+
+def test_official_reasoning_answer_has_no_space_and_no_eos(tok, ph):
+    b = PromptBuilder(_tie_prepared(), tok, mode="text", style="official", max_answer_len=409)
+    trace = "Yes. The user rated horror highly."
+    s = b.sample(2, trace=trace)
+    assert s.answer_ids.tolist() == tok(trace, add_special_tokens=False)["input_ids"]
+    assert s.answer_ids[-1] != tok.eos_token_id
+
+
+@pytest.mark.parametrize("mode", ["text", "ids", "reason"])
+def test_official_assembly_equals_full_string_tokenisation(tok, ph, mode):
+    prep = random_prepared(3)
+    b = PromptBuilder(prep, tok, mode=mode, noun="movie", placeholder_ids=ph, max_len=10_000, style="official",
+                      history_rule="file")
+    for r in range(len(prep.inter)):
+        s = b.sample(r)
+        full = tok(b.text(r) + prompts.answer_text(s.label, "official"), add_special_tokens=False)["input_ids"]
+        assert s.input_ids.tolist() + s.answer_ids.tolist() == full, f"row {r}: {b.text(r)!r}"
+    assert b.lengths().tolist() == [len(b.sample(r)) for r in range(len(prep.inter))]
+
+
+def test_prompt_cli_prints_the_official_string(tmp_path, capsys):
+    from thinkrec.data.__main__ import main
+    from thinkrec.data.prepared import save_prepared
+
+    save_prepared(_tie_prepared(titles="full"), tmp_path)
+    assert main(["prompt", "--run", str(tmp_path), "--split", "test", "--row", "0", "--mode", "ids",
+                 "--recipe", "official"]) == 0
+    out = capsys.readouterr().out.rstrip("\n")
+    assert out.startswith('<s>#Question: A user has given high ratings to the following movies: "Shining, The" with '
+                          'feature <ItemID> (evaluation: Yes) with description: Horror; "Heat" with feature')
+    assert out.endswith(OFFICIAL_END_ANSWER + "Yes")
+    assert main(["prompt", "--run", str(tmp_path), "--split", "test", "--row", "0", "--mode", "ids"]) == 0
+    ours = capsys.readouterr().out
+    assert '"Heat (1995)"' not in ours and '"Shining, The (1980)"' in ours and ours.rstrip("\n").endswith(" Yes")

@@ -212,7 +212,9 @@ def test_official_sample_maps_to_the_runs_test_rows():
             and prep.items[prep.inter.item[r]]["raw_id"] == want["item_id"]
             and prep.inter.timestamp[r] == int(want["timestamp"])]
     assert len(hits) == 1
-    assert official_sample(prep, None, "test") is None
+    # without the file the rule itself (RandomState(2025), 25% of the split's rows in order) gives the same rows
+    for split in ("valid", "test"):
+        assert np.array_equal(official_sample(prep, None, split), official_sample(prep, SHARED, split))
 
 
 def test_cli_exit_status_and_message_on_bad_input(run, tmp_path):

@@ -139,3 +139,49 @@ def test_stage3_group_selection_tracks_each_group(tmp_path):
     assert all(set(h["groups"]) == {"1", "2"} for h in info["history"])
     assert all("groups" not in h for s in ("stage1", "stage2")
                for h in json.loads((run / s / "train.json").read_text())["history"])
+
+
+def test_official_recipe_switches_every_point(tmp_path, monkeypatch):
+    """--recipe official: verbatim prompts and answer tokens, the file history rule, no-year titles, Ward over
+    all users, stage 3 on the stage-1 prompt with per-group selection, the official schedule and stopping
+    rule, validation on the official 25% sample; the run keeps its recipe and refuses another."""
+    import train
+    from thinkrec.data import load_prepared
+    from thinkrec.infer import load_run
+    from thinkrec.infer.rows import official_sample
+    from thinkrec.recipe import RecipeError
+
+    seen = {}
+    real = train.train_stage
+
+    def recording(lm, inputs, cfg, *a, **kw):
+        b = inputs.plain.builder
+        seen[cfg.desc] = dict(mode=b.mode, style=b.style, history=b.history_rule, yes=lm.yes_token_id,
+                              valid=inputs.valid.rows.tolist(), select=inputs.valid_groups is not None,
+                              sched=(cfg.lr, cfg.min_lr, cfg.warmup_lr, cfg.stop, cfg.iters_per_epoch, cfg.eval_every))
+        return real(lm, inputs, cfg, *a, **kw)
+
+    monkeypatch.setattr(train, "train_stage", recording)
+    run = train_tiny_run(tmp_path, "--recipe", "official", "--iters-per-epoch", "2", "--lr", "1e-3")
+    assert json.loads((run / "recipe.json").read_text())["name"] == "official"
+    args = json.loads((run / "metrics.json").read_text())["args"]
+    assert (args["recipe"], args["history"], args["titles"], args["cluster"], args["stage3_select"]) == (
+        "official", "file", "no-year", "ward", "group")
+    report = json.loads((run / "experts" / "report.json").read_text())
+    assert report["args"]["users"] == "all" and report["args"]["cluster"] == "ward"
+    assert sum(report["group_sizes"]) == 10  # every user of the tiny data, not only those with training rows
+    assert {s: (v["mode"], v["style"], v["history"]) for s, v in seen.items()} == {
+        "stage1": ("text", "official", "file"), "stage2": ("ids", "official", "file"),
+        "stage3": ("text", "official", "file")}
+    tok = load_run(run).tok
+    assert {v["yes"] for v in seen.values()} == {tok.convert_tokens_to_ids("Yes")}
+    assert seen["stage1"]["sched"] == (1e-3, 8e-5, 1e-5, "any", 2, 2)  # --lr wins over the recipe's 1e-4
+    assert seen["stage3"]["sched"] == (1e-5, 8e-5, 1e-6, "any", 2, 2)  # stage 3's own rates (--stage3-lr sets them)
+    assert seen["stage3"]["select"] and not seen["stage2"]["select"]
+    prep = load_prepared(run)
+    assert set(seen["stage1"]["valid"]) <= set(official_sample(prep, None, "valid").tolist())
+    loaded = load_run(run)
+    assert loaded.style == "official" and loaded.history == "file" and loaded.titles == "no-year"
+    assert loaded.builder("reason").text(0).startswith("<s>#Question: A user has given high ratings")
+    with pytest.raises(RecipeError, match="started with --recipe official"):
+        train.main(["--run-dir", str(run), "--recipe", "ours"])

@@ -168,6 +168,36 @@ def test_lr_schedule():
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and abs(lrs[-1] - 0.5) < 1e-3 and all(np.diff(lrs[4:]) <= 0)
 
 
+def test_official_lr_schedule_and_epochs():
+    """The official configs: warmup from warmup_lr, cosine to an absolute min_lr (stage 3's is above its lr,
+    so the rate rises), and an epoch of iters_per_epoch micro-batches."""
+    cfg = LoopConfig(lr=1e-5, min_lr=8e-5, warmup_lr=1e-6, warmup=4)
+    lrs = [lr_at(t, 100, cfg) for t in range(100)]
+    assert np.allclose(lrs[:5], [1e-6, 3.25e-6, 5.5e-6, 7.75e-6, 1e-5]) and abs(lrs[-1] - 8e-5) < 1e-7
+    assert all(np.diff(lrs[4:]) >= 0)
+    torch.manual_seed(0)
+    res = train_stage(_model(), _inputs(traces=False), _cfg(iters_per_epoch=3, epochs=2.0, accum=1, eval_every=0),
+                      None, log=lambda *_: None)
+    assert res["state"].micro == 6 and res["state"].step == 6  # 2 epochs x 3 micro-batches, not passes over 40 rows
+
+
+@pytest.mark.parametrize("stop,evals", [("criterion", 3), ("any", 6)])
+def test_early_stopping_rules(monkeypatch, stop, evals):
+    """The criterion peaks at the first evaluation; AUC alone improves at the third. Ours stops after
+    `patience` evaluations without a better criterion; the official rule resets its counter when AUC, UAUC
+    or the criterion improves and stops after MORE than `patience` evaluations without."""
+    from thinkrec.train import loop
+
+    metrics = iter([{"auc": 0.70, "uauc": 0.60}, {"auc": 0.60, "uauc": 0.50}, {"auc": 0.71, "uauc": 0.30}]
+                   + [{"auc": 0.50, "uauc": 0.50}] * 20)
+    monkeypatch.setattr(loop, "score", lambda lm_, sset, *a, **kw: np.zeros(len(sset)))
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **kw: dict(next(metrics)))
+    torch.manual_seed(0)
+    res = train_stage(_model(), _inputs(traces=False), _cfg(accum=1, eval_every=1, patience=2, stop=stop, epochs=3.0),
+                      None, log=lambda *_: None)
+    assert len(res["state"].history) == evals and res["state"].best_step == res["state"].history[0]["step"]
+
+
 def _ddp_worker(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)

@@ -63,6 +63,7 @@ class GroupConfig:
     model: str = "mf"  # CF model whose user embeddings are grouped: RUN/cf/<model>.safetensors
     groups: int = 2  # number of expert groups N (>= 1); 0 = choose N in 2..max_groups by silhouette
     cluster: str = "spherical"  # "spherical" (k-means of directions), "kmeans" (raw L2), "ward" (official)
+    users: str = "train"  # whom to cluster: users with training rows, or "all" users of any split (official)
     seed: int = 0
     nredo: int = 5  # k-means restarts, the best objective kept
     max_groups: int = 10  # largest N the automatic choice tries
@@ -83,6 +84,7 @@ def _as_f32(x, name: str) -> np.ndarray:
 
 
 CLUSTER_METHODS = ("spherical", "kmeans", "ward")
+CLUSTER_USERS = ("train", "all")
 
 
 class GroupError(ValueError):
@@ -313,16 +315,19 @@ def report(labels, route, d_embedding, d_like_rate=None) -> dict:
 
 
 def group_users(emb: np.ndarray, prep, cfg: GroupConfig):
-    """Cluster the users seen in training, gate every user: (tensors for groups.safetensors, report).
+    """Cluster the users seen in training (cfg.users "all": every user of any split, as the official code),
+    gate every user: (tensors for groups.safetensors, report).
 
     Spherical clustering and the gate see directions around the clustered users' mean embedding mu
     (`center`, stored with the groups): e_u - mu. Some CF models put every user in a narrow cone (SASRec's
     layer-normed states on ML-1M: cosine 0.99 to their mean direction), where raw cosines to any two
     centroids differ by less than the gate's temperature can tell, and every user would be routed global.
     """
+    if cfg.users not in CLUSTER_USERS:
+        raise GroupError(f"users = {cfg.users!r}, expected one of {CLUSTER_USERS}")
     train = prep.inter.of_split("train")
     known = np.zeros(prep.n_users, bool)
-    known[train.user] = True
+    known[train.user if cfg.users == "train" else prep.inter.user] = True
     emb = _as_f32(emb, "user_emb")
     center = emb[known].mean(0) if cfg.cluster == "spherical" and cfg.center else np.zeros(emb.shape[1], np.float32)
     emb = emb - center
@@ -429,6 +434,8 @@ def main(argv=None) -> dict:
                    help="number of expert groups N (>= 1); 0 = N in 2..--max-groups by silhouette")
     p.add_argument("--cluster", default=GroupConfig.cluster, choices=CLUSTER_METHODS,
                    help="spherical k-means (cosine, the gate's geometry), raw-L2 k-means, or standard-scaled Ward")
+    p.add_argument("--users", default=GroupConfig.users, choices=CLUSTER_USERS,
+                   help="cluster the users with training rows, or all users of any split (the official code)")
     p.add_argument("--nredo", type=int, default=GroupConfig.nredo, help="k-means restarts (best objective kept)")
     p.add_argument("--max-groups", type=int, default=GroupConfig.max_groups)
     p.add_argument("--min-share", type=float, default=GroupConfig.min_share,

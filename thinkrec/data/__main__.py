@@ -4,6 +4,11 @@
     python -m thinkrec.data prepare --dataset csv --data-dir ../shared/data/ml1m-collm --noun movie --out runs/x
     python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --mode reason
     python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --history file     # the official ties rule
+    python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --mode ids --recipe official
+
+`--recipe official` prints the exact string the authors' code builds (thinkrec.recipe: its prompt files,
+history rule and titles; a flag given beside it wins); on `prepare` it changes nothing (both recipes
+prepare the same data; titles and histories are applied when prompts are built).
 """
 
 import argparse
@@ -15,10 +20,12 @@ from .errors import DataError
 from .history import HISTORY_RULES, build_histories
 from .prepare import prepare
 from .prepared import SPLITS, load_prepared
+from thinkrec.recipe import RECIPES
+from thinkrec.recipe import get as get_recipe
 
 
 def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None, history: str = "strict",
-                titles: str = "full") -> str:
+                titles: str = "full", style: str = "ours") -> str:
     """The full prompt (placeholders as text) of the `row`-th sample of `split`, then its answer."""
     prep = prompts.with_titles(load_prepared(run), titles)
     rows = np.flatnonzero(prep.inter.split == SPLITS.index(split))
@@ -31,9 +38,8 @@ def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None, 
     noun = prep.stats.get("noun") or prompts.NOUNS.get(prep.stats.get("dataset"), "item")
     history = [(int(inter.item[h]), int(inter.label[h])) for h in hist if h >= 0]
     head, groups, tail = prompts.render(prep.items, history, int(inter.item[r]), int(inter.user[r]), noun, mode,
-                                        keywords=kw)
-    text = prompts.to_text(head + [s for g in groups for s in g] + tail)
-    return f"{text} {'Yes' if inter.label[r] else 'No'}"
+                                        keywords=kw, style=style)
+    return prompts.to_text(head + [s for g in groups for s in g] + tail) + prompts.answer_text(inter.label[r], style)
 
 
 def main(argv=None) -> int:
@@ -46,23 +52,30 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="run directory; writes RUN/data")
     p.add_argument("--noun", default=None, help="noun in prompts (default: movie / book / business; csv: item)")
     p.add_argument("--mirror", default=None, help="ml100k only: recbole (default, PyPI wheel) or grouplens")
+    p.add_argument("--recipe", default=None, choices=RECIPES, help="accepted for symmetry: both recipes prepare "
+                   "the same data (titles and histories are applied when prompts are built)")
     q = sub.add_parser("prompt", help="print one sample's full prompt")
     q.add_argument("--run", required=True)
     q.add_argument("--split", default="test", choices=SPLITS)
     q.add_argument("--row", type=int, default=0, help="row number within the split (0-based)")
     q.add_argument("--mode", default="reason", choices=prompts.MODES)
     q.add_argument("--keywords", default=None, help="keyword JSON Lines (default RUN/data/keywords.jsonl if present)")
-    q.add_argument("--titles", default="full", choices=prompts.TITLE_STYLES,
-                   help="item titles: full, or no-year (the official code's ML-1M titles)")
-    q.add_argument("--history", default="strict", choices=HISTORY_RULES,
-                   help="strict: earlier timestamps only; file: also earlier rows of the same second (official)")
+    q.add_argument("--recipe", default="ours", choices=RECIPES,
+                   help="official: the authors' prompt files verbatim, their history rule and titles")
+    q.add_argument("--titles", default=None, choices=prompts.TITLE_STYLES,
+                   help="item titles: full, or no-year (the official code's ML-1M titles); default the recipe's")
+    q.add_argument("--history", default=None, choices=HISTORY_RULES,
+                   help="strict: earlier timestamps only; file: also earlier rows of the same second (official); "
+                        "default the recipe's")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "prepare":
             opts = {"mirror": args.mirror} if args.mirror else {}
             prepare(args.dataset, data_dir=args.data_dir, out=args.out, noun=args.noun, **opts)
         else:
-            print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords, args.history, args.titles))
+            rec = get_recipe(args.recipe)
+            print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords, args.history or rec.history,
+                              args.titles or rec.titles, rec.prompts))
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -21,6 +21,14 @@ Modes (noun = movie / book / business, plural by English rule):
             and reevaluate whether ... Please begin your analysis with "Yes" or "No".\\n#Answer:"), with
             ids unless `with_ids=False`
 
+Styles: "ours" (above) or "official", the authors' prompt files verbatim (`--recipe official`): the
+literal text "<s>" first (no tokenizer BOS), "high ratings", the two characters backslash-n before
+"#Answer:" (after a space), every entry with " with description: " even when empty, the target written
+`"Title" with description: ..` followed by " with the feature <ItemID>" in id prompts, "Using all
+available information, make a prediction about whether" in the stage-2 ("ids") prompt, and a user
+without history shown as one entry "Unknow" labelled No with an empty description (its id slot gets a
+zero CF vector: item index -1).
+
 A rendered prompt is `head + groups + tail`: lists of segments, each a `str` or a `Placeholder`. Each
 history item is one group (its separator included) so truncation drops whole groups, oldest first.
 `teacher_prompt` gives the C.2 text for the reasoning teacher (plain string, no ids).
@@ -37,6 +45,8 @@ from .errors import malformed
 USER_PH = "<UserID>"
 ITEM_PH = "<ItemID>"
 MODES = ("text", "ids", "reason")
+STYLES = ("ours", "official")
+NO_ITEM = -1  # the item index of the official "Unknow" entry's id slot: a zero CF vector
 NOUNS = {"ml1m": "movie", "ml100k": "movie", "amazon-book": "book", "yelp": "business", "csv": "item"}
 MAX_KEYWORDS = 10
 
@@ -109,6 +119,23 @@ def item_segments(item: dict, label: int | None, with_ids: bool, keywords=None, 
     return segs
 
 
+def official_item_segments(item: dict | None, label: int | None, with_ids: bool, keywords=None, end: str = "") -> list:
+    """The official entry: ` "Title"[ with feature <ItemID>][ (evaluation: ..)] with description: ..`; the
+    description clause is always there (empty: "with description: "). item None: the "Unknow" entry."""
+    title = "Unknow" if item is None else item["title"]
+    segs = [f' "{title}"']
+    if with_ids:
+        segs[0] += " with feature "
+        segs.append(Placeholder(1, NO_ITEM if item is None else item["item"]))
+    rest = "" if label is None else f" (evaluation: {'Yes' if label else 'No'})"
+    rest += f" with description: {'' if item is None else description_of(item, keywords)}{end}"
+    if isinstance(segs[-1], str):
+        segs[-1] += rest
+    else:
+        segs.append(rest)
+    return segs
+
+
 def _uses_ids(mode: str, with_ids: bool | None) -> bool:
     if mode not in MODES:
         raise ValueError(f"mode = {mode!r}, expected one of {MODES}")
@@ -117,25 +144,68 @@ def _uses_ids(mode: str, with_ids: bool | None) -> bool:
     return (mode != "text") if with_ids is None else with_ids
 
 
-def render_head(noun: str) -> list:
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"prompt style {style!r} is not one of {STYLES}")
+
+
+def render_head(noun: str, style: str = "ours") -> list:
+    _check_style(style)
+    if style == "official":
+        return [f"<s>#Question: A user has given high ratings to the following {plural(noun)}:"]
     return [f"#Question: A user has given ratings to the following {plural(noun)}:"]
 
 
-def render_group(items: list, item: int, label: int, last: bool, mode: str, with_ids=None, keywords=None) -> list:
+def render_group(items: list, item: int, label: int, last: bool, mode: str, with_ids=None, keywords=None,
+                 style: str = "ours") -> list:
     """One history item, closed by ";" (or "." when it is the newest one)."""
-    return item_segments(items[item], label, _uses_ids(mode, with_ids), keywords, "." if last else ";")
+    make = official_item_segments if style == "official" else item_segments
+    return make(items[item], label, _uses_ids(mode, with_ids), keywords, "." if last else ";")
 
 
 EMPTY_GROUP = [" none."]
 
 
-def render_tail(items: list, target: int, user: int, noun: str, mode: str, with_ids=None, keywords=None) -> list:
+def empty_group(mode: str, with_ids=None, style: str = "ours") -> list:
+    """The history list of a user without history: "none" (ours) or the official "Unknow" entry."""
+    if style == "official":
+        return official_item_segments(None, 0, _uses_ids(mode, with_ids), end=".")
+    return list(EMPTY_GROUP)
+
+
+_USER_SENTENCE = " Additionally, we have information about the user's preferences encoded in the feature "
+_OFFICIAL_ASK = {  # the official files' question before the target, by mode (stage 1 / 2 / evaluation)
+    "text": " Leverage the information to predict whether the user would enjoy the {noun} titled",
+    "ids": ". Using all available information, make a prediction about whether the user would enjoy the {noun} titled",
+    "reason": ". Based on the descriptions and the user's enjoyment of each {noun} in the historical sequence, "
+              "construct a persona of the user's preferences and reevaluate whether the user would enjoy the "
+              "{noun} titled",
+}
+_OFFICIAL_END = {"text": '? Please begin your answer with "Yes" or "No". \\n#Answer:',
+                 "ids": '? Please begin your answer with "Yes" or "No". \\n#Answer:',
+                 "reason": '. Please begin your analysis with "Yes" or "No". \\n#Answer:'}
+
+
+def _official_tail(items: list, target: int, user: int, noun: str, mode: str, ids: bool, keywords) -> list:
+    ask = _OFFICIAL_ASK[mode].format(noun=noun)
+    tail = [_USER_SENTENCE, Placeholder(0, user), ask] if ids else [" " + ask.lstrip(". ")]
+    tail += official_item_segments(items[target], None, False, keywords)
+    if ids:
+        tail += [" with the feature ", Placeholder(1, target)]
+    tail.append(_OFFICIAL_END[mode])
+    return tail
+
+
+def render_tail(items: list, target: int, user: int, noun: str, mode: str, with_ids=None, keywords=None,
+                style: str = "ours") -> list:
     """Everything after the history list: the user slot (with ids), the question, the target, "#Answer:"."""
+    _check_style(style)
     ids = _uses_ids(mode, with_ids)
+    if style == "official":
+        return _normalise(_official_tail(items, target, user, noun, mode, ids, keywords))
     tail = []
     if ids:
-        tail += [" Additionally, we have information about the user's preferences encoded in the feature ",
-                 Placeholder(0, user)]
+        tail += [_USER_SENTENCE, Placeholder(0, user)]
     lead = ". " if ids else " "
     if mode == "reason":
         tail += [lead + f"Based on the descriptions and the user's enjoyment of each {noun} in the historical "
@@ -151,15 +221,21 @@ def render_tail(items: list, target: int, user: int, noun: str, mode: str, with_
 
 
 def render(items: list, history: list, target: int, user: int, noun: str, mode: str,
-           with_ids: bool | None = None, keywords=None):
+           with_ids: bool | None = None, keywords=None, style: str = "ours"):
     """Render one sample as `(head, groups, tail)`.
 
     history : [(item_index, label)] oldest first;  target : item index;  user : user index.
     """
-    groups = [render_group(items, i, lab, k == len(history) - 1, mode, with_ids, keywords)
+    groups = [render_group(items, i, lab, k == len(history) - 1, mode, with_ids, keywords, style)
               for k, (i, lab) in enumerate(history)]
-    return (render_head(noun), groups or [list(EMPTY_GROUP)],
-            render_tail(items, target, user, noun, mode, with_ids, keywords))
+    return (render_head(noun, style), groups or [empty_group(mode, with_ids, style)],
+            render_tail(items, target, user, noun, mode, with_ids, keywords, style))
+
+
+def answer_text(label: int, style: str = "ours") -> str:
+    """The plain answer after "#Answer:": " Yes"/" No" (ours) or "Yes"/"No" with no space (official)."""
+    word = "Yes" if label else "No"
+    return word if style == "official" else " " + word
 
 
 def _normalise(segs: list) -> list:

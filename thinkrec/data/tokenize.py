@@ -111,14 +111,19 @@ class PromptBuilder:
     """
 
     def __init__(self, prep, tokenizer, mode="text", noun=None, max_len=1024, placeholder_ids=None,
-                 keywords=None, hist_len=10, with_ids=None, max_answer_len=409, eos_after_trace=True,
-                 history_rule="strict"):
+                 keywords=None, hist_len=10, with_ids=None, max_answer_len=409, eos_after_trace=None,
+                 history_rule="strict", style="ours"):
         if prompts._uses_ids(mode, with_ids) and placeholder_ids is None:
             raise ValueError(f"mode {mode!r} uses CF-id placeholders: pass placeholder_ids (token id(s))")
-        self.prep, self.mode, self.with_ids = prep, mode, with_ids
+        self.prep, self.mode, self.with_ids, self.style = prep, mode, with_ids, style
+        official = style == "official"
+        if eos_after_trace is None:
+            eos_after_trace = not official  # the official traces end without EOS
         self.noun = noun or prep.stats.get("noun") or prompts.NOUNS.get(prep.stats.get("dataset"), "item")
         self.max_len, self.max_answer_len, self.keywords = max_len, max_answer_len, keywords
         self.seg = SegmentTokenizer(tokenizer, placeholder_ids if placeholder_ids is not None else -1)
+        if official:
+            self.seg.prefix = []  # the official prompt starts with the text "<s>", not the tokenizer's BOS
         self.eos = tokenizer.eos_token_id if eos_after_trace else None
         inter = prep.inter
         self.history_rule = history_rule  # thinkrec.data.history: "strict" (ours) or "file" (official ties)
@@ -130,9 +135,11 @@ class PromptBuilder:
         keys = 4 * inter.item[safe] + 2 * inter.label[safe].astype(np.int64)
         keys[:, -1] += 1
         self._keys = np.where(self.hist >= 0, keys, -1)
-        self.answers = (np.array(self.seg.ids(" No"), dtype=np.int64), np.array(self.seg.ids(" Yes"), dtype=np.int64))
-        self._head = self._encode(prompts.render_head(self.noun))
-        self._empty = self._encode(prompts.EMPTY_GROUP)
+        self.answers = tuple(np.array(self.seg.ids(prompts.answer_text(lab, style)), dtype=np.int64) for lab in (0, 1))
+        self._head = self._encode(prompts.render_head(self.noun, style))
+        empty = prompts.empty_group(mode, with_ids, style)
+        self._empty = self._encode(empty)
+        self._empty_slots = sum(not isinstance(x, str) for x in empty)  # the official "Unknow" entry's id slot
         self._groups, self._tails = {}, {}
         self._lead = None  # tokens of the tail before the target item (target_start)
         self._prefix = np.array(self.seg.prefix, dtype=np.int64)
@@ -149,14 +156,15 @@ class PromptBuilder:
         out = self._groups.get(key)
         if out is None:
             out = self._groups[key] = self._encode(prompts.render_group(
-                self.prep.items, key >> 2, (key >> 1) & 1, key & 1 == 1, self.mode, self.with_ids, self.keywords))
+                self.prep.items, key >> 2, (key >> 1) & 1, key & 1 == 1, self.mode, self.with_ids, self.keywords,
+                self.style))
         return out
 
     def _tail(self, target: int):
         out = self._tails.get(target)
         if out is None:  # user slot index -1 here: slots are read back per row by _placeholders
             out = self._tails[target] = self._encode(prompts.render_tail(
-                self.prep.items, target, -1, self.noun, self.mode, self.with_ids, self.keywords))
+                self.prep.items, target, -1, self.noun, self.mode, self.with_ids, self.keywords, self.style))
         return out
 
     def history(self, row: int) -> list:
@@ -165,7 +173,7 @@ class PromptBuilder:
 
     def segments(self, row: int):
         return prompts.render(self.prep.items, self.history(row), self._item[row], self._user[row],
-                              self.noun, self.mode, self.with_ids, self.keywords)
+                              self.noun, self.mode, self.with_ids, self.keywords, self.style)
 
     def text(self, row: int) -> str:
         """The full prompt string of `row` (placeholders as text), before any truncation."""
@@ -173,10 +181,12 @@ class PromptBuilder:
         return prompts.to_text(head + [s for g in groups for s in g] + tail)
 
     def answer(self, row: int, trace: str | None = None) -> np.ndarray:
-        """" Yes"/" No" by label; with a trace: " " + trace capped at max_answer_len tokens, then EOS."""
+        """The plain answer by label (prompts.answer_text); with a trace: " " + trace (official: the trace with no
+        space) capped at max_answer_len tokens, then EOS (unless eos_after_trace is off)."""
         if trace is None:
             return self.answers[self._label[row]]
-        ids = self.seg.tok(" " + trace.strip(), add_special_tokens=False)["input_ids"][: self.max_answer_len]
+        text = trace.strip() if self.style == "official" else " " + trace.strip()
+        ids = self.seg.tok(text, add_special_tokens=False)["input_ids"][: self.max_answer_len]
         return np.array(ids + ([self.eos] if self.eos is not None else []), dtype=np.int64)
 
     def sample(self, row: int, trace: str | None = None) -> Sample:
@@ -219,7 +229,8 @@ class PromptBuilder:
         """Where target `item` starts in sample.input_ids. Everything before it (instruction, history, user
         slot, question) does not depend on the target, so the candidates of one user can share it."""
         if self._lead is None:
-            segs = prompts.render_tail(self.prep.items, 0, -1, self.noun, self.mode, self.with_ids, self.keywords)
+            segs = prompts.render_tail(self.prep.items, 0, -1, self.noun, self.mode, self.with_ids, self.keywords,
+                                       self.style)
             k = next(i for i, s in enumerate(segs) if isinstance(s, str) and s.startswith(' "'))  # the title
             self._lead = len(self._encode(segs[:k]))
         return len(sample.input_ids) - len(self._tail(int(item))) + self._lead
@@ -236,9 +247,10 @@ class PromptBuilder:
         u_id, i_id = self.seg.ph_ids
         hit = input_ids == i_id if u_id == i_id else (input_ids == i_id) | (input_ids == u_id)
         pos = np.flatnonzero(hit)
-        kind = np.ones(len(kept) + 2, dtype=np.int8)
+        hist = [k >> 2 for k in kept] or [prompts.NO_ITEM] * self._empty_slots
+        kind = np.ones(len(hist) + 2, dtype=np.int8)
         kind[-2] = 0
-        index = np.array([k >> 2 for k in kept] + [user, item], dtype=np.int64)
+        index = np.array(hist + [user, item], dtype=np.int64)
         if len(pos) != len(index):
             raise ValueError(f"row {row}: found {len(pos)} placeholder tokens, expected {len(index)}; does an item "
                              f"title tokenise to a placeholder id {self.seg.ph_ids}?")
@@ -292,8 +304,9 @@ class PromptBuilder:
         for key in keys[keys >= 0].tolist():
             if key not in self._groups:
                 texts.update(s for s in prompts.render_group(items, key >> 2, (key >> 1) & 1, key & 1 == 1, self.mode,
-                                                             self.with_ids, self.keywords) if isinstance(s, str))
+                                                             self.with_ids, self.keywords, self.style)
+                             if isinstance(s, str))
         for t in set(np.asarray(self._item)[rows].tolist()) - set(self._tails):
             texts.update(s for s in prompts.render_tail(items, t, -1, self.noun, self.mode, self.with_ids,
-                                                        self.keywords) if isinstance(s, str))
+                                                        self.keywords, self.style) if isinstance(s, str))
         self.seg.warm(texts)

@@ -132,16 +132,24 @@ def read_input(path, prep, hist_len: int = 10, allow_unknown: bool = False, max_
                 source=str(path))
 
 
-def official_sample(prep, data_dir, split: str = "test"):
-    """Data rows of the official evaluation sample of `split` (ThinkRec scores 25% of the split), or None.
+OFFICIAL_SEED, OFFICIAL_FRAC = 2025, 0.25  # the official evaluation population: split.sample(frac, random_state)
 
-    `<data_dir>/<split>_official_sample.txt` holds 0-based positions among the split's rows of
-    `<data_dir>/interactions.csv` in file order; they are matched to the run's rows by (user, item, time)."""
+
+def official_sample(prep, data_dir, split: str = "test"):
+    """Data rows of the official evaluation sample of `split`: the official code scores
+    `split.sample(frac=0.25, random_state=2025)`, i.e. RandomState(2025).choice(n, round(n / 4)) over the
+    split's n rows in order (sorted data rows).
+
+    `<data_dir>/<split>_official_sample.txt`, when there (the paper's ML-1M split), holds those positions
+    among the split's rows of `<data_dir>/interactions.csv` in file order; they are matched to the run's
+    rows by (user, item, time). Otherwise the rule is applied to the run's rows of the split in their order."""
     import csv
 
     d = Path(data_dir) if data_dir else None
     if d is None or not (d / f"{split}_official_sample.txt").is_file() or not (d / "interactions.csv").is_file():
-        return None
+        rows = np.flatnonzero(prep.inter.split == SPLITS.index(split))
+        pick = np.random.RandomState(OFFICIAL_SEED).choice(len(rows), round(OFFICIAL_FRAC * len(rows)), replace=False)
+        return np.sort(rows[pick])
     positions = np.loadtxt(d / f"{split}_official_sample.txt", dtype=np.int64, ndmin=1)
     keys = []
     with open(d / "interactions.csv", newline="", encoding="utf-8") as f:

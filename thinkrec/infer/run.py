@@ -21,6 +21,7 @@ from thinkrec.data.tokenize import PromptBuilder, default_max_len
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
 from thinkrec.model.adapters import read_adapters
+from thinkrec import recipe as recipes
 from thinkrec.precision import Precision, for_run
 from thinkrec.precision import apply as apply_precision
 
@@ -90,13 +91,16 @@ class LoadedRun:
     history: str = "strict"  # history rule of the prompts (thinkrec.data.history): "strict" or "file"
     titles: str = "full"  # item titles in prompts (thinkrec.data.prompts.with_titles): "full" or "no-year"
     precision: Precision | None = None  # what the model runs in (lm.precision); None: fp32 as loaded
+    style: str = "ours"  # prompt style of the run's recipe (thinkrec.data.prompts.STYLES)
 
     def builder(self, mode: str, prep=None) -> PromptBuilder:
         """Prompts as the run trained them: mode "ids" (stage 2/3 plain), "reason" (C.3), "text" (stage 1);
         `prep`: the run's data with extra items appended (unknown ids of input rows)."""
         max_len = self.max_len + (409 if mode == "reason" else 0)  # as train.py builds its reasoning prompts
-        return PromptBuilder(prep or self.prep, self.tok, mode="reason" if mode == "reason" else mode, max_len=max_len,
-                             keywords=self.keywords, with_ids=None if mode != "text" else False,
+        # stage 1 never trained the CF projector: its prompts have no id slots (as its validation scored them)
+        ids = None if mode != "text" and self.stage.name != "stage1" else False
+        return PromptBuilder(prep or self.prep, self.tok, mode=mode, max_len=max_len, keywords=self.keywords,
+                             with_ids=ids, style=self.style,
                              placeholder_ids=self.lm.placeholder_token_ids, history_rule=self.history)
 
     def mf_scores(self, users, items) -> np.ndarray:
@@ -113,10 +117,11 @@ class LoadedRun:
 
 def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None, device="cpu",
              precision: str | None = None, stage: str | None = None, history: str | None = None,
-             titles: str | None = None) -> LoadedRun:
+             titles: str | None = None, recipe: str | None = None) -> LoadedRun:
     """Load RUN for scoring; `model` overrides the base model recorded with the adapters (a moved cache);
     `precision` (fp32 | bf16 | int8 | auto) overrides the one the run trained in (thinkrec.precision.for_run);
     `history` the history rule and `titles` the title style (default the run's, train.py --history/--titles);
+    `recipe` must be the run's own when given (RUN/recipe.json: the prompt style and answer tokens);
     `stage` picks the adapters (default the last finished stage; stage2's are what the official recipe scores
     the training split with to choose the samples for reasoning traces)."""
     run = Path(run_dir)
@@ -125,6 +130,7 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     args = train_args(run)
     stage = final_stage(run, stage)
     prec = for_run(run, precision, device, training=False)  # a precision this device lacks fails before loading
+    style = recipes.for_run(run, recipe).prompts  # the prompts and answer tokens the run trained with
     cfg, _ = read_adapters(stage)
     cf_model = run_arg(args, "cf_model") or next((m for m in ("mf", "lightgcn", "sasrec")
                                                if (run / "cf" / f"{m}.safetensors").is_file()), "mf")
@@ -134,7 +140,8 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     lora = LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], target_modules=cfg["target_modules"])
     proj = cfg.get("projector") or {}
     lm, tok = ThinkRecLM.from_pretrained(spec, n_experts=cfg["n_experts"], lora=lora, cf_dim=proj.get("cf_dim"),
-                                         projector_mid=proj.get("mid", 2560), combination=mix, device=device)
+                                         projector_mid=proj.get("mid", 2560), combination=mix, device=device,
+                                         prompt_style=style)
     load_adapters(lm, stage)
     lm.set_trainable(layers=[], adapters=[], projector=False)
     lm.eval()
@@ -153,7 +160,7 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
         gate[:, 0] = 1.0
     return LoadedRun(run, lm, tok, prep, cf, cf_model, gate, stage,
                      int(max_len or run_arg(args, "max_len", default_max_len(prep.stats.get("dataset")))), keywords, mix,
-                     history or run_arg(args, "history", "strict"), titles, prec)
+                     history or run_arg(args, "history", "strict"), titles, prec, style)
 
 
 __all__ = ["LoadedRun", "RunError", "load_run", "route_names", "train_args", "ROUTE_GLOBAL", "ROUTE_SINGLE",

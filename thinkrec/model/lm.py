@@ -56,14 +56,17 @@ class ThinkRecLM(nn.Module):
     # ------------------------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, spec=None, *, n_experts: int = 0, lora: LoRAConfig = None, cf_dim: int = None,
-                        dtype=torch.float32, device="cpu", cache=None, **kw):
+                        dtype=torch.float32, device="cpu", cache=None, prompt_style: str = "ours", **kw):
         """(ThinkRecLM, tokenizer) for a model spec (see thinkrec.model.load); the tokenizer gets the
-        placeholder tokens, and the Yes/No ids are the " Yes"/" No" tokens (checked single)."""
+        placeholder tokens, and the Yes/No ids are the answer tokens of `prompt_style` (checked single):
+        " Yes"/" No", or "Yes"/"No" for the official prompts (thinkrec.data.prompts.answer_text)."""
+        from thinkrec.data.prompts import answer_text
+
         from .load import load_llm
 
         llm, tok, base = load_llm(spec, dtype=dtype, device=device, cache=cache)
         ph = add_placeholder_tokens(tok)
-        yes, no = answer_token_ids(tok)
+        yes, no = answer_token_ids(tok, yes=answer_text(1, prompt_style), no=answer_text(0, prompt_style))
         model = cls(llm, n_experts=n_experts, lora=lora, cf_dim=cf_dim, yes_token_id=yes, no_token_id=no,
                     placeholder_token_ids=ph, base_model=base, **kw)
         return model.to(device), tok

@@ -116,9 +116,10 @@ def cf_vectors(kind, index, user_emb: torch.Tensor, item_emb: torch.Tensor):
     if kind.numel() == 0 or user_emb is None:
         return None
     is_user = kind == 0
-    out = torch.empty(len(kind), user_emb.shape[1], dtype=user_emb.dtype, device=user_emb.device)
+    out = torch.zeros(len(kind), user_emb.shape[1], dtype=user_emb.dtype, device=user_emb.device)
+    item = ~is_user & (index >= 0)  # index -1: no item (the official "Unknow" entry), a zero vector
     out[is_user] = user_emb[index[is_user]]
-    out[~is_user] = item_emb[index[~is_user]]
+    out[item] = item_emb[index[item]]
     return out
 
 

@@ -9,12 +9,16 @@ from the plain set; each set has its own cursor (epoch, position) in its length-
 stored in the checkpoint (plus torch's RNG state for dropout), so `resume` continues a killed run to the
 same parameters as an uninterrupted one.
 
-Schedule: lr(t) = lr * t / warmup for t < warmup, then lr * (f + (1 - f) * (1 + cos(pi * p)) / 2) with
-p the fraction of the remaining steps done and f = min_lr_ratio. AdamW (decoupled weight decay).
+Schedule: linear warmup to lr over `warmup` steps (from warmup_lr, or from lr / warmup when warmup_lr is
+0), then cosine from lr to min_lr (default min_lr_ratio * lr): lr(p) = min_lr + (lr - min_lr) * (1 +
+cos(pi * p)) / 2 with p the fraction of the remaining steps done. AdamW (decoupled weight decay). A
+stage runs epochs x (plain batches per pass, or iters_per_epoch micro-batches: the official "epoch").
 
 Selection: every `eval_every` steps (and after the last) the valid set is scored; the criterion is
 AUC/4 + UAUC/3 (the official one; UAUC counts 0 when no user has both labels). The best parameters are
-kept; training stops after `patience` evaluations without improvement and the best are restored.
+kept; training stops after `patience` evaluations without a better criterion (stop="criterion"), or,
+the official rule (stop="any"), after more than `patience` evaluations in which neither AUC, UAUC nor
+the criterion beat its best; the best parameters are restored.
 """
 
 import hashlib
@@ -47,6 +51,10 @@ class LoopConfig:
     weight_decay: float = 1e-3
     warmup: int = 200  # steps; capped at 10% of the run
     min_lr_ratio: float = 0.8  # cosine floor, official 1e-4 -> 8e-5
+    min_lr: float | None = None  # absolute cosine end (official stage 3: 8e-5 above its lr 1e-5); None: ratio
+    warmup_lr: float = 0.0  # where warmup starts (official 1e-5, stage 3 1e-6); 0: lr / warmup
+    iters_per_epoch: int = 0  # micro-batches per epoch (official 800); 0: one pass over the plain set
+    stop: str = "criterion"  # early stopping: "criterion" or "any" (AUC, UAUC or criterion; official)
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once at the end
     patience: int = 15  # evaluations without improvement before stopping
     reason_prob: float = 0.2
@@ -90,6 +98,8 @@ class LoopState:
     history: list = field(default_factory=list)
     done: bool = False
     group_best: dict = field(default_factory=dict)  # per-group selection: {adapter index: [criterion, step]}
+    best_auc: float = -math.inf  # stop="any": the best AUC and UAUC seen, each on its own
+    best_uauc: float = -math.inf
 
 
 def derive_seed(seed: int, *names) -> int:
@@ -102,9 +112,12 @@ def derive_seed(seed: int, *names) -> int:
 def lr_at(step: int, total: int, cfg: LoopConfig) -> float:
     warm = min(cfg.warmup, max(1, total // 10))
     if step < warm:
+        if cfg.warmup_lr > 0:
+            return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warm
         return cfg.lr * (step + 1) / warm
     p = (step - warm) / max(1, total - warm)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+    end = cfg.lr * cfg.min_lr_ratio if cfg.min_lr is None else cfg.min_lr
+    return end + (cfg.lr - end) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
 
 
 def _model_inputs(inputs: StageInputs, batch: Batch) -> dict:
@@ -202,7 +215,9 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
         sets["reason"] = inputs.reasoning
     samplers = {k: LengthBucketSampler(s.lengths, cfg.batch_size, seed=cfg.seed + i)  # plain: seed, reason: seed + 1
                 for i, (k, s) in enumerate(sets.items())}
-    n_micro = max(1, round(cfg.epochs * len(samplers["plain"])))
+    if cfg.stop not in ("criterion", "any"):
+        raise ValueError(f"stop = {cfg.stop!r}, expected 'criterion' or 'any'")
+    n_micro = max(1, round(cfg.epochs * (cfg.iters_per_epoch or len(samplers["plain"]))))
     total = math.ceil(n_micro / cfg.accum)
 
     epoch_batches = {k: (None, []) for k in sets}  # set -> (epoch, that epoch's batch order)
@@ -297,11 +312,17 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
             else:
                 best, improved = _select_per_group(st, best, named, scores, v, inputs.valid_groups, improved)
                 st.history[-1]["groups"] = {g: c for g, (c, _) in st.group_best.items()}
+            if cfg.stop == "any":  # the official counter: any of AUC, UAUC, criterion improving resets it
+                for key, value in (("best_auc", m["auc"]), ("best_uauc", m["uauc"])):
+                    if value == value and value > getattr(st, key):  # NaN never improves
+                        setattr(st, key, value)
+                        improved = True
             if improved:
                 st.evals_since_best = 0
             else:
                 st.evals_since_best += 1
-                st.done = st.evals_since_best >= cfg.patience
+                st.done = (st.evals_since_best > cfg.patience if cfg.stop == "any"
+                           else st.evals_since_best >= cfg.patience)
             if d.is_main:
                 log(f"[{cfg.desc}] step {st.step}/{total} loss {parts['loss']:.4f} valid auc {m['auc']:.4f} "
                     f"uauc {m['uauc']:.4f} (best {st.best_score:.4f} @ {st.best_step})")

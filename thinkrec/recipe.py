@@ -1,0 +1,117 @@
+"""Recipes: our defaults ("ours") or the authors' released code reproduced ("official"), one switch.
+
+A recipe is a set of defaults; every point also has its own flag on train.py, which wins over the recipe.
+The run stores the recipe and every resolved point (RUN/metrics.json "args"), so `infer.py` and a resumed
+run read the prompts, answers and history the run trained with. What each point means:
+
+    point          ours                                    official (the released code)
+    prompts        "ours": clean templates, the history     "official": the files verbatim: "high ratings",
+                   list "ratings", a real newline, the       the literal two characters \\n, "<s>" as text
+                   tokenizer's BOS, " Yes"/" No" answers     (no BOS), "Yes"/"No" right after "#Answer:",
+                                                             "Unknow" for an empty history, traces without EOS
+    history        strict: earlier timestamps only          file: also earlier rows of the same second
+    titles         full                                     no-year (ML-1M)
+    stage3_prompt  ids (the stage-2 prompt, CF ids)         text (the stage-1 prompt, no ids)
+    reason_prompt  reason (C.3 for every reasoning sample)  stage (each stage's own prompt)
+    stage3_select  joint criterion over all valid rows      group: each expert its own group's best
+    cluster        spherical k-means of the training users  ward over all users, standard-scaled
+    schedule       warmup from 0, cosine to 0.8 lr, stop     warmup from warmup_lr, cosine to min_lr,
+                   after `patience` evals without a better   stage-3 rates 1e-5 -> 8e-5, stop after more
+                   criterion                                 than `patience` evals without a better AUC,
+                                                             UAUC or criterion
+    valid          a seeded subsample of valid              the official 25% sample (RandomState(2025))
+
+Why ours differs, point by point, is in the README's recipe table.
+"""
+
+from dataclasses import asdict, dataclass
+
+RECIPES = ("ours", "official")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Learning rates of one stage: linear warmup from warmup_lr to lr, then cosine from lr to min_lr."""
+
+    lr: float
+    min_lr: float
+    warmup_lr: float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    prompts: str  # thinkrec.data.prompts.STYLES
+    history: str  # thinkrec.data.history.HISTORY_RULES
+    titles: str  # thinkrec.data.prompts.TITLE_STYLES
+    stage3_prompt: str  # "ids" | "text"
+    reason_prompt: str  # "reason" (C.3) | "stage" (the stage's own prompt)
+    stage3_select: str  # "joint" | "group"
+    cluster: str  # thinkrec.experts.CLUSTER_METHODS
+    cluster_users: str  # "train" | "all"
+    stop: str  # thinkrec.train.loop: "criterion" | "any" (AUC, UAUC or the criterion)
+    valid: str  # "subsample" | "official" (the 25% sample)
+    iters_per_epoch: int = 0  # micro-batches per epoch: 0 = one pass over the training rows; official 800
+    stages: dict | None = None  # stage -> Schedule; None: ours (LoopConfig, --lr, --stage3-lr)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+OURS = Recipe("ours", prompts="ours", history="strict", titles="full", stage3_prompt="ids", reason_prompt="reason",
+              stage3_select="joint", cluster="spherical", cluster_users="train", stop="criterion", valid="subsample")
+
+# the official configs: stage 1 (and 2) init 1e-4 -> min 8e-5 from warmup 1e-5; stage 3 init 1e-5 -> min 8e-5
+# (so the rate rises after warmup) from warmup 1e-6
+OFFICIAL = Recipe("official", prompts="official", history="file", titles="no-year", stage3_prompt="text",
+                  reason_prompt="stage", stage3_select="group", cluster="ward", cluster_users="all", stop="any",
+                  valid="official", iters_per_epoch=800,
+                  stages={"stage1": Schedule(1e-4, 8e-5, 1e-5), "stage2": Schedule(1e-4, 8e-5, 1e-5),
+                          "stage3": Schedule(1e-5, 8e-5, 1e-6)})
+
+
+def get(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r} is not one of {RECIPES}")
+    return OURS if name == "ours" else OFFICIAL
+
+
+RUN_FILE = "recipe.json"  # RUN/recipe.json: the recipe a run was started with
+
+
+class RecipeError(ValueError):
+    """A recipe that does not match the run it is asked for."""
+
+
+def stored(run_dir) -> str | None:
+    """The recipe name RUN/recipe.json records, or None (a run from before recipes: "ours")."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return str(json.loads(path.read_text())["name"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RecipeError(f"{path}: unreadable; it should hold {{\"name\": one of {RECIPES}}}") from None
+
+
+def for_run(run_dir, requested: str | None) -> Recipe:
+    """The recipe of a job on RUN: the one it was started with (a resumed run and infer.py keep it), else
+    `requested` (or ours). Asking for another than the run's own stops: a run's stages must share one."""
+    before = stored(run_dir)
+    if requested is not None and before is not None and requested != before:
+        raise RecipeError(f"{run_dir} was started with --recipe {before}; pass --recipe {before} or use another "
+                          f"--run-dir")
+    return get(requested or before or "ours")
+
+
+def record(run_dir, recipe: Recipe) -> None:
+    """Write RUN/recipe.json (the name and every point) when missing."""
+    from pathlib import Path
+
+    from thinkrec.io import write_json
+
+    if stored(run_dir) is None:
+        write_json(Path(run_dir) / RUN_FILE, recipe.to_dict())
