@@ -11,18 +11,24 @@ the rows are drawn equally from users routed to the global adapter, to one exper
 SmolLM2-135M with 2 experts; LoRA B and the projector random (seeded): values do not change the cost.
 Prompts are the paper's C.3 recommendation prompt (what the official evaluation scores).
 
+Rows: whole users (all test rows of users drawn per route), as scoring a test split does; rows of one user
+rated in the same second have the same history, so their prompts agree up to the target item.
+
 Providers (same rows, same adapters):
 - `official`: peft; per user `add_weighted_adapter(..., combination_type="linear")` + `set_adapter`, then
   `generate` up to 16 new tokens on batches of 2, the Yes logit of the first step (bench/_peft_providers.py).
 - `peft-mixed`: peft's mixed-batch forward (`adapter_names`, one adapter per row; one weighted adapter per
   distinct mixture, made before timing), full [B, T, V] logits, batches of 16.
-- `ours`: thinkrec.infer's scorer, fp32: length-bucketed batches under a token budget mixing routes, the
-  padding-free forward with per-row weights, the Yes logit only (its "linear" mixture mode, peft's
-  combination, is what the score check against `official` uses; it costs the same).
-Before timing, scores are checked: official vs ours-linear on every row, peft-mixed vs ours on one-route
-rows. Ranking: 100 candidates for one user, shared prefix (thinkrec.infer.rank) vs scoring each candidate
-as an ordinary row. peak_fraction = the scorer's linear-layer + attention FLOP/s over this machine's fp32
-matmul rate measured in the same run.
+- `ours`: thinkrec.infer's scorer, fp32: rows sharing a prompt prefix run it once into a KV cache and
+  their suffixes batched against it; the other rows in length-bucketed batches under a token budget mixing
+  routes; the padding-free forward with per-row weights, the Yes logit only (`ours-unshared`: without the
+  prefix sharing). Its "linear" mixture mode (peft's combination) is what the score check against
+  `official` uses; it costs the same.
+Before timing, scores are checked: official vs ours-linear, peft-mixed vs ours on one-route rows, ours
+shared vs ours unshared. Ranking: 100 candidates for one user, shared prefix (thinkrec.infer.rank) vs
+scoring each candidate as an ordinary row. peak_fraction = the unshared scorer's linear-layer + attention
+FLOP/s over this machine's fp32 matmul rate measured in the same run (effective_peak_fraction: the same
+FLOPs over the shared scorer's time).
 
 Precisions (`--precisions`, thinkrec/precision.py): `ours-<p>` scores the same rows with the model put in
 precision p (auto = what `--precision auto` resolves to on this machine, reported with the probe's rates):
@@ -59,16 +65,20 @@ def _setup_run(prep, threads):
 
 
 def _rows(prep, groups, n, seed=0):
-    """n test rows, a third from users of each route (as many as exist), in a shuffled order."""
+    """About n test rows, a third from users of each route: whole users (every test row of a drawn user, as
+    scoring the test split does), users drawn in a seeded order until the route's third is filled; the rows
+    in a shuffled order."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     test = np.flatnonzero(prep.inter.split == 2)
-    route = groups["route"][prep.inter.user[test]]
+    users = prep.inter.user[test]
     picked = []
     for r in range(3):
-        pool = test[route == r]
-        picked.append(rng.choice(pool, min(len(pool), n // 3), replace=False))
+        pool = rng.permutation(np.unique(users[groups["route"][users] == r]))
+        counts = np.array([(users == u).sum() for u in pool])
+        k = int(np.searchsorted(np.cumsum(counts), n // 3)) + 1  # users until the third is reached
+        picked.append(test[np.isin(users, pool[:k])][: n // 3])
     rows = np.concatenate(picked)
     rng.shuffle(rows)
     return rows
@@ -144,7 +154,7 @@ def main():
     from thinkrec.cf.train import load_embeddings
     from thinkrec.infer import LoadedRun, ScoreJob, run_job
     from thinkrec.infer.rank import rank_items, read_candidates, user_history
-    from thinkrec.infer.score import score_samples
+    from thinkrec.infer.score import plan_units, score_samples
     from thinkrec.model import ThinkRecLM
 
     if a.threads:
@@ -176,9 +186,18 @@ def main():
         for mod in lm.lora_layers().values():
             mod.combination = mode
 
-    def ours():
-        job = ScoreJob(lambda i: samples[i], np.array([len(s) for s in samples]), weights, ue, ie, tok.pad_token_id)
+    def ours(share=True):
+        """infer.py's scorer: rows agreeing up to the target (one user, one history) share one prefix run."""
+        cut = (lambda smp, i: builder.target_start(smp, int(prep.inter.item[rows[i]]))) if share else None
+        job = ScoreJob(lambda i: samples[i], np.array([len(s) for s in samples]), weights, ue, ie, tok.pad_token_id,
+                       cut=cut)
         return run_job(lm, job, batch_tokens=8192, max_rows=64)
+
+    units = plan_units(ScoreJob(lambda i: samples[i], np.array([len(s) for s in samples]), weights,
+                                cut=lambda smp, i: builder.target_start(smp, int(prep.inter.item[rows[i]]))))
+    n_prefix = sum(1 for idx, c in units if c is not None) + sum(len(idx) for idx, c in units if c is None)
+    print(f"prefixes: {len(rows)} rows have {n_prefix} distinct prompt prefixes (rows of one user rated in one "
+          f"second share their history), {len(rows) / n_prefix:.2f} rows per prefix", flush=True)
 
     pm = to_peft(lm)
     t = time.perf_counter()
@@ -219,7 +238,12 @@ def main():
         print(f"  {name:12} {s:8.1f} s  {len(rows) / s:7.2f} rows/s", flush=True)
 
     score_samples(lm, samples[:4], weights[:4], ue, ie, tok.pad_token_id)  # warm-up
+    shared_scores = ours()  # warm-up of the shared path, and its agreement with scoring each row alone
+    checks["ours_shared_vs_alone"] = float(np.abs(shared_scores - ours(share=False)).max())
+    if checks["ours_shared_vs_alone"] > 1e-3:
+        raise SystemExit(f"shared-prefix scoring disagrees with scoring each row alone: {checks}")
     timed("ours", ours)
+    timed("ours-unshared", lambda: ours(share=False))
     timed("peft-mixed", lambda: peft_mixed_scores(pm, lm, samples, users, weights.numpy(), ue, ie,
                                                   tok.pad_token_id, adapter_names=names))
     results["peft-mixed"]["prepare_mixtures_s"] = round(prep_s, 2)
@@ -227,7 +251,9 @@ def main():
         timed("official", lambda: official_scores(pm, lm, samples, users, weights.numpy(), ue, ie, tok.pad_token_id))
     gemm = _gemm_rate()
     flops = _flops(lm, samples)
-    peak_fraction = flops / results["ours"]["seconds"] / 1e9 / gemm
+    # FLOPs of scoring each row alone: over the shared run's time it is an effective rate (work skipped counts)
+    peak_fraction = flops / results["ours-unshared"]["seconds"] / 1e9 / gemm
+    effective_fraction = flops / results["ours"]["seconds"] / 1e9 / gemm
 
     # --- ours at other precisions: same rows; speed, score change and AUC drift against fp32
     import copy
@@ -256,7 +282,8 @@ def main():
         m = copy.deepcopy(lm)
         P.apply(m, p)
         score_samples(m, samples[:4], weights[:4], ue, ie, tok.pad_token_id)  # warm-up
-        job = ScoreJob(lambda i: samples[i], np.array([len(x) for x in samples]), weights, ue, ie, tok.pad_token_id)
+        job = ScoreJob(lambda i: samples[i], np.array([len(x) for x in samples]), weights, ue, ie, tok.pad_token_id,
+                       cut=lambda smp, i: builder.target_start(smp, int(prep.inter.item[rows[i]])))
         t = time.perf_counter()
         sc = run_job(m, job, batch_tokens=8192, max_rows=64)
         sec = time.perf_counter() - t
@@ -305,8 +332,10 @@ def main():
                 print(f"| {key} | {r['precision']} | {r.get('skipped') or 'same as ours (fp32)'} | | | | | | |")
     print(f"\nranking {len(items)} candidates: shared prefix {rank_shared:.1f} s, each alone {rank_alone:.1f} s "
           f"({rank_alone / rank_shared:.2f}x), max |diff| {rank_diff:.1e}")
-    print(f"ours: {flops / 1e12:.2f} TFLOP in {base:.1f} s = {flops / base / 1e9:.0f} GFLOP/s; fp32 matmul here "
-          f"{gemm:.0f} GFLOP/s -> peak fraction {peak_fraction:.2f}")
+    unshared = results["ours-unshared"]["seconds"]
+    print(f"ours without prefix sharing: {flops / 1e12:.2f} TFLOP in {unshared:.1f} s = {flops / unshared / 1e9:.0f} "
+          f"GFLOP/s; fp32 matmul here {gemm:.0f} GFLOP/s -> peak fraction {peak_fraction:.2f} (with sharing, "
+          f"effective {effective_fraction:.2f}: {len(rows) / n_prefix:.2f} rows per prefix)")
     print_json({
         "bench": "infer_throughput", "rows": len(rows), "threads": torch.get_num_threads(),
         "routes": {n: int((route == k).sum()) for k, n in enumerate(ROUTES)},
@@ -319,6 +348,8 @@ def main():
         "rank_prefix_speedup": round(rank_alone / rank_shared, 3), "rank_candidates": len(items),
         "rank_max_abs_diff": rank_diff, "rows_per_s": results["ours"]["rows_per_s"],
         "gemm_gflops_fp32": round(gemm, 1), "peak_fraction": round(peak_fraction, 3),
+        "effective_peak_fraction": round(effective_fraction, 3), "rows_per_prefix": round(len(rows) / n_prefix, 3),
+        "speedup_prefix_sharing": round(unshared / base, 3),
     })
 
 

@@ -147,6 +147,32 @@ def test_input_history_is_used(run, tmp_path):
     assert len(set(scores)) == 3
 
 
+def test_rows_sharing_a_prefix_score_as_if_alone(run, tmp_path):
+    """Rows of one user with one history (as rows rated in the same second have) run their prefix once; the
+    scores equal scoring every row alone."""
+    from thinkrec.infer import read_input
+    from thinkrec.infer.score import ScoreJob, plan_units
+
+    path = tmp_path / "rows.jsonl"
+    hist = [{"item_id": "1", "label": 1}, {"item_id": "7", "label": 0}]
+    lines = [{"user_id": u, "item_id": i, "label": k % 2, "history": hist} for k, (u, i) in
+             enumerate([("2", "5"), ("2", "3"), ("2", "9"), ("3", "5"), ("2", "11"), ("3", "4"), ("4", "2")])]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    loaded = load_run(run)
+    rows = read_input(path, loaded.prep)
+    shared = score_rows(loaded, rows, tmp_path / "shared", max_rows=3, log=lambda *a: None)
+    alone = score_rows(loaded, rows, tmp_path / "alone", share_prefix=False, log=lambda *a: None)
+    read = [[json.loads(x)["score"] for x in (tmp_path / d / "scores.jsonl").read_text().splitlines()]
+            for d in ("shared", "alone")]
+    np.testing.assert_allclose(read[0], read[1], atol=1e-4)
+    assert shared["all"]["thinkrec"]["auc"] == pytest.approx(alone["all"]["thinkrec"]["auc"])
+    builder = loaded.builder("reason")
+    job = ScoreJob(lambda i: builder.sample_for(rows.user[i], rows.item[i], rows.history[i]), np.ones(len(rows)),
+                   torch.zeros(len(rows), 3), cut=lambda smp, i: builder.target_start(smp, int(rows.item[i])))
+    units = [(idx.tolist(), c is not None) for idx, c in plan_units(job, max_rows=3)]
+    assert units == [([6], False), ([0, 1, 2], True), ([4], True), ([3, 5], True)]  # user 2's 4 rows in chunks of 3
+
+
 def test_rank_with_shared_prefix_equals_scoring_each_candidate(run, tmp_path, capsys):
     import infer
     from thinkrec.infer import row_weights

@@ -13,15 +13,17 @@ prepare the same data; titles and histories are applied when prompts are built).
 
 import argparse
 import sys
+
 import numpy as np
+
+from thinkrec.recipe import RECIPES
+from thinkrec.recipe import get as get_recipe
 
 from . import prompts
 from .errors import DataError
 from .history import HISTORY_RULES, build_histories
 from .prepare import prepare
 from .prepared import SPLITS, load_prepared
-from thinkrec.recipe import RECIPES
-from thinkrec.recipe import get as get_recipe
 
 
 def prompt_text(run, split: str, row: int, mode: str = "reason", keywords=None, history: str = "strict",

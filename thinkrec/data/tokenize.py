@@ -6,6 +6,7 @@ Sample structure (what `PromptBuilder.sample(row)` returns; the trainer concaten
     input_ids  [P] int64   the prompt: optional BOS, template head, history items (oldest first),
                            the template tail with the target item, ending in "#Answer:"
     answer_ids [A] int64   " Yes" / " No" for a plain sample; " " + trace (+ EOS) for a reasoning sample
+                           (style "official": "Yes" / "No" and the trace with no space and no EOS)
     ph_pos     [K] int64   positions in input_ids of placeholder tokens, in prompt order
     ph_kind    [K] int8    0 = user slot, 1 = item slot (history items, then the target, last)
     ph_index   [K] int64   user index (kind 0) or item index (kind 1): what the CF projector embeds

@@ -48,9 +48,10 @@ def row_weights(loaded: LoadedRun, users: np.ndarray) -> torch.Tensor:
 
 def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", batch_tokens: int = 8192,
                max_rows: int = 64, progress: bool = False, overwrite: bool = False, log=print, extra_meta=None,
-               official_rows=None) -> dict:
+               official_rows=None, share_prefix: bool = True) -> dict:
     """Score `rows` with the fused model; writes OUT/scores.jsonl (resumable) and OUT/metrics.json, returns
-    the metrics. official_rows: (positions of `rows` forming the official evaluation sample, its label) or None."""
+    the metrics. official_rows: (positions of `rows` forming the official evaluation sample, its label) or None.
+    share_prefix: rows agreeing up to the target item run that prefix once (thinkrec.infer.score)."""
     out_dir = Path(out_dir)
     prep, user_emb, item_emb = _extended(loaded, rows)
     builder = loaded.builder(prompt, prep)
@@ -65,9 +66,10 @@ def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", b
         lengths = builder.lengths(rows.data_row)
     else:
         lengths = np.array([len(sample(i)) for i in range(len(rows))], np.int64)
+    share = share_prefix and loaded.lm.packed  # the KV-cached forward needs a padding-free model type
     meta = {"run": str(loaded.dir.resolve()), "stage": loaded.stage.name, "source": rows.source, "rows": len(rows),
             "prompt": prompt, "mix": loaded.mix, "precision": loaded.lm.precision, "history": loaded.history,
-            "titles": loaded.titles, "batch_tokens": batch_tokens, "max_rows": max_rows,
+            "titles": loaded.titles, "batch_tokens": batch_tokens, "max_rows": max_rows, "share_prefix": share,
             "row_checksum": _checksum(rows), **(extra_meta or {})}
     slog = ScoreLog(out_dir / "scores.jsonl", meta)
     done = slog.start(overwrite)
@@ -87,7 +89,8 @@ def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", b
                 "score": float(s), "prob": float(1 / (1 + np.exp(-s))),
                 "mf_score": float(mf[i]) if known[i] else None, "route": routes[i], "weights": w_list[i]}
 
-    job = ScoreJob(sample, lengths, weights, user_emb, item_emb, loaded.tok.pad_token_id)
+    job = ScoreJob(sample, lengths, weights, user_emb, item_emb, loaded.tok.pad_token_id,
+                   cut=(lambda s, i: builder.target_start(s, int(rows.item[i]))) if share else None)
     t = time.perf_counter()
     device = next(loaded.lm.parameters()).device
     scores = run_job(loaded.lm, job, batch_tokens, max_rows, done=len(done), progress=progress, device=device,

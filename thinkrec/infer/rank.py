@@ -16,11 +16,10 @@ import torch
 
 from thinkrec.data import DataError
 from thinkrec.io import atomic_file, to_json
-from thinkrec.model.cached import extend, prefill
-from thinkrec.train.batches import cf_vectors
 
 from .job import row_weights
 from .run import LoadedRun
+from .score import score_shared
 
 
 def user_history(prep, user: int, hist_len: int = 10) -> list:
@@ -31,43 +30,23 @@ def user_history(prep, user: int, hist_len: int = 10) -> list:
     return list(zip(inter.item[rows].tolist(), inter.label[rows].astype(int).tolist()))
 
 
-def _cf(sample, sel, user_emb, item_emb) -> torch.Tensor | None:
-    """CF vectors of the sample's slots at positions `sel` (a bool mask over its slots)."""
-    return cf_vectors(sample.ph_kind[sel].astype(np.int64), sample.ph_index[sel], user_emb, item_emb)
-
-
 @torch.no_grad()
 def rank_items(loaded: LoadedRun, user: int, items, mode: str = "reason", history=None, chunk: int = 64) -> np.ndarray:
     """Yes logits [len(items)] float64 of `items` for `user` (indices), with one shared prefix per group."""
     lm, builder = loaded.lm, loaded.builder(mode)
     history = user_history(loaded.prep, user) if history is None else history
     ue, ie = loaded.cf["user_emb"], loaded.cf["item_emb"]
-    w = row_weights(loaded, np.array([user]))  # [1, E]
+    w = row_weights(loaded, np.array([user]))[0]  # [E]
     samples = [builder.sample_for(user, int(i), history) for i in items]
     cuts = [builder.target_start(s, int(i)) for s, i in zip(samples, items)]
     groups = {}
     for c, (s, cut) in enumerate(zip(samples, cuts)):
         groups.setdefault(s.input_ids[:cut].tobytes(), []).append(c)
     out = np.zeros(len(items))
-    yes = lm.lm_head_weight[lm.yes_token_id].float()
     for members in groups.values():
-        s0, cut = samples[members[0]], cuts[members[0]]
-        prefix = torch.as_tensor(s0.input_ids[:cut])[None]
-        cache, _ = prefill(lm, prefix, expert_weights=w, cf_embeds=_cf(s0, s0.ph_pos < cut, ue, ie),
-                           placeholder_mask=lm.placeholder_mask(prefix))
         for start in range(0, len(members), chunk):
             part = members[start:start + chunk]
-            suffixes = [samples[c].input_ids[cuts[c]:] for c in part]
-            lens = torch.tensor([len(x) for x in suffixes])
-            ids = torch.full((len(part), int(lens.max())), loaded.tok.pad_token_id, dtype=torch.long)
-            for r, x in enumerate(suffixes):
-                ids[r, :len(x)] = torch.as_tensor(x)
-            cf = [_cf(samples[c], samples[c].ph_pos >= cuts[c], ue, ie) for c in part]
-            cf = None if cf[0] is None else torch.cat(cf)
-            h = extend(lm, cache, ids, lens, expert_weights=w[0], cf_embeds=cf,
-                       placeholder_mask=lm.placeholder_mask(ids) & (torch.arange(ids.shape[1]) < lens[:, None]),
-                       shared=True)
-            out[part] = (h[torch.arange(len(part)), lens - 1].float() @ yes).double().numpy()
+            out[part] = score_shared(lm, [samples[c] for c in part], cuts[part[0]], w, ue, ie, loaded.tok.pad_token_id)
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thinkrec import recipe as recipes
 from thinkrec.cf.train import load_embeddings
 from thinkrec.data import load_prepared
 from thinkrec.data.prompts import load_keywords, with_titles
@@ -21,7 +22,6 @@ from thinkrec.data.tokenize import PromptBuilder, default_max_len
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
 from thinkrec.model.adapters import read_adapters
-from thinkrec import recipe as recipes
 from thinkrec.precision import Precision, for_run
 from thinkrec.precision import apply as apply_precision
 

@@ -3,6 +3,7 @@
     stage 1  global LoRA (adapter 0, all layers)       prompts without CF ids ("text")      global adapter
     stage 2  CF projector (LoRA frozen)                prompts with CF ids ("ids")          global adapter
     stage 3  experts 1..N, last 8 layers' LoRA only    prompts with CF ids ("ids")          row -> 1 + group
+                                                       (--recipe official: "text", no ids)
 
 Stage 3 starts every expert from the global adapter (so below the trainable layers the experts ARE the
 global adapter, see thinkrec/train/prefix.py) and trains all of them together: batches mix users of all
