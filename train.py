@@ -90,6 +90,8 @@ def parse(argv=None):
                         "it. A run keeps the recipe it started with (RUN/recipe.json)")
     p.add_argument("--dataset", default="ml100k", help="ml100k | ml1m | amazon-book | yelp | csv")
     p.add_argument("--data-dir", default=None, help="raw files (default: download / the offline mirror)")
+    p.add_argument("--noun", default=None, help="what the prompts call an item (default: movie for ml1m/ml100k, book, "
+                   "business; item for csv: pass --noun movie for the paper's ML-1M split)")
     p.add_argument("--run-dir", default=None, help="where every artifact goes (default runs/<dataset>)")
     p.add_argument("--max-train-samples", type=_number(int, 0), default=64, help="training rows per stage (0 = all)")
     p.add_argument("--max-eval-samples", type=_number(int, 0), default=48, help="valid rows scored per evaluation (0 = all)")
@@ -284,11 +286,14 @@ def run_pipeline(args, d) -> dict:
 
     # --- data
     if d.is_main and not (run / "data" / "stats.json").exists():
-        prepare(args.dataset, data_dir=args.data_dir, out=run)
+        prepare(args.dataset, data_dir=args.data_dir, out=run, noun=args.noun)
     d.barrier()
     rec = recipes.get(args.recipe)
     style = rec.prompts  # ours, or the official prompt files verbatim (thinkrec.data.prompts)
     prep = with_titles(load_prepared(run), args.titles)
+    if args.noun and prep.stats.get("noun") != args.noun:
+        raise UsageError(f"{run / 'data'} was prepared with the noun {prep.stats.get('noun')!r}, not --noun "
+                         f"{args.noun}; delete {run}/ (or use another --run-dir) to prepare it again")
     check_data(prep, args)
 
     # --- CF model and expert groups
@@ -461,7 +466,7 @@ def summary(metrics: dict, args, prep) -> str:
     if capped:
         lines.append("smoke-sized run (" + ", ".join(f"{k} {v}" for k, v in capped.items()) + "): it shows the "
                      "pipeline works, not what ThinkRec reaches; the paper's setting trains and tests on every row: "
-                     "python train.py --dataset csv --data-dir ../shared/data/ml1m-collm "
+                     "python train.py --dataset csv --data-dir ../shared/data/ml1m-collm --noun movie "
                      "--max-train-samples 0 --max-eval-samples 0 --max-test-samples 0")
     if metrics.get("truncation"):
         lines.append(truncation_line(metrics["truncation"], "the stage-2/3 prompt"))

@@ -1,0 +1,145 @@
+"""python -m thinkrec.experiments on the tiny random Llama and the tiny csv dataset of test_train_cli: `all`
+runs once (module fixture: 10 train.py subprocesses, traces from a fake OpenAI-compatible teacher), writes
+every table, JSON and PNG; a rerun launches nothing; the ablation settings switch off what they claim; the
+experts study reuses stage 2 with resized adapters; changed settings stop with the directory named."""
+
+import json
+import re
+
+import pytest
+
+from tests.test_train_cli import _tiny_csv, _tiny_model_dir
+
+pytest.importorskip("faiss")
+pytest.importorskip("matplotlib")
+
+from thinkrec.experiments import STUDIES, ExperimentError
+from thinkrec.experiments.__main__ import main
+from thinkrec.experiments.report import FIG_PX
+
+PLAIN = ("tallrec", "collm", "wo-think")  # the settings trained without traces
+PNGS = ["table2.png"] + [f"{s}_{m}.png" for s in ("ablation", "experts", "grouping")
+                         for m in ("auc", "uauc", "ndcg5", "map5")]
+
+
+def _teacher(req, i):
+    """Answers "Yes" first, then what the reflect turn states: every sample gets a trace within 2 rounds."""
+    from tests.fake_openai import reply
+
+    last = req["messages"][-1]["content"]
+    word = "No" if "response is No" in last or "answer is No" in last else "Yes"
+    return reply(f"{word}.", reasoning="the user liked comedies before")
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    from tests.fake_openai import FakeOpenAI
+
+    base = tmp_path_factory.mktemp("experiments")
+    model = _tiny_model_dir(base / "model")
+    data = base / "data"
+    data.mkdir()
+    _tiny_csv(data)
+    lines = []
+    with FakeOpenAI(_teacher) as srv, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("THINKREC_TEACHER_API_KEYS", "k1")
+        argv = ["all", "--scale", "tiny", "--runs", str(base / "runs"), "--results", str(base / "results"),
+                "--data", str(data), "--model", str(model), "--teacher", srv.url, "--teacher-model", "fake"]
+        main(argv, log=lines.append)
+    return {"argv": argv, "lines": lines, "runs": base / "runs" / "tiny", "results": base / "results"}
+
+
+def _metrics(done, name):
+    return json.loads((done["runs"] / name / "metrics.json").read_text())
+
+
+def test_all_writes_every_table_json_and_png(done):
+    import matplotlib.image
+
+    res = done["results"]
+    for study in STUDIES:
+        rows = json.loads((res / f"{study}.json").read_text())["rows"]
+        md = (res / f"{study}.md").read_text()
+        assert all(f"| {r['label']} |" in md for r in rows), study
+    for name in PNGS:
+        assert matplotlib.image.imread(res / name).shape[:2] == (FIG_PX[1], FIG_PX[0]), name
+    table2 = json.loads((res / "table2.json").read_text())["rows"]
+    assert [r["label"] for r in table2] == ["MF", "LightGCN", "SASRec", "TALLRec-style", "CoLLM-style", "ThinkRec",
+                                            "MF on the LLM rows"]
+    assert table2[0]["test_rows"] == 20 and table2[-1]["test"]["auc"] == _metrics(done, "thinkrec")["test_cf"]["auc"]
+    assert "0.7764" in (res / "table2.md").read_text() and "0.6599" in (res / "ablation.md").read_text()
+    grouping = json.loads((res / "grouping.json").read_text())["rows"]
+    assert [r["label"] for r in grouping] == ["mf", "lightgcn", "sasrec"]
+    assert all(r["cohens_d"] is not None and len(r["group_sizes"]) == 2 for r in grouping)
+    for n, name in ((1, "experts-1"), (2, "thinkrec"), (3, "experts-3"), (4, "experts-4")):
+        assert len(json.loads((done["runs"] / name / "experts" / "report.json").read_text())["group_sizes"]) == n
+
+
+def test_rerun_launches_nothing(done):
+    stamps = {p: p.stat().st_mtime_ns for p in done["runs"].rglob("*") if p.is_file()}
+    lines = []
+    main(done["argv"], log=lines.append)
+    assert not [line for line in lines if "starting" in line], lines
+    assert sum("finished before, reused" in line for line in lines) == 10
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # the first run launched each setting once, and synthesis once
+    assert sum("starting train.py" in line for line in done["lines"]) == 10
+    assert sum("starting python -m thinkrec.reasoning synth" in line for line in done["lines"]) == 1
+
+
+def _traces_drawn(log_text):
+    return int(re.search(r"reasoning traces (\d+)", log_text).group(1))
+
+
+def test_ablation_settings_switch_off_what_they_claim(done):
+    runs = done["runs"]
+    # w/o think (and the other plain settings): no traces read, no reasoning micro-batch drawn in any stage
+    for name in PLAIN:
+        assert _traces_drawn((runs / name / "train.log").read_text()) == 0
+        assert not (runs / name / "reasoning").exists()
+        for ckpt in (runs / name).glob("stage*/ckpt/ckpt.json"):
+            assert json.loads(ckpt.read_text())["state"]["cursors"]["reason"] == [0, 0], ckpt
+    assert _traces_drawn((runs / "thinkrec" / "train.log").read_text()) > 0
+    assert any(json.loads(c.read_text())["state"]["cursors"]["reason"] != [0, 0]
+               for c in (runs / "thinkrec").glob("stage*/ckpt/ckpt.json"))  # the think run does draw them
+    # w/o think's stage 1 is the plain one (TALLRec-style's), never the one trained with traces
+    plain, think = (runs / n / "stage1" / "adapters.safetensors" for n in ("tallrec", "thinkrec"))
+    mine = (runs / "wo-think" / "stage1" / "adapters.safetensors").read_bytes()
+    assert mine == plain.read_bytes() != think.read_bytes()
+    # w/o experts: no stage 3, every test row on the global adapter
+    m = _metrics(done, "wo-experts")
+    assert not (runs / "wo-experts" / "stage3").exists() and set(m["stages"]) == {"stage1", "stage2"}
+    assert m["routing"] == {"global": m["test_rows"]}
+    assert set(_metrics(done, "thinkrec")["routing"]) - {"global"}  # the full run routes to experts
+
+
+def test_experts_study_reuses_stage2_with_resized_adapters(done):
+    from thinkrec.model.adapters import read_adapters
+
+    runs = done["runs"]
+    assert any(re.search(r"experts-4: starting .*stage2 reused from thinkrec", line) for line in done["lines"])
+    cfg, mine = read_adapters(runs / "experts-4" / "stage2")
+    _, donor = read_adapters(runs / "thinkrec" / "stage2")
+    assert cfg["n_experts"] == 4 and cfg["adapters"][-1] == "expert_4"
+    for key, t in donor.items():
+        if ".global" in key or key.startswith("projector."):
+            assert mine[key].equal(t), key
+    assert all(mine[k].equal(mine[k.replace("expert_4", "global")]) for k in mine if k.endswith("expert_4"))
+
+
+def test_changed_settings_stop_naming_the_directory(done, tmp_path):
+    with pytest.raises(ExperimentError, match=r"tallrec was made with other settings: max_train_samples 12 "
+                                              r"\(asked: 10\).*Delete"):
+        main(done["argv"] + ["--max-train-samples", "10"], log=lambda line: None)
+    other = tmp_path / "traces.jsonl"
+    other.write_text("")
+    with pytest.raises(ExperimentError, match=r"reasoning was made with other settings"):
+        main(done["argv"] + ["--traces", str(other)], log=lambda line: None)
+
+
+def test_runner_needs_a_source_checkout(monkeypatch, tmp_path):
+    from thinkrec.experiments import runs
+
+    monkeypatch.setattr(runs, "TRAIN", tmp_path / "train.py")
+    with pytest.raises(ExperimentError, match="source checkout"):
+        runs.train_script()
