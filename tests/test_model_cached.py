@@ -61,6 +61,11 @@ def test_prefill_matches_full_forward(kind):
     _, h1 = prefill(lm, ids, lens, W3[2], cf, placeholder_mask=_is_ph(ids))
     with torch.no_grad():
         torch.testing.assert_close(h1[m], lm(ids, mask, cf_embeds=cf, expert_weights=W3[2])[m], **TOL)
+    # kv_only_last: the same keys and values in every layer, the last layer's outputs skipped
+    kv, h2 = prefill(lm, ids, lens, W3, cf, room=4, kv_only_last=True)
+    for a, b in zip(cache.k + cache.v, kv.k + kv.v):
+        assert torch.equal(a, b)
+    assert (h2[m] - h[m]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", KINDS)

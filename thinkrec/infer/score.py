@@ -81,7 +81,7 @@ def score_shared(lm, samples: list, cut: int, weights: torch.Tensor, user_emb=No
     w = weights.reshape(1, -1)
     prefix = torch.as_tensor(s0.input_ids[:cut])[None]
     cache, _ = prefill(lm, prefix, expert_weights=w, cf_embeds=_slot_vectors(s0, s0.ph_pos < cut, user_emb, item_emb),
-                       placeholder_mask=lm.placeholder_mask(prefix))
+                       placeholder_mask=lm.placeholder_mask(prefix), kv_only_last=True)  # its outputs are unread
     suffixes = [s.input_ids[cut:] for s in samples]
     lens = torch.tensor([len(x) for x in suffixes])
     ids = torch.full((len(samples), int(lens.max())), pad_id, dtype=torch.long)

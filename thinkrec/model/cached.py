@@ -158,9 +158,10 @@ def _attend_shared(q, K0, V0, k, v, scale):
     return o.to(q.dtype).reshape(B, H, S, d)
 
 
-def _layer_extend(layer, h, st: _Step, cos, sin, w, K, V):
+def _layer_extend(layer, h, st: _Step, cos, sin, w, K, V, kv_only: bool = False):
     """One decoder layer on the N new tokens h [N, D] -> [N, D]; K, V: this layer's cache tensors (per row:
-    the new keys/values are written into them)."""
+    the new keys/values are written into them). kv_only (per row): write the keys and values, skip the rest
+    (the last layer of a prefix whose own outputs nobody reads); h comes back unchanged."""
     attn, mlp = layer.self_attn, layer.mlp
     d = attn.head_dim
 
@@ -168,12 +169,19 @@ def _layer_extend(layer, h, st: _Step, cos, sin, w, K, V):
         return _linear(mod, x, w, None)
 
     x = layer.input_layernorm(h)
-    q = lin(attn.q_proj, x).view(len(x), -1, d)
     k = lin(attn.k_proj, x).view(len(x), -1, d)
     v = lin(attn.v_proj, x).view(len(x), -1, d)
-    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if hasattr(attn, "k_norm"):  # Qwen3: per-head RMSNorm before RoPE
+        k = attn.k_norm(k)
+    k = _rope(k, cos, sin)
+    if kv_only:
+        K[st.row, :, st.pos] = k.to(K.dtype)
+        V[st.row, :, st.pos] = v.to(V.dtype)
+        return h
+    q = lin(attn.q_proj, x).view(len(x), -1, d)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = _rope(q, cos, sin)
     Q = st.grid(q)
     if st.shared and st.L:
         o = _attend_shared(Q, K[0, :, :st.L], V[0, :, :st.L], st.grid(k), st.grid(v), attn.scaling)
@@ -206,7 +214,7 @@ def _in_precision(fn):
 @torch.no_grad()
 @_in_precision
 def extend(lm, cache: KVCache, input_ids, lengths=None, expert_weights=None, cf_embeds=None,
-           placeholder_mask=None, shared: bool | None = None) -> torch.Tensor:
+           placeholder_mask=None, shared: bool | None = None, kv_only_last: bool = False) -> torch.Tensor:
     """Run new tokens through the model against `cache`; returns final hidden states (after the final norm)
     [B, S, D], zeros at padding (s >= lengths[b]).
 
@@ -216,6 +224,8 @@ def extend(lm, cache: KVCache, input_ids, lengths=None, expert_weights=None, cf_
     shared: None = shared-prefix mode iff the cache has 1 row and B > 1 (with B == 1 the one row is
     extended: pass shared=True to score a single candidate without touching the cache); per-row mode
     needs cache.batch == B and writes the new tokens into the cache (capacity permitting).
+    kv_only_last (per-row mode): the last layer only writes its keys and values (a prefix that later
+    tokens read but whose own outputs are not needed); the returned states are then not the model's.
     """
     _require_packed(lm)
     _check_eval(lm)
@@ -256,8 +266,11 @@ def extend(lm, cache: KVCache, input_ids, lengths=None, expert_weights=None, cf_
             w = w[row]
     cos, sin = lm.llm.model.rotary_emb(h, st.pos[None])
     cos, sin = cos[0], sin[0]
+    if kv_only_last and shared:
+        raise ValueError("extend: kv_only_last writes the cache, which the shared-prefix mode does not")
+    last = len(lm.llm.model.layers) - 1
     for i, layer in enumerate(lm.llm.model.layers):
-        h = _layer_extend(layer, h, st, cos, sin, w, cache.k[i], cache.v[i])
+        h = _layer_extend(layer, h, st, cos, sin, w, cache.k[i], cache.v[i], kv_only_last and i == last)
     h = lm.llm.model.norm(h)
     if not shared:
         cache.lengths += lengths
@@ -268,11 +281,13 @@ def extend(lm, cache: KVCache, input_ids, lengths=None, expert_weights=None, cf_
 
 @torch.no_grad()
 def prefill(lm, input_ids, lengths=None, expert_weights=None, cf_embeds=None, placeholder_mask=None,
-            room: int = 0, dtype=None):
+            room: int = 0, dtype=None, kv_only_last: bool = False):
     """(cache, h): a new cache of capacity max(lengths) + room filled with the right-padded prompts
-    input_ids [B, T], and their final hidden states h [B, T, D] (zeros at padding). Arguments as extend."""
+    input_ids [B, T], and their final hidden states h [B, T, D] (zeros at padding; not the model's with
+    kv_only_last, for a prefix only read through the cache). Arguments as extend."""
     B, T = input_ids.shape
     lens = torch.full((B,), T, dtype=torch.long) if lengths is None else torch.as_tensor(lengths)
     cache = KVCache.empty(lm, B, int(lens.max()) + int(room), dtype=dtype)
-    h = extend(lm, cache, input_ids, lens, expert_weights, cf_embeds, placeholder_mask, shared=False)
+    h = extend(lm, cache, input_ids, lens, expert_weights, cf_embeds, placeholder_mask, shared=False,
+               kv_only_last=kv_only_last)
     return cache, h
