@@ -35,6 +35,7 @@ from thinkrec.model.adapters import AdapterFileError
 from thinkrec.train.stages import STAGES
 from thinkrec.precision import PRECISIONS, PrecisionError
 from thinkrec.recipe import RECIPES, RecipeError
+from thinkrec.runtime import tune_malloc
 
 USER_ERRORS = (DataError, RunError, ArtifactError, ModelLoadError, AdapterFileError, RunLockedError,
                FileNotFoundError, PrecisionError, RecipeError)
@@ -152,6 +153,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tune_malloc()  # large activations reuse freed heap blocks instead of fresh pages (thinkrec/runtime.py)
     try:
         main()
     except USER_ERRORS as e:

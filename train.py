@@ -47,6 +47,7 @@ from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters
 from thinkrec.model.adapters import AdapterFileError
 from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
 from thinkrec.recipe import RECIPES, RecipeError
+from thinkrec.runtime import tune_malloc
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             setup, stage_dir, subsample, train_stage)
 from thinkrec.train.checkpoint import CheckpointError
@@ -477,6 +478,7 @@ def summary(metrics: dict, args, prep) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tune_malloc()  # large activations reuse freed heap blocks instead of fresh pages (thinkrec/runtime.py)
     try:
         main()
     except USER_ERRORS as e:

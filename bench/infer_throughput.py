@@ -33,7 +33,9 @@ FLOPs over the shared scorer's time).
 Precisions (`--precisions`, thinkrec/precision.py): `ours-<p>` scores the same rows with the model put in
 precision p (auto = what `--precision auto` resolves to on this machine, reported with the probe's rates):
 rows/s, the speedup over ours in fp32, the largest score change and the AUC drift against fp32 on the same
-rows, and the peak fraction against the GEMM rate of that precision measured here. bf16 on a CPU the probe
+rows, and the peak fraction against the GEMM rate of that precision measured here. The process runs with
+thinkrec.runtime.tune_malloc (as infer.py does), for every provider alike; THINKREC_DEFAULT_MALLOC=1 turns
+it off. bf16 on a CPU the probe
 finds without fast bf16 is skipped (it would take hours) unless --force-slow. Prints a table, then one
 JSON line.
 """
@@ -150,6 +152,9 @@ def main():
     import numpy as np
     import torch
 
+    from thinkrec.runtime import tune_malloc
+
+    malloc_tuned = tune_malloc()  # for every provider of this process alike (THINKREC_DEFAULT_MALLOC=1: off)
     from _peft_providers import official_scores, peft_mixed_scores, prepare_mixtures, to_peft
     from thinkrec.cf.train import load_embeddings
     from thinkrec.infer import LoadedRun, ScoreJob, run_job
@@ -337,7 +342,7 @@ def main():
           f"GFLOP/s; fp32 matmul here {gemm:.0f} GFLOP/s -> peak fraction {peak_fraction:.2f} (with sharing, "
           f"effective {effective_fraction:.2f}: {len(rows) / n_prefix:.2f} rows per prefix)")
     print_json({
-        "bench": "infer_throughput", "rows": len(rows), "threads": torch.get_num_threads(),
+        "bench": "infer_throughput", "rows": len(rows), "threads": torch.get_num_threads(), "malloc_tuned": malloc_tuned,
         "routes": {n: int((route == k).sum()) for k, n in enumerate(ROUTES)},
         "results": results, "checks": checks,
         "speedup_vs_official": None if a.skip_official else round(results["official"]["seconds"] / base, 3),

@@ -233,6 +233,9 @@ def main():
     ap.add_argument("--provider", default="ours", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
+        from thinkrec.runtime import tune_malloc
+
+        tune_malloc()  # as train.py runs, for both providers alike (THINKREC_DEFAULT_MALLOC=1: off)
         return worker(a)
     import torch
 
