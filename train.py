@@ -42,6 +42,7 @@ from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, GroupError, build_gr
                               train_table)
 from thinkrec.infer import LoadedRun, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
+from thinkrec.infer.run import stage_gate
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model.adapters import AdapterFileError
@@ -398,11 +399,8 @@ def run_pipeline(args, d) -> dict:
     lm.set_trainable(layers=[], adapters=[], projector=False)
     test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
     truncation["test"] = truncation_counts(builder("ids"), test_rows.data_row)
-    gate = groups["weights"]
-    if args.last_stage != "stage3":  # the experts train in stage 3; before it every user has the global adapter
-        gate = np.zeros_like(gate)
-        gate[:, 0] = 1.0
-    loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, gate, stage_dir(run, args.last_stage),
+    loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, stage_gate(groups["weights"], args.last_stage),
+                       stage_dir(run, args.last_stage),
                        args.max_len, keywords, history=args.history, titles=args.titles, precision=prec, style=style)
     mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
     test = None

@@ -115,6 +115,16 @@ class LoadedRun:
         return s.numpy()
 
 
+def stage_gate(weights: np.ndarray, stage: str) -> np.ndarray:
+    """The adapter weights [n_users, E] a stage's adapters are scored with: the gate's after stage 3 (where
+    the experts train), the global adapter for every user before it."""
+    if stage == "stage3":
+        return weights
+    gate = np.zeros_like(weights)
+    gate[:, 0] = 1.0
+    return gate
+
+
 def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None, device="cpu",
              precision: str | None = None, stage: str | None = None, history: str | None = None,
              titles: str | None = None, recipe: str | None = None) -> LoadedRun:
@@ -154,14 +164,10 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     if groups["weights"].shape[1] != lm.n_adapters:
         raise RunError(f"{run}/experts/groups.safetensors gates {groups['weights'].shape[1]} adapters but "
                        f"{stage}/adapters.json has {lm.n_adapters}; delete RUN/experts/ and the stages to retrain")
-    gate = groups["weights"]
-    if stage.name != "stage3":  # the experts train in stage 3; before it every user has the global adapter
-        gate = np.zeros_like(gate)
-        gate[:, 0] = 1.0
-    return LoadedRun(run, lm, tok, prep, cf, cf_model, gate, stage,
+    return LoadedRun(run, lm, tok, prep, cf, cf_model, stage_gate(groups["weights"], stage.name), stage,
                      int(max_len or run_arg(args, "max_len", default_max_len(prep.stats.get("dataset")))), keywords, mix,
                      history or run_arg(args, "history", "strict"), titles, prec, style)
 
 
-__all__ = ["LoadedRun", "RunError", "load_run", "route_names", "train_args", "ROUTE_GLOBAL", "ROUTE_SINGLE",
-           "ROUTE_MIXTURE"]
+__all__ = ["LoadedRun", "RunError", "load_run", "route_names", "stage_gate", "train_args", "ROUTE_GLOBAL",
+           "ROUTE_SINGLE", "ROUTE_MIXTURE"]
