@@ -1,7 +1,7 @@
 """The paper's analysis in one command: Table 2, the ablation (Table 4), the number of experts (Figure 3) and
 the grouping features (Figure 4), with tables and plots, at CPU and at paper scale.
 
-    python -m thinkrec.experiments all                       # cpu-small: about 2 hours on 2 CPU cores
+    python -m thinkrec.experiments all                       # cpu-small: about 3.5 hours on 2 CPU cores
     python -m thinkrec.experiments ablation --scale paper    # the paper's setting, for a GPU
 
 How: every pipeline run is `train.py` in a subprocess (memory stays bounded; a killed run resumes), in its

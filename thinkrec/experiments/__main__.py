@@ -42,7 +42,7 @@ def parse(argv=None):
     p.add_argument("--traces", default=None, help="a traces JSON Lines file to train on instead of synthesising")
     # Budget
     p.add_argument("--scale", default="cpu-small", choices=list(SCALES),
-                   help="cpu-small: `all` in about 2 hours on 2 CPU cores; paper: the paper's setting (a GPU); "
+                   help="cpu-small: `all` in about 3.5 hours on 2 CPU cores; paper: the paper's setting (a GPU); "
                         "tiny: the tests' toy runs")
     p.add_argument("--max-train-samples", type=int, default=None, help="over the scale's (train.py; 0 = all)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="over the scale's (train.py; 0 = all)")

@@ -54,16 +54,17 @@ class Scale:
     cf_epochs: int = 100  # CF max epochs (early stopping on valid AUC, patience 5)
 
 
-# cpu-small: `all` in about 2 hours on 2 CPU cores with SmolLM2-135M at --precision auto. Costs assumed: a
-# training step of batch 8 takes 1.5-3 s (stage 3, backward through the last 8 layers only, ~0.6 of that),
-# scoring runs at 1-2 rows/s (runs/kill-resume: 1.9 rows/s on ML-100k prompts), a local-teacher round
-# (<= 192 new tokens) ~8 s. `all` trains 13 stages (stage 1 twice, stage 2 four times, stage 3 seven
-# times; stage 1 once more per extra CF embedding size) and tests 10 runs:
-#   stages 1-2   6 x (64 steps x 1.5-3 s + 128 valid rows)   16-32 min
-#   stage 3      7 x (64 steps x 0.9-1.8 s + 128 valid rows) 14-28 min
-#   test        10 x 256 rows                                21-43 min
-#   traces, CF search (~5 min on 1 thread), 11 model loads   ~15 min
-# = 66-118 minutes. lr 1e-3: at 1e-4 (official) 64 steps barely move the Yes logit (README, bench/quality.py).
+# cpu-small: 512 training rows per stage, SmolLM2-135M at --precision auto. Measured on 2 CPU cores at fp32
+# (docs/results.md, 2026-12-02): a step of batch 8 takes 12-14 s in stages 1-2 (what its ~1.6 TFLOP says at
+# ~120 GFLOP/s) and ~8 s in stage 3 (backward through the last 8 layers only); scoring 256 test rows 3 min;
+# 32 local-teacher trace samples 13.5 min. `all` trains 13 stages (stage 1 twice, stage 2 four times,
+# stage 3 seven times) and tests 10 runs:
+#   stages 1-2   6 x 14-17 min (64 steps + 128 valid rows)   ~95 min
+#   stage 3      7 x 9.5 min                                  ~67 min
+#   test        10 x 3-5 min                                  ~35 min
+#   traces, CF search                                         ~16 min
+# = about 3.5 hours (planned: 2; the plan's 1.5-3 s a step was 5x too low). --max-train-samples 256 halves
+# the training part. lr 1e-3: at 1e-4 (official) 64 steps barely move the Yes logit (README, bench/quality.py).
 # paper: the paper's setting, for a GPU: every row, the official recipe (batch 1, 800 iterations per epoch,
 # 50 epochs with early stopping after 15 evaluations without gain, the official 25% validation sample and
 # per-stage learning rates), the full CF grid of appendix A.2, 2,000 traces.

@@ -13,6 +13,7 @@ none) plus the study's own columns (LEAD).
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -82,7 +83,7 @@ def markdown(result: dict, plots: list) -> str:
     study, rows = result["study"], result["rows"]
     paper = any(r.get("paper") for r in rows)
     out = [f"# {TITLES[study]}", "",
-           f"Scale `{result['scale']}`, runs in `{result['runs']}`. {NOTES[study]}"]
+           f"Scale `{result['scale']}`, runs in `{shown(result['runs'])}`. {NOTES[study]}"]
     out.append("rows: the test rows each line's metrics are over (an LLM run scores the draw of its "
                "--max-test-samples; 0 = every row); – where there is no number (an AUC over one label).")
     if paper:
@@ -92,6 +93,14 @@ def markdown(result: dict, plots: list) -> str:
                 table(rows, pop, LEAD[study], paper)]
     out += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
     return "\n".join(out) + "\n"
+
+
+def shown(path: str) -> str:
+    """`path` relative to the working directory when it lies under it (pages that are committed), else as is."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -110,7 +119,7 @@ def _save(plt, fig, ax, path, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, never on them
     fig.tight_layout()  # moves the axes inside the figure; the figure keeps its FIG_PX size
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=DPI)
