@@ -68,6 +68,16 @@ def test_all_writes_every_table_json_and_png(done):
                                             "MF on the LLM rows"]
     assert table2[0]["test_rows"] == 20 and table2[-1]["test"]["auc"] == _metrics(done, "thinkrec")["test_cf"]["auc"]
     assert "0.7764" in (res / "table2.md").read_text() and "0.6599" in (res / "ablation.md").read_text()
+    # bootstrap intervals over the users of the rows every LLM run scored, paired against the reference row
+    u = json.loads((res / "table2.json").read_text())["uncertainty"]
+    assert u["reference"] == "ThinkRec" and u["rows"] == table2[3]["test_rows"]
+    assert set(u["by_label"]) == {"TALLRec-style", "CoLLM-style", "ThinkRec", "MF on the LLM rows"}
+    for label, v in u["by_label"].items():
+        lo, hi = v["interval"]["auc"]
+        assert lo <= v["auc"] <= hi, label
+        assert (v["vs_reference"] is None) == (label == "ThinkRec")
+    assert "95% intervals on these" in (res / "table2.md").read_text()
+    assert json.loads((res / "ablation.json").read_text())["uncertainty"]["reference"] == "full"
     grouping = json.loads((res / "grouping.json").read_text())["rows"]
     assert [r["label"] for r in grouping] == ["mf", "lightgcn", "sasrec"]
     assert all(r["cohens_d"] is not None and len(r["group_sizes"]) == 2 for r in grouping)

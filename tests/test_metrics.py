@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from thinkrec.metrics import auc, evaluate, per_user_auc
+from thinkrec.metrics import auc, bootstrap, evaluate, per_user_auc
 
 
 def _loop_reference(users, scores, labels, k):
@@ -114,3 +114,26 @@ def test_million_rows_fast():
     r = evaluate(users, scores, labels.astype(np.int8))
     assert time.process_time() - t < 5.0
     assert abs(r["auc"] - 0.5) < 0.01 and abs(r["uauc"] - 0.5) < 0.02
+
+
+def test_bootstrap_resamples_users_and_pairs_the_score_sets():
+    rng = np.random.default_rng(3)
+    users = np.repeat(np.arange(40), 6)
+    labels = (rng.random(len(users)) < 0.5).astype(np.int8)
+    noise = rng.normal(size=len(users))
+    good, weak = labels + 0.5 * noise, labels + 3.0 * noise
+    b = bootstrap(users, {"good": good, "weak": weak, "same": good.copy()}, labels, n=300, seed=0)
+    assert b["users"] == 40 and b["n"] == 300
+    for name, s in (("good", good), ("weak", weak)):
+        point = evaluate(users, s, labels)
+        lo, hi = b["intervals"][name]["auc"]
+        assert lo < point["auc"] < hi and hi - lo < 0.4
+        lo, hi = b["intervals"][name]["uauc"]
+        assert lo < point["uauc"] < hi
+    # paired: the same scores differ by exactly 0 on every resample; a clearly better scorer wins nearly always
+    assert b["differences"]["good"]["same"]["auc"] == [0.0, 0.0]
+    assert b["differences"]["good"]["weak"]["auc"][0] > 0 and b["differences"]["good"]["weak"]["p_greater"]["auc"] > 0.97
+    assert b["differences"]["weak"]["good"]["auc"][1] < 0
+    # one user's rows move together: a user-level resample of 2 users gives wider intervals than of 40
+    few = bootstrap(users[:12], {"good": good[:12]}, labels[:12], n=300)
+    assert np.diff(few["intervals"]["good"]["auc"])[0] > np.diff(b["intervals"]["good"]["auc"])[0]

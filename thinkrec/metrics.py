@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-__all__ = ["evaluate", "auc", "per_user_auc", "selection_score"]
+__all__ = ["evaluate", "auc", "per_user_auc", "selection_score", "bootstrap"]
 
 
 def _check(users, scores, labels):
@@ -95,6 +95,53 @@ def per_user_auc(users, scores, labels):
     order = np.lexsort((s, u))
     g_start, a, _, _ = _group_auc(u[order], s[order], y[order])
     return u[order][g_start], a
+
+
+def bootstrap(users, scores: dict, labels, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile intervals of AUC and UAUC by resampling users with replacement (rows of one user stay
+    together, as they are not independent), paired: every score set in `scores` ({name: [M]}, all over the
+    same rows) is measured on the same resamples, so the difference between two sets gets its own interval.
+
+    Returns {"intervals": {name: {"auc": [lo, hi], "uauc": [lo, hi]}}, "differences": {a: {b: {"auc":
+    [lo, hi], "uauc": [lo, hi], "p_greater": {"auc": P(a > b), "uauc": ...}}}} for every ordered pair, "n": n,
+    "users": the number of users}. Resamples whose AUC is undefined (one label) are dropped."""
+    names = list(scores)
+    u, _, y = _check(users, scores[names[0]], labels)
+    ids, user_of_row = np.unique(u, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    per_user = {}
+    for name in names:  # per-user AUC once; a resample's UAUC is a weighted mean of it
+        su, ua = per_user_auc(u, np.asarray(scores[name], dtype=np.float64), y)
+        full = np.full(len(ids), np.nan)
+        full[np.searchsorted(ids, su)] = ua
+        per_user[name] = full
+    draws = {name: [] for name in names}
+    for _ in range(n):
+        counts = np.bincount(rng.integers(0, len(ids), len(ids)), minlength=len(ids))
+        rows = np.repeat(np.arange(len(u)), counts[user_of_row])
+        if y[rows].min() == y[rows].max():
+            continue
+        for name in names:
+            ua, w = per_user[name], counts * ~np.isnan(per_user[name])
+            draws[name].append((auc(np.asarray(scores[name])[rows], y[rows]),
+                                float((np.nan_to_num(ua) * w).sum() / w.sum()) if w.sum() else math.nan))
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    d = {name: np.array(v, dtype=np.float64).reshape(-1, 2) for name, v in draws.items()}
+
+    def interval(a):
+        a = a[~np.isnan(a)]
+        return [float(x) for x in np.percentile(a, q)] if len(a) else [math.nan, math.nan]
+
+    out = {"intervals": {k: {"auc": interval(v[:, 0]), "uauc": interval(v[:, 1])} for k, v in d.items()},
+           "differences": {a: {} for a in names}, "n": n, "users": len(ids)}
+    for a in names:
+        for b in names:
+            if a != b:
+                diff = d[a] - d[b]
+                out["differences"][a][b] = {
+                    "auc": interval(diff[:, 0]), "uauc": interval(diff[:, 1]),
+                    "p_greater": {"auc": float(np.mean(diff[:, 0] > 0)), "uauc": float(np.nanmean(diff[:, 1] > 0))}}
+    return out
 
 
 def _ranked_metrics(u, s, y, k):

@@ -91,8 +91,31 @@ def markdown(result: dict, plots: list) -> str:
     for pop in populations(rows):
         out += ["", f"## {POPULATIONS[pop][0].upper() + POPULATIONS[pop][1:]}", "",
                 table(rows, pop, LEAD[study], paper)]
+        if pop == "test" and result.get("uncertainty"):
+            out += ["", intervals(result["uncertainty"])]
     out += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
     return "\n".join(out) + "\n"
+
+
+def intervals(u: dict) -> str:
+    """The bootstrap table: each LLM row's 95% interval and its paired difference from the reference row."""
+    def span(a):
+        return f"{fmt(a[0], 3)} – {fmt(a[1], 3)}"
+
+    def signed(x, a):
+        return f"{x:+.3f} ({a[0]:+.3f} – {a[1]:+.3f})"
+
+    lines = [(f"95% intervals on these {u['rows']} rows: bootstrap over their {u['users']} users ({u['resamples']} "
+              f"resamples), paired, so each difference from `{u['reference']}` has its own interval; P = the "
+              f"share of resamples where the row beats `{u['reference']}`."), "",
+             "| row | AUC interval | UAUC interval | AUC − ref (interval) | P | UAUC − ref (interval) | P |", "|---|---|---|---|---|---|---|"]
+    for label, v in u["by_label"].items():
+        d = v["vs_reference"]
+        diff = ["(reference)", "", "", ""] if d is None else [
+            signed(d["auc_point"], d["auc"]), fmt(d["p_greater"]["auc"], 2), signed(d["uauc_point"], d["uauc"]),
+            fmt(d["p_greater"]["uauc"], 2)]
+        lines.append("| " + " | ".join([label, span(v["interval"]["auc"]), span(v["interval"]["uauc"]), *diff]) + " |")
+    return "\n".join(lines)
 
 
 def shown(path: str) -> str:

@@ -9,7 +9,8 @@ row, and the whole official sample).
 
 from pathlib import Path
 
-from thinkrec.io import read_json
+from thinkrec.io import read_json, read_jsonl
+from thinkrec.metrics import bootstrap
 
 from . import report
 from .plan import CF_MODELS, CF_NAMES, METRICS, PAPER, STUDIES, cf_models_of, settings_of
@@ -54,7 +55,36 @@ def collect(cfg: Config, study: str, metrics: dict, cf: dict) -> dict:
         rows.append({"label": "MF on the LLM rows", "setting": "thinkrec", "run": str(cfg.runs / "thinkrec"),
                      **llm_populations(metrics["thinkrec"], "cf"), "paper": None})
     return {"study": study, "scale": cfg.scale, "runs": str(cfg.runs),
-            "train_flags": stringify({**cfg.budget.train, **cfg.overrides}), "rows": rows}
+            "train_flags": stringify({**cfg.budget.train, **cfg.overrides}), "rows": rows,
+            "uncertainty": uncertainty(study, rows)}
+
+
+REFERENCE = {"table2": "ThinkRec", "ablation": "full", "experts": 2, "grouping": "mf"}  # differences are against it
+
+
+def uncertainty(study: str, rows: list) -> dict | None:
+    """Paired bootstrap over users (metrics.bootstrap) of the study's LLM rows on the test rows they scored,
+    from each run's infer/scores.jsonl: a 95% interval per row, and each row's difference from the study's
+    reference row. None when the runs scored different rows (then they cannot be paired)."""
+    scored = {}
+    for r in rows:
+        if r.get("setting") is None:
+            continue  # a CF baseline over every row: its interval is not the question here
+        recs = read_jsonl(Path(r["run"]) / "infer" / "scores.jsonl", f"delete {r['run']}/metrics.json to test the run again")
+        key = "mf_score" if r["label"] == "MF on the LLM rows" else "score"
+        scored[r["label"]] = ([x["row"] for x in recs], [x["user_id"] for x in recs],
+                              [x["label"] for x in recs], [x[key] for x in recs], r["test"])
+    if not scored or len({tuple(v[0]) for v in scored.values()}) != 1:
+        return None
+    _, users, labels, _, _ = next(iter(scored.values()))
+    b = bootstrap(users, {k: v[3] for k, v in scored.items()}, labels)
+    ref = REFERENCE[study]
+    return {"reference": ref, "resamples": b["n"], "users": b["users"], "rows": len(users),
+            "by_label": {str(k): {"auc": v[4]["auc"], "uauc": v[4]["uauc"], "interval": b["intervals"][k],
+                                  "vs_reference": None if k == ref else {
+                                      **b["differences"][k][ref], "auc_point": v[4]["auc"] - scored[ref][4]["auc"],
+                                      "uauc_point": v[4]["uauc"] - scored[ref][4]["uauc"]}}
+                         for k, v in scored.items()}}
 
 
 def pick(m: dict | None) -> dict | None:
