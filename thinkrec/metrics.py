@@ -106,12 +106,13 @@ def bootstrap(users, scores: dict, labels, n: int = 1000, seed: int = 0, level: 
     [lo, hi], "uauc": [lo, hi], "p_greater": {"auc": P(a > b), "uauc": ...}}}} for every ordered pair, "n": n,
     "users": the number of users}. Resamples whose AUC is undefined (one label) are dropped."""
     names = list(scores)
+    scores = {name: np.asarray(v, dtype=np.float64) for name, v in scores.items()}
     u, _, y = _check(users, scores[names[0]], labels)
     ids, user_of_row = np.unique(u, return_inverse=True)
     rng = np.random.default_rng(seed)
     per_user = {}
     for name in names:  # per-user AUC once; a resample's UAUC is a weighted mean of it
-        su, ua = per_user_auc(u, np.asarray(scores[name], dtype=np.float64), y)
+        su, ua = per_user_auc(u, scores[name], y)
         full = np.full(len(ids), np.nan)
         full[np.searchsorted(ids, su)] = ua
         per_user[name] = full
@@ -123,7 +124,7 @@ def bootstrap(users, scores: dict, labels, n: int = 1000, seed: int = 0, level: 
             continue
         for name in names:
             ua, w = per_user[name], counts * ~np.isnan(per_user[name])
-            draws[name].append((auc(np.asarray(scores[name])[rows], y[rows]),
+            draws[name].append((auc(scores[name][rows], y[rows]),
                                 float((np.nan_to_num(ua) * w).sum() / w.sum()) if w.sum() else math.nan))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     d = {name: np.array(v, dtype=np.float64).reshape(-1, 2) for name, v in draws.items()}

@@ -109,11 +109,12 @@ def intervals(u: dict) -> str:
               f"resamples), paired, so each difference from `{u['reference']}` has its own interval; P = the "
               f"share of resamples where the row beats `{u['reference']}`."), "",
              "| row | AUC interval | UAUC interval | AUC − ref (interval) | P | UAUC − ref (interval) | P |", "|---|---|---|---|---|---|---|"]
+    ref = u["by_label"][u["reference"]]
     for label, v in u["by_label"].items():
         d = v["vs_reference"]
         diff = ["(reference)", "", "", ""] if d is None else [
-            signed(d["auc_point"], d["auc"]), fmt(d["p_greater"]["auc"], 2), signed(d["uauc_point"], d["uauc"]),
-            fmt(d["p_greater"]["uauc"], 2)]
+            signed(v["auc"] - ref["auc"], d["auc"]), fmt(d["p_greater"]["auc"], 2),
+            signed(v["uauc"] - ref["uauc"], d["uauc"]), fmt(d["p_greater"]["uauc"], 2)]
         lines.append("| " + " | ".join([label, span(v["interval"]["auc"]), span(v["interval"]["uauc"]), *diff]) + " |")
     return "\n".join(lines)
 

@@ -66,25 +66,24 @@ def uncertainty(study: str, rows: list) -> dict | None:
     """Paired bootstrap over users (metrics.bootstrap) of the study's LLM rows on the test rows they scored,
     from each run's infer/scores.jsonl: a 95% interval per row, and each row's difference from the study's
     reference row. None when the runs scored different rows (then they cannot be paired)."""
-    scored = {}
+    scored, points = {}, {}  # label -> the run's scored rows; label -> its test metrics
     for r in rows:
         if r.get("setting") is None:
             continue  # a CF baseline over every row: its interval is not the question here
         recs = read_jsonl(Path(r["run"]) / "infer" / "scores.jsonl", f"delete {r['run']}/metrics.json to test the run again")
-        key = "mf_score" if r["label"] == "MF on the LLM rows" else "score"
-        scored[r["label"]] = ([x["row"] for x in recs], [x["user_id"] for x in recs],
-                              [x["label"] for x in recs], [x[key] for x in recs], r["test"])
-    if not scored or len({tuple(v[0]) for v in scored.values()}) != 1:
+        scored[r["label"]] = recs
+        points[r["label"]] = r["test"]
+    if not scored or len({tuple(x["row"] for x in recs) for recs in scored.values()}) != 1:
         return None
-    _, users, labels, _, _ = next(iter(scored.values()))
-    b = bootstrap(users, {k: v[3] for k, v in scored.items()}, labels)
+    first = next(iter(scored.values()))
+    key = lambda label: "mf_score" if label == "MF on the LLM rows" else "score"
+    b = bootstrap([x["user_id"] for x in first], {k: [x[key(k)] for x in recs] for k, recs in scored.items()},
+                  [x["label"] for x in first])
     ref = REFERENCE[study]
-    return {"reference": ref, "resamples": b["n"], "users": b["users"], "rows": len(users),
-            "by_label": {str(k): {"auc": v[4]["auc"], "uauc": v[4]["uauc"], "interval": b["intervals"][k],
-                                  "vs_reference": None if k == ref else {
-                                      **b["differences"][k][ref], "auc_point": v[4]["auc"] - scored[ref][4]["auc"],
-                                      "uauc_point": v[4]["uauc"] - scored[ref][4]["uauc"]}}
-                         for k, v in scored.items()}}
+    return {"reference": str(ref), "resamples": b["n"], "users": b["users"], "rows": len(first),
+            "by_label": {str(k): {"auc": points[k]["auc"], "uauc": points[k]["uauc"], "interval": b["intervals"][k],
+                                  "vs_reference": None if k == ref else b["differences"][k][ref]}
+                         for k in scored}}
 
 
 def pick(m: dict | None) -> dict | None:
