@@ -77,6 +77,10 @@ def test_all_writes_every_table_json_and_png(done):
         assert lo <= v["auc"] <= hi, label
         assert (v["vs_reference"] is None) == (label == "ThinkRec")
     assert "95% intervals on these" in (res / "table2.md").read_text()
+    # each LLM row names what --precision resolved to in its run, and the page says it
+    resolved = json.loads((done["runs"] / "thinkrec" / "precision.json").read_text())["name"]
+    assert [r.get("precision") for r in table2] == [None] * 3 + [resolved] * 3 + [None]
+    assert f"--precision resolved to): {resolved}." in (res / "table2.md").read_text()
     assert json.loads((res / "ablation.json").read_text())["uncertainty"]["reference"] == "full"
     grouping = json.loads((res / "grouping.json").read_text())["rows"]
     assert [r["label"] for r in grouping] == ["mf", "lightgcn", "sasrec"]
@@ -153,3 +157,11 @@ def test_runner_needs_a_source_checkout(monkeypatch, tmp_path):
     monkeypatch.setattr(runs, "TRAIN", tmp_path / "train.py")
     with pytest.raises(ExperimentError, match="source checkout"):
         runs.train_script()
+
+
+def test_page_names_each_rows_precision_when_runs_differ():
+    from thinkrec.experiments.report import precisions
+
+    assert precisions([{"label": "MF"}, {"label": "a", "precision": "bf16"}, {"label": "b", "precision": "bf16"}]) == "bf16"
+    assert precisions([{"label": "a", "precision": "fp32"}, {"label": "b", "precision": "bf16"}]) == "a fp32, b bf16"
+    assert precisions([{"label": "MF"}]) == ""

@@ -86,6 +86,9 @@ def markdown(result: dict, plots: list) -> str:
            f"Scale `{result['scale']}`, runs in `{shown(result['runs'])}`. {NOTES[study]}"]
     out.append("rows: the test rows each line's metrics are over (an LLM run scores the draw of its "
                "--max-test-samples; 0 = every row); – where there is no number (an AUC over one label).")
+    precision = precisions(rows)
+    if precision:
+        out.append(f"Precision of the LLM runs (what train.py's --precision resolved to): {precision}.")
     if paper:
         out.append("Paper columns: ThinkRec paper, ML-1M (Llama3-8B, the official evaluation).")
     for pop in populations(rows):
@@ -95,6 +98,14 @@ def markdown(result: dict, plots: list) -> str:
             out += ["", intervals(result["uncertainty"])]
     out += ["", *(f"![{p.stem}]({p.name})" for p in plots)]
     return "\n".join(out) + "\n"
+
+
+def precisions(rows) -> str:
+    """"bf16" when every LLM run used it, else each row's ("ThinkRec fp32, w/o think bf16"); "" if unknown."""
+    runs = [(r["label"], r["precision"]) for r in rows if r.get("precision")]
+    if len({p for _, p in runs}) <= 1:
+        return runs[0][1] if runs else ""
+    return ", ".join(f"{label} {p}" for label, p in runs)
 
 
 def intervals(u: dict) -> str:

@@ -42,7 +42,8 @@ def collect(cfg: Config, study: str, metrics: dict, cf: dict) -> dict:
     for label, name in STUDIES[study]:
         run, m = cfg.runs / name, metrics[name]
         paper = PAPER.get(study, {}).get(label)
-        row = {"label": label, "setting": name, "run": str(run), **llm_populations(m, "thinkrec"),
+        row = {"label": label, "setting": name, "run": str(run), "precision": precision_of(run),
+               **llm_populations(m, "thinkrec"),
                "paper": None if paper is None else dict(zip(METRICS, paper)), "routing": m["routing"],
                "seconds": m["seconds"], "stages": {st: {k: v.get(k) for k in ("steps", "best_step", "seconds")}
                                                    for st, v in m["stages"].items()}}
@@ -84,6 +85,12 @@ def uncertainty(study: str, rows: list) -> dict | None:
             "by_label": {str(k): {"auc": points[k]["auc"], "uauc": points[k]["uauc"], "interval": b["intervals"][k],
                                   "vs_reference": None if k == ref else b["differences"][k][ref]}
                          for k in scored}}
+
+
+def precision_of(run: Path) -> str | None:
+    """What the run's --precision resolved to (RUN/precision.json, written by train.py), or None."""
+    path = run / "precision.json"
+    return read_json(path, f"delete {run}/ to rerun it").get("name") if path.exists() else None
 
 
 def pick(m: dict | None) -> dict | None:
