@@ -6,6 +6,7 @@ experts study reuses stage 2 with resized adapters; changed settings stop with t
 import json
 import re
 
+import numpy as np
 import pytest
 
 from tests.test_train_cli import _tiny_csv, _tiny_model_dir
@@ -165,3 +166,11 @@ def test_page_names_each_rows_precision_when_runs_differ():
     assert precisions([{"label": "MF"}, {"label": "a", "precision": "bf16"}, {"label": "b", "precision": "bf16"}]) == "bf16"
     assert precisions([{"label": "a", "precision": "fp32"}, {"label": "b", "precision": "bf16"}]) == "a fp32, b bf16"
     assert precisions([{"label": "MF"}]) == ""
+
+
+def test_error_bars_span_each_rows_interval():
+    from thinkrec.experiments.report import _yerr
+
+    err = _yerr([0.6, None, 0.7], [[0.5, 0.75], [0.1, 0.2], None])
+    assert err.shape == (2, 3) and np.allclose(err, [[0.1, 0.0, 0.0], [0.15, 0.0, 0.0]])
+    assert _yerr([0.6], None) is None

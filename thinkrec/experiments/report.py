@@ -5,7 +5,8 @@ and PNG plots (matplotlib, Agg backend, FIG_PX pixels each, written atomically):
     ablation  ablation_<metric>.png: one bar chart per metric (ours on each population, the paper's)
     experts   experts_<metric>.png: the metric against N, one line per population
     grouping  grouping_<metric>.png: the metric against the grouping's Cohen's d (embedding), one point per
-              CF model
+              CF model (log axis when the d's differ 5x)
+The test split's AUC and UAUC carry their 95% bootstrap intervals (the study's "uncertainty") as error bars.
 
 A study's result (what `write` takes) is {"study", "scale", "runs", "rows": [row]}, a row being {"label",
 "run", "test", "test_rows", "official", "official_rows", "paper"} (metric dicts, or None where there is
@@ -165,13 +166,26 @@ def _values(vals) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in vals], dtype=float)
 
 
-def bars(path, categories, series: dict, title: str, xlabel: str, ylabel: str) -> None:
-    """Grouped bars: one group per category, one bar per series ({name: [value per category]}). The y axis
-    starts near the smallest value, not at 0: the settings differ by hundredths."""
+def _yerr(vals, spans) -> np.ndarray | None:
+    """matplotlib's yerr [2, n] (distance below, above) from [lo, hi] per value (None: no bar there)."""
+    if spans is None:
+        return None
+    y = _values(vals)
+    lo = np.array([np.nan if s is None else s[0] for s in spans], dtype=float)
+    hi = np.array([np.nan if s is None else s[1] for s in spans], dtype=float)
+    return np.nan_to_num(np.stack([y - lo, hi - y]), nan=0.0).clip(min=0.0)
+
+
+def bars(path, categories, series: dict, title: str, xlabel: str, ylabel: str, spans: dict | None = None) -> None:
+    """Grouped bars: one group per category, one bar per series ({name: [value per category]}), with a 95%
+    interval where spans ({name: [[lo, hi] or None per category]}) has one. The y axis starts near the
+    smallest value, not at 0: the settings differ by hundredths."""
     plt, fig, ax = _figure()
+    spans = spans or {}
     x, width = np.arange(len(categories)), 0.8 / max(len(series), 1)
     for i, (name, vals) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, _values(vals), width, label=name)
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, _values(vals), width, label=name,
+               yerr=_yerr(vals, spans.get(name)), capsize=3)
     ax.set_xticks(x, [str(c) for c in categories])
     finite = np.concatenate([_values(v) for v in series.values()] or [np.zeros(0)])
     finite = finite[np.isfinite(finite)]
@@ -181,23 +195,40 @@ def bars(path, categories, series: dict, title: str, xlabel: str, ylabel: str) -
     _save(plt, fig, ax, path, title, xlabel, ylabel)
 
 
-def lines(path, x, series: dict, title: str, xlabel: str, ylabel: str) -> None:
+def lines(path, x, series: dict, title: str, xlabel: str, ylabel: str, spans: dict | None = None) -> None:
     plt, fig, ax = _figure()
+    spans = spans or {}
     for name, vals in series.items():
-        ax.plot(x, _values(vals), marker="o", label=name)
+        ax.errorbar(x, _values(vals), yerr=_yerr(vals, spans.get(name)), marker="o", capsize=3, label=name)
     ax.set_xticks(x)
     _save(plt, fig, ax, path, title, xlabel, ylabel)
 
 
-def scatter(path, x, series: dict, point_labels, title: str, xlabel: str, ylabel: str) -> None:
+def scatter(path, x, series: dict, point_labels, title: str, xlabel: str, ylabel: str,
+            spans: dict | None = None) -> None:
     plt, fig, ax = _figure()
-    x = _values(x)
+    spans, x = spans or {}, _values(x)
+    finite = x[np.isfinite(x)]
+    if len(finite) and finite.min() > 0 and finite.max() > 5 * finite.min():
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")  # Cohen's d of 3 and of 30 on one axis, ticks as plain numbers
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    tops = [np.full(len(x), np.nan)]
     for name, vals in series.items():
-        y = _values(vals)
-        ax.scatter(x, y, label=name)
-        for xi, yi, text in zip(x, y, point_labels):
-            if np.isfinite(xi) and np.isfinite(yi):
-                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize="small")
+        y, err = _values(vals), _yerr(vals, spans.get(name))
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=name)
+        tops.append(y if err is None else y + err[1])
+    with np.errstate(all="ignore"):
+        top = np.nanmax(np.stack(tops), axis=0) if len(x) else np.zeros(0)
+    for xi, ti, text in zip(x, top, point_labels):  # one upright label per x, above everything drawn there,
+        if np.isfinite(xi) and np.isfinite(ti):      # so that close x's (d 3.4 and 4.0) do not collide
+            ax.annotate(text, (xi, ti), textcoords="offset points", xytext=(0, 4), rotation=90, ha="center",
+                        va="bottom", fontsize="small")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.3 * (high - low))  # room for the labels
     _save(plt, fig, ax, path, title, xlabel, ylabel)
 
 
@@ -213,6 +244,15 @@ def plot(result: dict, out_dir) -> list:
             s["paper"] = [(r.get("paper") or {}).get(metric) for r in rows]
         return {k: v for k, v in s.items() if np.isfinite(_values(v)).any()}
 
+    def spans(metric):
+        """The test series' 95% bootstrap intervals (AUC and UAUC), per row; {} when there are none."""
+        u = result.get("uncertainty")
+        if not u or metric not in ("auc", "uauc"):
+            return {}
+        by = u["by_label"]
+        return {POPULATIONS["test"]: [by[str(r["label"])]["interval"][metric] if str(r["label"]) in by else None
+                                      for r in rows]}
+
     if study == "table2":
         path = out_dir / "table2.png"
         bars(path, [METRIC_NAMES[m] for m in METRICS],
@@ -224,12 +264,13 @@ def plot(result: dict, out_dir) -> list:
         path = out_dir / f"{study}_{m.replace('@', '')}.png"
         name = METRIC_NAMES[m]
         if study == "ablation":
-            bars(path, labels, series(m, with_paper=True), f"Ablation: {name}", "setting", name)
+            bars(path, labels, series(m, with_paper=True), f"Ablation: {name}", "setting", name, spans(m))
         elif study == "experts":
-            lines(path, labels, series(m), f"{name} against the number of experts", "experts N", name)
+            lines(path, labels, series(m), f"{name} against the number of experts", "experts N", name, spans(m))
         else:
             scatter(path, [r.get("cohens_d") for r in rows], series(m), labels,
-                    f"{name} against the grouping's Cohen's d", "Cohen's d of the groups (embedding)", name)
+                    f"{name} against the grouping's Cohen's d", "Cohen's d of the groups (embedding)", name,
+                    spans(m))
         paths.append(path)
     return paths
 
