@@ -216,13 +216,11 @@ def scatter(path, x, series: dict, point_labels, title: str, xlabel: str, ylabel
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-    tops = [np.full(len(x), np.nan)]
+    top = np.full(len(x), np.nan)  # per x, the highest point or error bar drawn there
     for name, vals in series.items():
         y, err = _values(vals), _yerr(vals, spans.get(name))
         ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=name)
-        tops.append(y if err is None else y + err[1])
-    with np.errstate(all="ignore"):
-        top = np.nanmax(np.stack(tops), axis=0) if len(x) else np.zeros(0)
+        top = np.fmax(top, y if err is None else y + err[1])
     for xi, ti, text in zip(x, top, point_labels):  # one upright label per x, above everything drawn there,
         if np.isfinite(xi) and np.isfinite(ti):      # so that close x's (d 3.4 and 4.0) do not collide
             ax.annotate(text, (xi, ti), textcoords="offset points", xytext=(0, 4), rotation=90, ha="center",

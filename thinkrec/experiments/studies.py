@@ -11,6 +11,7 @@ from pathlib import Path
 
 from thinkrec.io import read_json, read_jsonl
 from thinkrec.metrics import bootstrap
+from thinkrec.precision import stored
 
 from . import report
 from .plan import CF_MODELS, CF_NAMES, METRICS, PAPER, STUDIES, cf_models_of, settings_of
@@ -42,7 +43,8 @@ def collect(cfg: Config, study: str, metrics: dict, cf: dict) -> dict:
     for label, name in STUDIES[study]:
         run, m = cfg.runs / name, metrics[name]
         paper = PAPER.get(study, {}).get(label)
-        row = {"label": label, "setting": name, "run": str(run), "precision": precision_of(run),
+        precision = (stored(run) or {"name": "fp32"})["name"]  # no RUN/precision.json: a run from before, fp32
+        row = {"label": label, "setting": name, "run": str(run), "precision": precision,
                **llm_populations(m, "thinkrec"),
                "paper": None if paper is None else dict(zip(METRICS, paper)), "routing": m["routing"],
                "seconds": m["seconds"], "stages": {st: {k: v.get(k) for k in ("steps", "best_step", "seconds")}
@@ -85,12 +87,6 @@ def uncertainty(study: str, rows: list) -> dict | None:
             "by_label": {str(k): {"auc": points[k]["auc"], "uauc": points[k]["uauc"], "interval": b["intervals"][k],
                                   "vs_reference": None if k == ref else b["differences"][k][ref]}
                          for k in scored}}
-
-
-def precision_of(run: Path) -> str | None:
-    """What the run's --precision resolved to (RUN/precision.json, written by train.py), or None."""
-    path = run / "precision.json"
-    return read_json(path, f"delete {run}/ to rerun it").get("name") if path.exists() else None
 
 
 def pick(m: dict | None) -> dict | None:
