@@ -1,6 +1,6 @@
 """What the bench scripts share: the repository on sys.path, the shared ML-1M split, timing, peak memory,
 one measurement per subprocess, the closing JSON line. `python bench/<script>.py` has bench/ on sys.path,
-so a script's `from _util import ...` (before any thinkrec / kernels import) resolves, and puts the
+so a script's `from _util import ...` (before any thinkrec / thinkrec_kernels import) resolves, and puts the
 repository root on sys.path: the scripts run from a checkout without installing. torch is imported lazily.
 """
 

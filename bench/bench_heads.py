@@ -4,8 +4,8 @@
     python bench/bench_heads.py --quick         # T=1024, V=49,152 only (~30 s)
     python bench/bench_heads.py --device cuda   # adds D=4096 at V=128,256 (Llama-3-8B), bf16
 
-Providers: `reference` (kernels/reference.py: `h @ W.T` then BCE on one column / F.cross_entropy)
-and `ours` (kernels.yes_head_bce / kernels.linear_cross_entropy, dispatching as usual: the chunked
+Providers: `reference` (thinkrec_kernels/reference.py: `h @ W.T` then BCE on one column / F.cross_entropy)
+and `ours` (thinkrec_kernels.yes_head_bce / thinkrec_kernels.linear_cross_entropy, dispatching as usual: the chunked
 torch path on CPU, Triton on CUDA). h requires grad, the LM head is frozen (ThinkRec trains LoRA only);
 `--train-head` makes it trainable (adds the [V, D] dW to both providers).
 
@@ -47,15 +47,15 @@ def _step(op, provider):
     """fwd+bwd closure for one provider; returns a function of (h, w, y) -> loss."""
     import torch.nn.functional as F
 
-    import kernels
-    from kernels import reference
+    import thinkrec_kernels
+    from thinkrec_kernels import reference
 
     if op == "yes":
         if provider == "ours":
-            return lambda h, w, y: kernels.yes_head_bce(h, w, YES_TOKEN, y)[0]
+            return lambda h, w, y: thinkrec_kernels.yes_head_bce(h, w, YES_TOKEN, y)[0]
         # what a plain LM head does: full logits [N, V], then BCE on the Yes column
         return lambda h, w, y: F.binary_cross_entropy_with_logits((h @ w.T)[:, YES_TOKEN], y.to(h.dtype))
-    fn = kernels.linear_cross_entropy if provider == "ours" else reference.linear_cross_entropy
+    fn = thinkrec_kernels.linear_cross_entropy if provider == "ours" else reference.linear_cross_entropy
     return lambda h, w, y: fn(h, w, y)
 
 
@@ -134,7 +134,7 @@ def main():
 
     import torch
 
-    from kernels.linear_ce import CHUNK_BYTES, _chunk_rows
+    from thinkrec_kernels.linear_ce import CHUNK_BYTES, _chunk_rows
 
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     elt = 4 if dtype == "float32" else 2

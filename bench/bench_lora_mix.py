@@ -1,4 +1,4 @@
-"""Benchmark the per-row weighted multi-expert LoRA delta (kernels.lora_mix) against per-expert baselines.
+"""Benchmark the per-row weighted multi-expert LoRA delta (thinkrec_kernels.lora_mix) against per-expert baselines.
 
     python bench/bench_lora_mix.py                       # CPU, fp32 (the PyTorch path), ~1-2 min idle
     python bench/bench_lora_mix.py --quick               # fewer repeats, smaller Llama M
@@ -6,7 +6,7 @@
     python bench/bench_lora_mix.py --device cuda --experts 8    # E * r = 64: the widest kernel blocks
 
 Providers:
-- ours:       kernels.lora_mix (one shrink GEMM against A_cat [E*r, K], weight columns, one expand GEMM)
+- ours:       thinkrec_kernels.lora_mix (one shrink GEMM against A_cat [E*r, K], weight columns, one expand GEMM)
 - loop:       one LoRA pass per expert, weighted by w[:, e], added up (E passes over x)
 - peft_style: peft's mixed-batch forward: per expert, index-select the rows that use it, run that expert's
               LoRA on them, index-add back (with dense weights every row visits every expert)
@@ -24,8 +24,8 @@ import statistics
 import torch
 from _util import print_json, time_runs
 
-from kernels import lora_mix
-from kernels import reference as ref
+from thinkrec_kernels import lora_mix
+from thinkrec_kernels import reference as ref
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK = {"bytes_per_s": 3.35e12, "flops_per_s": 990e12}  # H100 SXM: HBM3 bandwidth, dense bf16 tensor cores

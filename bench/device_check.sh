@@ -71,7 +71,7 @@ CC=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(0); print(10 
 CCS="80 90"
 case " $CCS " in *" ${CC:-none} "*) ;; *) [ -n "$CC" ] && CCS="$CCS $CC" ;; esac
 # shellcheck disable=SC2086
-step compile_check 120 env TRITON_INTERPRET=0 "$PY" -m kernels.compile_check --cc $CCS --jobs "$(nproc)"
+step compile_check 120 env TRITON_INTERPRET=0 "$PY" -m thinkrec_kernels.compile_check --cc $CCS --jobs "$(nproc)"
 
 # ------------------------------------------------------------------------------------------- benchmarks
 step bench_lora_mix 90 "$PY" bench/bench_lora_mix.py --device cuda --dtype bf16 --repeats 20

@@ -9,7 +9,7 @@ split `../shared/data/ml1m-collm` read through the data layer's `csv` source):
   logits, HF's LM loss over the answer (labels -100 elsewhere) plus BCE on the Yes logit taken from the
   same logits; stage 3 = one group's adapter with only the last 8 layers' LoRA trainable (the official
   code trains one group at a time), inputs_embeds with the CF slots filled by the frozen projector.
-- `ours`: thinkrec's trainer step: LoRALinear on kernels.lora_linear, Yes-head BCE and answer-only
+- `ours`: thinkrec's trainer step: LoRALinear on thinkrec_kernels.lora_linear, Yes-head BCE and answer-only
   cross-entropy through the kernels (no full logits); stage 3 = all experts in one pass over a batch
   mixing groups, layers below the last 8 merged and run without autograd (thinkrec/train/prefix.py).
 - `ours-cached` (stage 3): the same with the prefix cache warm, i.e. every epoch after the first: the

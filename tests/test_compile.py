@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for sm_80 and sm_90 at the launcher's block sizes, uses tensor cores, does
-not spill (ptxas -v on its PTX) and fits in shared memory (kernels/compile_check.py, run in a subprocess
+not spill (ptxas -v on its PTX) and fits in shared memory (thinkrec_kernels/compile_check.py, run in a subprocess
 because the test session imports the kernels under the interpreter, and @triton.jit decides
 interpret-or-compile at import time).
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import linear_ce, lora, yes_head
-from kernels.compile_check import OP_MODULES, parse_ptxas_v, ptxas_usage
+from thinkrec_kernels import linear_ce, lora, yes_head
+from thinkrec_kernels.compile_check import OP_MODULES, parse_ptxas_v, ptxas_usage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("module", OP_MODULES)
 def test_kernels_compile_with_tensor_cores_and_no_spills(module):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--modules", module],
+    proc = subprocess.run([sys.executable, "-m", "thinkrec_kernels.compile_check", "--modules", module],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"compile_check printed no JSON line; rc={proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
@@ -143,25 +143,25 @@ def test_head_launchers_fit_cuda_limits_at_large_shapes(monkeypatch):
 
 
 def test_triton_mode_works_in_a_fresh_process():
-    """THINKREC_KERNELS=triton set before `import kernels`, no TRITON_INTERPRET and no CUDA: the package turns
+    """THINKREC_KERNELS=triton set before `import thinkrec_kernels`, no TRITON_INTERPRET and no CUDA: the package turns
     the interpreter on itself, and all four ops run their Triton kernels (interpreted) and match the
     references."""
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only switch to the interpreter")
     code = """
 import torch
-import kernels
-from kernels import reference as ref
-assert type(kernels.lora._lora_shrink_kernel).__name__ == "InterpretedFunction"
-assert kernels.use_triton(torch.zeros(1))
+import thinkrec_kernels
+from thinkrec_kernels import reference as ref
+assert type(thinkrec_kernels.lora._lora_shrink_kernel).__name__ == "InterpretedFunction"
+assert thinkrec_kernels.use_triton(torch.zeros(1))
 g = torch.Generator().manual_seed(0)
 x, A, B = torch.randn(5, 20, generator=g), torch.randn(3, 4, 20, generator=g), torch.randn(3, 12, 4, generator=g)
 w, W = torch.rand(5, 3, generator=g), torch.randn(12, 20, generator=g)
-err = [(kernels.lora_mix(x, A, B, w, 0.5) - ref.lora_mix(x, A, B, w, 0.5)).abs().max(),
-       (kernels.lora_linear(x, W, None, A, B, w, 0.5) - ref.lora_linear(x, W, None, A, B, w, 0.5)).abs().max()]
+err = [(thinkrec_kernels.lora_mix(x, A, B, w, 0.5) - ref.lora_mix(x, A, B, w, 0.5)).abs().max(),
+       (thinkrec_kernels.lora_linear(x, W, None, A, B, w, 0.5) - ref.lora_linear(x, W, None, A, B, w, 0.5)).abs().max()]
 y, t = torch.tensor([1.0, 0, 1, 0, 1]), torch.tensor([1, 2, -100, 3, 11])
-err.append((kernels.yes_head_bce(x, W, 3, y)[0] - ref.yes_head_bce(x, W, 3, y)[0]).abs())
-err.append((kernels.linear_cross_entropy(x, W, t) - ref.linear_cross_entropy(x, W, t)).abs())
+err.append((thinkrec_kernels.yes_head_bce(x, W, 3, y)[0] - ref.yes_head_bce(x, W, 3, y)[0]).abs())
+err.append((thinkrec_kernels.linear_cross_entropy(x, W, t) - ref.linear_cross_entropy(x, W, t)).abs())
 print("ERR", max(float(e) for e in err))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -173,9 +173,9 @@ print("ERR", max(float(e) for e in err))
     assert err < 1e-4, f"THINKREC_KERNELS=triton in a fresh process: max |diff| {err}"
     # triton imported first: too late to switch the interpreter on (its tl helpers are compile-only by then);
     # a warning at import and use_triton's error naming TRITON_INTERPRET, not a failure inside the kernel
-    late = ("import torch, triton\nimport kernels\n"
-            "kernels.lora_mix(torch.ones(2, 4), torch.ones(1, 2, 4), torch.ones(1, 3, 2), torch.ones(2, 1), 1.0)")
+    late = ("import torch, triton\nimport thinkrec_kernels\n"
+            "thinkrec_kernels.lora_mix(torch.ones(2, 4), torch.ones(1, 2, 4), torch.ones(1, 3, 2), torch.ones(2, 1), 1.0)")
     proc = subprocess.run([sys.executable, "-c", late], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr.splitlines()[-1], proc.stderr[-3000:]
-    assert "imported before kernels" in proc.stderr
+    assert "imported before thinkrec_kernels" in proc.stderr

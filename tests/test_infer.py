@@ -47,6 +47,7 @@ def test_mixed_route_batch_equals_each_row_with_its_adapters_merged():
     assert np.abs(glob[1:5] - together[1:5]).min() > 1e-3
 
 
+@pytest.mark.smoke
 def test_infer_reproduces_train_test_metrics_and_writes_scores(run, tmp_path):
     import infer
 

@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import linear_cross_entropy, reference
-from kernels._dispatch import use_triton
-from kernels.compile_check import spec_from_case
-from kernels.linear_ce import CHUNK_BYTES, _chunk_rows, compile_cases
+from thinkrec_kernels import linear_cross_entropy, reference
+from thinkrec_kernels._dispatch import use_triton
+from thinkrec_kernels.compile_check import spec_from_case
+from thinkrec_kernels.linear_ce import CHUNK_BYTES, _chunk_rows, compile_cases
 from tests.utils import CUDA, assert_close
+
+pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions
 
 IGNORE = -100
 # (T, D, V, chunk_rows): odd sizes; 37/8 and 37/16 leave a ragged last chunk; None = default budget

@@ -5,11 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import lora_linear, lora_mix
-from kernels import reference as ref
-from kernels._dispatch import use_triton
-from kernels.lora import _TritonOps, launch_config
+from thinkrec_kernels import lora_linear, lora_mix
+from thinkrec_kernels import reference as ref
+from thinkrec_kernels._dispatch import use_triton
+from thinkrec_kernels.lora import _TritonOps, launch_config
 from tests.utils import CUDA, TOL, assert_close
+
+pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions
 
 DEV = "cuda" if CUDA else "cpu"
 # (path, dtype): the Triton interpreter gets fp32 and fp16 (its tl.dot is wrong on bf16); bf16 needs a GPU.
@@ -309,7 +311,7 @@ def test_shrink_at_the_large_grid_block(path, monkeypatch):
     """At >= 264 shrink tiles (M = 1100, E * r = 1024 here) the launcher switches to BLOCK_M = 64, the block
     large batches get on a GPU; the other tests' shapes stay below that, so run the kernel at that block
     here (forced on a small M: the interpreter takes ~25 ms a program)."""
-    import kernels.lora as lora
+    import thinkrec_kernels.lora as lora
 
     assert launch_config("shrink", 16 * 64, 1100)["BLOCK_M"] == 64
     monkeypatch.setattr(lora, "launch_config",

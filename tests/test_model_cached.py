@@ -12,6 +12,8 @@ from tests.train_fixtures import ITEM_PH, PAD, USER_PH
 from thinkrec.model.cached import KVCache, extend, prefill
 from thinkrec.model.generate import generate
 
+pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions
+
 KINDS = ["llama", "qwen2", "qwen3"]
 W3 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])  # global, expert 2, a mixture
 TOL = dict(atol=1e-5, rtol=1e-4)

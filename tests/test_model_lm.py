@@ -8,6 +8,8 @@ from tests.utils import assert_close
 from thinkrec.model import ThinkRecLM
 from thinkrec.model.lora import LoRAConfig
 
+pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions
+
 PH = {"<UserID>": VOCAB, "<ItemID>": VOCAB + 1}  # past the embedding table on purpose (see tokens.py)
 
 

@@ -14,6 +14,8 @@ from tests.tiny_llama import tiny_llama, tiny_tokenizer
 from thinkrec.model import ModelLoadError, ThinkRecLM, load_llm, resolve_model
 from thinkrec.model.load import DEFAULT_MODEL, cache_dir, extract_checked
 
+pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions
+
 
 def test_local_directory(tmp_path):
     tiny_llama(seed=9).save_pretrained(tmp_path)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import reference as ref
+from thinkrec_kernels import reference as ref
 from tests.utils import assert_close
 from thinkrec.model.lora import (LoRAConfig, LoRALinear, init_experts_from_global, inject_lora, last_layers,
                                  lora_modules, merge_lora, set_trainable)

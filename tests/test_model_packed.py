@@ -15,6 +15,8 @@ from thinkrec.model.packed import Packing, packed_supported
 from thinkrec.train.batches import cf_inputs, collate
 from thinkrec.train.losses import batch_loss, loss_positions
 
+pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions
+
 
 def _tiny(kind: str) -> ThinkRecLM:
     if kind == "llama":

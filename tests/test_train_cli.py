@@ -54,6 +54,7 @@ def train_tiny_run(base, *extra):
     return run
 
 
+@pytest.mark.smoke
 def test_train_cli_end_to_end_and_rerun_skips(tmp_path, capsys):
     import train
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import reference, yes_head_bce
-from kernels._dispatch import use_triton
-from kernels.compile_check import spec_from_case
-from kernels.yes_head import compile_cases
+from thinkrec_kernels import reference, yes_head_bce
+from thinkrec_kernels._dispatch import use_triton
+from thinkrec_kernels.compile_check import spec_from_case
+from thinkrec_kernels.yes_head import compile_cases
 from tests.utils import CUDA, assert_close
+
+pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions
 
 SHAPES = [(1, 72, 50), (37, 136, 257), (37, 72, 1000)]  # (M, D, V), odd on purpose
 TOKEN_ID = 17

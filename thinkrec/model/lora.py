@@ -5,7 +5,7 @@
 
 E = n_experts + 1 adapters: index 0 is the global adapter, index n (1..N) is expert n. Each row of a
 batch carries its own weights w[m, :] (one-hot for a single adapter, dense for a mixture), so rows of
-different users share one pass (`kernels.lora_linear`).
+different users share one pass (`thinkrec_kernels.lora_linear`).
 
 The weights travel with the call, never in module state: `layer(x, w)`. Forwards we write ourselves
 (thinkrec/model/packed.py, a decode loop) pass w down explicitly. Hugging Face's own forward calls each
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import lora_linear, lora_mix
+from thinkrec_kernels import lora_linear, lora_mix
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _BLOCK_WEIGHTS = contextvars.ContextVar("thinkrec_expert_weights", default=None)

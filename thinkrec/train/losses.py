@@ -3,8 +3,8 @@
 For a batch of B rows (a shard of a global batch of n_rows rows with n_tokens answer tokens):
 
     z_b   = h[b, yes_col_b] . W[yes]                                  Yes logit, [B]
-    BCE   = sum_b bce(z_b, y_b) / n_rows                              kernels.yes_head_bce
-    LM    = sum_{answer tokens (b, t)} CE(W h[b, t], a_{b, t}) / n_tokens   kernels.linear_cross_entropy
+    BCE   = sum_b bce(z_b, y_b) / n_rows                              thinkrec_kernels.yes_head_bce
+    LM    = sum_{answer tokens (b, t)} CE(W h[b, t], a_{b, t}) / n_tokens   thinkrec_kernels.linear_cross_entropy
     loss  = c_bce * BCE + c_lm * LM,   (c_bce, c_lm) = (0.9, 0.1) plain, (0.1, 0.9) reasoning
 
 h: [B, T, D] final hidden states, W: [V, D] the frozen LM head. A step draws either a plain or a
@@ -14,7 +14,7 @@ mean over the batch's answer tokens, as the Hugging Face loss of the official co
 
 import torch
 
-from kernels import linear_cross_entropy, yes_head_bce
+from thinkrec_kernels import linear_cross_entropy, yes_head_bce
 
 PLAIN_WEIGHTS = (0.9, 0.1)  # (BCE, LM) for Yes/No samples
 REASONING_WEIGHTS = (0.1, 0.9)  # for samples whose answer is a reasoning trace

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._amp import no_autocast
-from kernels._dispatch import use_triton
+from thinkrec_kernels._amp import no_autocast
+from thinkrec_kernels._dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -145,24 +145,24 @@ def yes_head_bce(h, lm_weight, token_id, labels, reduction="mean"):
     """
     if h.dim() != 2 or lm_weight.dim() != 2 or h.shape[1] != lm_weight.shape[1]:
         raise ValueError(
-            f"kernels/yes_head.py: h must be [M, D] and lm_weight [V, D], got h {tuple(h.shape)}, "
+            f"thinkrec_kernels/yes_head.py: h must be [M, D] and lm_weight [V, D], got h {tuple(h.shape)}, "
             f"lm_weight {tuple(lm_weight.shape)}"
         )
     if labels.shape != (h.shape[0],):
-        raise ValueError(f"kernels/yes_head.py: labels must be [M={h.shape[0]}], got {tuple(labels.shape)}")
+        raise ValueError(f"thinkrec_kernels/yes_head.py: labels must be [M={h.shape[0]}], got {tuple(labels.shape)}")
     token_id = int(token_id)
     if not 0 <= token_id < lm_weight.shape[0]:
-        raise ValueError(f"kernels/yes_head.py: token_id {token_id} outside [0, V={lm_weight.shape[0]})")
+        raise ValueError(f"thinkrec_kernels/yes_head.py: token_id {token_id} outside [0, V={lm_weight.shape[0]})")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"kernels/yes_head.py: reduction {reduction!r} is not one of {REDUCTIONS}")
+        raise ValueError(f"thinkrec_kernels/yes_head.py: reduction {reduction!r} is not one of {REDUCTIONS}")
     if h.dtype != lm_weight.dtype:
-        raise ValueError(f"kernels/yes_head.py: h is {h.dtype} but lm_weight is {lm_weight.dtype}")
+        raise ValueError(f"thinkrec_kernels/yes_head.py: h is {h.dtype} but lm_weight is {lm_weight.dtype}")
     ops = _TritonOps if use_triton(h, lm_weight) else _TorchOps
     return _YesHeadBCE.apply(h, lm_weight, token_id, labels, reduction, ops)
 
 
 def compile_cases() -> list[dict]:
-    """What kernels/compile_check.py compiles: the kernel at the configurations launch_config gives for
+    """What thinkrec_kernels/compile_check.py compiles: the kernel at the configurations launch_config gives for
     SmolLM2-135M (D = 576) and Llama-3-8B (D = 4096), bf16 and fp16; pointers not named in args are in the
     case's dtype."""
     args = {"labels_ptr": "*fp32", "loss_ptr": "*fp32", "dlogit_ptr": "*fp32", "grad_scale": "fp32"}

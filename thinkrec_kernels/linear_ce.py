@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import use_triton
+from thinkrec_kernels._dispatch import use_triton
 
 REDUCTIONS = ("mean", "sum", "none")
 # Bound on one chunk of logits: 64 MiB is 341 tokens at V=49,152 (130 at V=128,256) in fp32. Each chunk
@@ -206,34 +206,34 @@ def linear_cross_entropy(h, weight, targets, *, ignore_index=-100, reduction="me
     """
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"kernels/linear_ce.py: h must be [T, D] and weight [V, D], got h {tuple(h.shape)}, "
+            f"thinkrec_kernels/linear_ce.py: h must be [T, D] and weight [V, D], got h {tuple(h.shape)}, "
             f"weight {tuple(weight.shape)}"
         )
     if targets.shape != (h.shape[0],):
         raise ValueError(
-            f"kernels/linear_ce.py: targets must be [T={h.shape[0]}], got {tuple(targets.shape)}"
+            f"thinkrec_kernels/linear_ce.py: targets must be [T={h.shape[0]}], got {tuple(targets.shape)}"
         )
     if reduction not in REDUCTIONS:
-        raise ValueError(f"kernels/linear_ce.py: reduction {reduction!r} is not one of {REDUCTIONS}")
+        raise ValueError(f"thinkrec_kernels/linear_ce.py: reduction {reduction!r} is not one of {REDUCTIONS}")
     if h.dtype != weight.dtype:
-        raise ValueError(f"kernels/linear_ce.py: h is {h.dtype} but weight is {weight.dtype}")
+        raise ValueError(f"thinkrec_kernels/linear_ce.py: h is {h.dtype} but weight is {weight.dtype}")
     if chunk_rows is None:
         chunk_rows = _chunk_rows(h.shape[0], weight.shape[0], h.element_size(), CHUNK_BYTES)
     if chunk_rows < 1:
-        raise ValueError(f"kernels/linear_ce.py: chunk_rows must be >= 1, got {chunk_rows}")
+        raise ValueError(f"thinkrec_kernels/linear_ce.py: chunk_rows must be >= 1, got {chunk_rows}")
     targets = targets.to(device=h.device, dtype=torch.int64).contiguous()
     # A target outside [0, V) (other than ignore_index) is an IndexError on the PyTorch path but would be
     # silently wrong in the row kernel: check on device, without a host sync (raises at once on CPU).
     V = weight.shape[0]
     bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
-    torch._assert_async(~bad.any(), f"kernels/linear_ce.py: targets must be in [0, V={V}) or "
+    torch._assert_async(~bad.any(), f"thinkrec_kernels/linear_ce.py: targets must be in [0, V={V}) or "
                                     f"ignore_index={ignore_index}")
     ops = _TritonOps if use_triton(h, weight) else _TorchOps
     return _LinearCrossEntropy.apply(h, weight, targets, int(ignore_index), reduction, int(chunk_rows), ops)
 
 
 def compile_cases() -> list[dict]:
-    """What kernels/compile_check.py compiles: the row kernel at the configurations launch_config gives for a
+    """What thinkrec_kernels/compile_check.py compiles: the row kernel at the configurations launch_config gives for a
     small vocabulary (1000), SmolLM2 (49,152) and Llama-3 (128,256), bf16 and fp16 logits."""
     args = {"targets_ptr": "*i64", "row_scale_ptr": "*fp32", "loss_ptr": "*fp32"}
     return [dict(kernel=_ce_rows_kernel, dtype=dtype, config=launch_config(V), args=args)

@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._amp import compute_dtype, no_autocast
-from kernels._dispatch import use_triton
+from thinkrec_kernels._amp import compute_dtype, no_autocast
+from thinkrec_kernels._dispatch import use_triton
 
 _MODES = ("delta", "linear")
 
@@ -151,7 +151,7 @@ def launch_config(kernel: str, J: int, M: int = 1 << 20, dtype=torch.bfloat16) -
     needs 64 rows a warp group; at ~J/2 FLOPs a byte the shrink is bandwidth-bound either way). fp32 operands
     multiply in full precision ("ieee", an FMA loop), as torch.mm does by default, not TF32.
 
-    Registers, from `ptxas -v` (python -m kernels.compile_check, sm_80 / sm_90): expand and grad_weight
+    Registers, from `ptxas -v` (python -m thinkrec_kernels.compile_check, sm_80 / sm_90): expand and grad_weight
     scale a [64, BLOCK_J] operand in fp32 before the dot; at BLOCK_J = 64 and 4 warps both spilled (255
     registers and 32..396 B of spill stores), at 8 warps they take 179..246 and do not. The fp32 dot holds
     both operand tiles in registers: 64 deep and 4 warps, every kernel spilled (up to 8 KB on sm_80); 16 deep
@@ -169,7 +169,7 @@ def launch_config(kernel: str, J: int, M: int = 1 << 20, dtype=torch.bfloat16) -
     elif kernel == "grad_weight":
         blocks = dict(BLOCK_P=64, BLOCK_J=bj, BLOCK_M=depth)
     else:
-        raise ValueError(f"kernels/lora.py: unknown kernel {kernel!r}")
+        raise ValueError(f"thinkrec_kernels/lora.py: unknown kernel {kernel!r}")
     warps = 8 if fp32 or (kernel != "shrink" and bj == 64) else 4
     return dict(blocks, DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=warps,
                 num_stages=2 if fp32 else 3)
@@ -366,19 +366,19 @@ class LoRALinearFunction(torch.autograd.Function):
 def check_args(x, A, B, w, mode, where="lora_mix"):
     """Validate shapes; returns (E, r, K, N)."""
     if mode not in _MODES:
-        raise ValueError(f"kernels/lora.py {where}: mode={mode!r} is not one of {_MODES}")
+        raise ValueError(f"thinkrec_kernels/lora.py {where}: mode={mode!r} is not one of {_MODES}")
     if A.dim() != 3 or B.dim() != 3:
-        raise ValueError(f"kernels/lora.py {where}: A must be [E, r, K] and B [E, N, r]; "
+        raise ValueError(f"thinkrec_kernels/lora.py {where}: A must be [E, r, K] and B [E, N, r]; "
                          f"got A {tuple(A.shape)}, B {tuple(B.shape)}")
     E, r, K = A.shape
     N = B.shape[1]
     if B.shape[0] != E or B.shape[2] != r:
-        raise ValueError(f"kernels/lora.py {where}: B {tuple(B.shape)} does not match A {tuple(A.shape)} "
+        raise ValueError(f"thinkrec_kernels/lora.py {where}: B {tuple(B.shape)} does not match A {tuple(A.shape)} "
                          f"(expected [{E}, N, {r}])")
     if x.shape[-1] != K:
-        raise ValueError(f"kernels/lora.py {where}: x last dim {x.shape[-1]} != A's K={K}")
+        raise ValueError(f"thinkrec_kernels/lora.py {where}: x last dim {x.shape[-1]} != A's K={K}")
     if tuple(w.shape) != tuple(x.shape[:-1]) + (E,):
-        raise ValueError(f"kernels/lora.py {where}: w must be x.shape[:-1] + (E,) = "
+        raise ValueError(f"thinkrec_kernels/lora.py {where}: w must be x.shape[:-1] + (E,) = "
                          f"{tuple(x.shape[:-1]) + (E,)}, got {tuple(w.shape)}")
     return E, r, K, N
 
@@ -395,7 +395,7 @@ def lora_mix(x, A, B, w, scale, *, mode="delta"):
 
     x: [..., K], A: [E, r, K], B: [E, N, r], w: [..., E] (one-hot, dense or zero rows). Differentiable in
     x, A, B and w (linear mode: w > 0). Triton on CUDA tensors, dense PyTorch GEMMs on CPU and for fp64.
-    Computes and returns in x's dtype, or in autocast's dtype when autocast is on (kernels/_amp.py).
+    Computes and returns in x's dtype, or in autocast's dtype when autocast is on (thinkrec_kernels/_amp.py).
     """
     E, r, K, N = check_args(x, A, B, w, mode)
     lead = x.shape[:-1]
@@ -418,10 +418,10 @@ def lora_linear(x, weight, bias, A, B, w, scale, *, mode="delta"):
     """
     E, r, K, N = check_args(x, A, B, w, mode, where="lora_linear")
     if tuple(weight.shape) != (N, K):
-        raise ValueError(f"kernels/lora.py lora_linear: weight must be [N, K] = [{N}, {K}], "
+        raise ValueError(f"thinkrec_kernels/lora.py lora_linear: weight must be [N, K] = [{N}, {K}], "
                          f"got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"kernels/lora.py lora_linear: bias must be [{N}], got {tuple(bias.shape)}")
+        raise ValueError(f"thinkrec_kernels/lora.py lora_linear: bias must be [{N}], got {tuple(bias.shape)}")
     lead = x.shape[:-1]
     # compute in x's dtype, or autocast's as F.linear would (fp32 adapters or base weights, fp32 x under
     # bf16 autocast); .to is a no-op otherwise
@@ -438,7 +438,7 @@ def lora_linear(x, weight, bias, A, B, w, scale, *, mode="delta"):
 
 # --------------------------------------------------------------------------------------- compile cases
 def compile_cases() -> list:
-    """What kernels/compile_check.py compiles: every kernel at the configurations launch_config gives (J
+    """What thinkrec_kernels/compile_check.py compiles: every kernel at the configurations launch_config gives (J
     buckets 16, 32, 64+; small and large M), bf16 and fp16 with w in fp32, and fp32 at its largest blocks only
     (fp32 compiles are slow; its "ieee" dot has no tensor-core form). Pointers not named in args are in the
     case's dtype."""

@@ -6,7 +6,7 @@
 
 Triton decides between compiling and interpreting when a kernel is *decorated* (`@triton.jit` reads
 `TRITON_INTERPRET` at import time), so the interpreter has to be switched on before any kernel module is
-imported: `kernels/__init__.py` does that when THINKREC_KERNELS=triton is set and CUDA is absent, and
+imported: `thinkrec_kernels/__init__.py` does that when THINKREC_KERNELS=triton is set and CUDA is absent, and
 tests/conftest.py does it on machines without a GPU.
 
 Every op makes the choice here, once per call, and then takes its `_TritonOps` or `_TorchOps` namespace: the
@@ -49,6 +49,6 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not on_cuda and not interpreting():
         raise RuntimeError(
             "THINKREC_KERNELS=triton with CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
-            "before importing kernels (importing kernels with THINKREC_KERNELS=triton and no CUDA does it)"
+            "before importing thinkrec_kernels (importing thinkrec_kernels with THINKREC_KERNELS=triton and no CUDA does it)"
         )
     return True

@@ -1,6 +1,6 @@
 """Compile every Triton kernel for real GPUs (sm_80, sm_90) on a machine without one; check PTX and cubin.
 
-    TRITON_INTERPRET=0 python -m kernels.compile_check [--cc 80 90] [--only lora_] [--jobs 2] [--ptxas PATH]
+    TRITON_INTERPRET=0 python -m thinkrec_kernels.compile_check [--cc 80 90] [--only lora_] [--jobs 2] [--ptxas PATH]
 
 Each op module in OP_MODULES defines `compile_cases() -> list[dict]`, one dict per launch it makes: kernel (the
 @triton.jit function), dtype (the torch dtype of its main operands), config (the launcher's launch_config:
@@ -42,7 +42,7 @@ from pathlib import Path
 # Triton 3.9 warns when this is unset; 1 keeps its current default (FMA contraction on).
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-OP_MODULES = ["kernels.lora", "kernels.yes_head", "kernels.linear_ce"]
+OP_MODULES = ["thinkrec_kernels.lora", "thinkrec_kernels.yes_head", "thinkrec_kernels.linear_ce"]
 # Largest shared memory one block may use (bytes, opt-in maximum; CUDA programming guide, compute
 # capabilities table): A100 163 KB, RTX 30xx / A10 / L4 / RTX 40xx 99 KB, H100 227 KB.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -219,7 +219,7 @@ def main(argv=None):
                          "with, per target) or a path, e.g. the CUDA toolkit's")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        sys.exit("kernels/compile_check.py: TRITON_INTERPRET=1 makes @triton.jit interpret; run with "
+        sys.exit("thinkrec_kernels/compile_check.py: TRITON_INTERPRET=1 makes @triton.jit interpret; run with "
                  "TRITON_INTERPRET=0 to get compilable kernels")
     versions = _ptxas_versions(args.cc, args.ptxas)
     for cc, version in versions.items():
