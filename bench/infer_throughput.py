@@ -269,17 +269,17 @@ def main():
     labels = prep.inter.label[rows]
     fp32_scores = ours()
     auc32 = evaluate(users, fp32_scores, labels)["auc"]
-    probe = P.probe(int8=True, threads=torch.get_num_threads())
-    auto = P.resolve("auto", "cpu", rates=probe)
+    probe = P.probe(int8=True, threads=torch.get_num_threads())  # rates for the table; auto is the machine's
+    auto = P.resolve("auto", "cpu")  # decision (CPU flags, then a cached once-per-machine probe), as in train.py
     print(f"precision probe: {probe}; auto -> {auto.name} ({auto.reason})", flush=True)
     prec_rows = {}
     for req in [p for p in a.precisions.split(",") if p]:
-        p = P.resolve(req, "cpu", rates=probe)
+        p = P.resolve(req, "cpu")
         key = f"ours-{req}" if req == "auto" else f"ours-{p.name}"
         if p.name == "fp32":
             prec_rows[key] = {"precision": "fp32", "same_as": "ours"}
             continue
-        if P.slow_warning(p.name, probe) and not a.force_slow:
+        if p.name == "bf16" and "SLOWER" in p.reason and not a.force_slow:
             prec_rows[key] = {"precision": "bf16", "skipped": f"bf16 GEMM {probe['bf16_gflops']} GFLOP/s against "
                               f"fp32 {probe['fp32_gflops']} here (no native bf16); --force-slow times it anyway"}
             print(f"  {key:12} skipped: {prec_rows[key]['skipped']}", flush=True)

