@@ -8,8 +8,8 @@ LoRA experts).
     python infer.py --run-dir RUN --explain 8                # the model's reasoning for 8 test rows
 
 Scoring writes OUT/scores.jsonl (one line per row: ids, label, score = Yes logit, prob, the CF model's
-score, route, weights) and OUT/metrics.json (AUC, UAUC, NDCG@5, MAP@5, HR@5 beside the CF model's on the
-same rows; routing counts; rows/s; on the paper's ML-1M split also the official 25% test sample). Rows go
+score, the like-rate floor's, route, weights) and OUT/metrics.json (AUC, UAUC, NDCG@5, MAP@5, HR@5 beside the
+CF model's and the like-rate floor's on the same rows; routing counts; rows/s; on the paper's ML-1M split also the official 25% test sample). Rows go
 in length-bucketed batches under --batch-tokens that mix users and routes; a killed run started again with
 the same arguments continues where it stopped (OUT/scores.partial.jsonl), and scores.jsonl appears whole.
 Bad input stops before anything is scored, with the file and line, exit status 2.

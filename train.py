@@ -46,6 +46,7 @@ from thinkrec.infer.run import stage_gate
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model.adapters import AdapterFileError
+from thinkrec.model.projector import CF_INPUTS, cf_token_tables, token_report
 from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
 from thinkrec.recipe import RECIPES, RecipeError
 from thinkrec.runtime import tune_malloc
@@ -123,6 +124,15 @@ def parse(argv=None):
     p.add_argument("--allow-small-groups", action="store_true", help="train experts on small groups anyway")
     p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
     p.add_argument("--cf-dim", type=_number(int, 1), default=256, help="CF embedding size (official 256)")
+    p.add_argument("--cf-inputs", default=None, choices=CF_INPUTS,
+                   help="what the CF tokens carry: emb+bias ([P_u, b_u] / [Q_i, c_i]: the CF model's biases too) or "
+                        "emb (the embeddings alone, the official code's)")
+    p.add_argument("--cf-scale", default=None, choices=["token", "none"],
+                   help="token: standardise the projector's inputs and start its outputs at a token embedding's "
+                        "norm; none: raw inputs and default init (the official code's)")
+    p.add_argument("--train-prompt", default=None, choices=["ids", "c3"],
+                   help="prompt of stages 2-3's plain samples: c3 (the recommendation prompt that selection and "
+                        "test score) or ids (the stage-2 prompt)")
     p.add_argument("--expert-layers", type=_number(int, 1), default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
     p.add_argument("--stage3-select", default=None, choices=["joint", "group"],
                    help="stage 3 model selection: one criterion over all valid rows (joint), or each expert keeps "
@@ -140,6 +150,9 @@ def parse(argv=None):
     p.add_argument("--accum", type=_number(int, 1), default=LoopConfig.accum, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=_number(float, 0, inclusive=False), default=None,
                    help=f"AdamW peak learning rate of stages 1 and 2 (default {LoopConfig.lr}, as the official configs)")
+    p.add_argument("--stage2-lr", type=_number(float, 0, inclusive=False), default=None,
+                   help="stage 2 (the CF projector alone) learning rate (default --lr; CoLLM trains its projector at "
+                        "1e-3 on ML-1M)")
     p.add_argument("--stage3-lr", type=_number(float, 0, inclusive=False), default=None,
                    help="stage 3 learning rate (default --lr; the official recipe 1e-5, rising to 8e-5)")
     p.add_argument("--iters-per-epoch", type=_number(int, 0), default=None,
@@ -153,7 +166,8 @@ def parse(argv=None):
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
     p.add_argument("--precision", default=None, choices=TRAIN_PRECISIONS,
                    help="arithmetic of the frozen LLM: bf16 (frozen weights bf16, LoRA and optimizer fp32), fp32, or "
-                        "auto (bf16 on CUDA, and on a CPU whose measured bf16 GEMMs are >= 2x fp32). Default: the "
+                        "auto (bf16 on CUDA, and on a CPU with native bf16 whose once-measured bf16 GEMMs are >= 1.5x "
+                        "fp32; the decision is cached per machine). Default: the "
                         "precision the run started with (RUN/precision.json), else auto")
     p.add_argument("--seed", type=int, default=LoopConfig.seed)
     p.add_argument("--threads", type=_number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
@@ -173,7 +187,8 @@ def apply_recipe(args) -> recipes.Recipe:
     rec = recipes.for_run(args.run_dir, args.recipe)
     args.recipe = rec.name
     for flag, value in (("history", rec.history), ("titles", rec.titles), ("cluster", rec.cluster),
-                        ("stage3_select", rec.stage3_select), ("iters_per_epoch", rec.iters_per_epoch)):
+                        ("stage3_select", rec.stage3_select), ("iters_per_epoch", rec.iters_per_epoch),
+                        ("cf_inputs", rec.cf_inputs), ("cf_scale", rec.cf_scale), ("train_prompt", rec.train_prompt)):
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     if args.eval_every is None:  # the official recipe validates once per epoch
@@ -186,6 +201,8 @@ def stage_schedule(args, rec: recipes.Recipe, stage: str) -> dict:
     sched = (rec.stages or {}).get(stage)
     if stage == "stage3" and args.stage3_lr:
         lr = args.stage3_lr
+    elif stage == "stage2" and args.stage2_lr:
+        lr = args.stage2_lr
     elif stage == "stage3" and sched:  # the official stage 3 has its own rates; ours runs at --lr
         lr = sched.lr
     else:
@@ -309,14 +326,16 @@ def run_pipeline(args, d) -> dict:
                                       min_share=args.min_group_share))
     d.barrier()
     cf = load_embeddings(run, args.cf_model)
-    user_emb, item_emb = cf["user_emb"].to(d.device), cf["item_emb"].to(d.device)  # moved once, indexed per batch
+    tables = cf_token_tables(cf, args.cf_inputs)  # what the CF tokens carry
+    user_emb, item_emb = (t.to(d.device) for t in tables)  # moved once, indexed per batch
     groups = load_groups(run)
     n_experts = check_groups(groups, args)
 
     # --- model and prompts
     torch.manual_seed(derive_seed(args.seed, "model"))  # LoRA A and the projector, whichever phases ran before
     lm, tok = ThinkRecLM.from_pretrained(args.model, n_experts=n_experts, lora=LoRAConfig(),
-                                         cf_dim=user_emb.shape[1], device=d.device, prompt_style=style)
+                                         cf_dim=user_emb.shape[1], cf_inputs=args.cf_inputs, device=d.device,
+                                         prompt_style=style)
     prec = run_precision(args, d)
     precision.apply(lm, prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
     kw_path = Path(args.keywords) if args.keywords else run / "data" / "keywords.jsonl"
@@ -362,8 +381,15 @@ def run_pipeline(args, d) -> dict:
                 log(f"[{stage}] {out} exists: loaded, skipped")
             continue
         prefix = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
+        tokens = {}
+        if stage == "stage2":  # deterministic from the seeded init, so a resumed stage 2 redoes it identically
+            if args.cf_scale == "token":
+                lm.projector.fit_inputs((user_emb, item_emb), median_token_norm(lm))
+            tokens["start"] = token_report(lm.projector, (user_emb, item_emb), lm.llm.get_input_embeddings().weight)
         # stage 1's prompts have no CF slots; the official recipe's stage 3 uses stage 1's prompt
         mode = "text" if stage == "stage1" or (stage == "stage3" and rec.stage3_prompt == "text") else "ids"
+        # train as you test: stages 2-3 may train on the C.3 prompt that selection and test score
+        train_mode = ("reason", True) if mode == "ids" and args.train_prompt == "c3" else (mode,)
         table = train_table(groups, cf["user_emb"].numpy()) if stage == "stage3" else None
         route = table_router(table) if stage == "stage3" else None
         valid_groups = (table[prep.inter.user[valid_rows]].argmax(1)  # each valid row's expert (adapter index)
@@ -372,7 +398,7 @@ def run_pipeline(args, d) -> dict:
         inputs = StageInputs(
             # selection scores valid rows with the paper's C.3 prompt, what the evaluation scores (the official
             # code does so too); stage 1, which knows no CF ids, with C.3 minus its id slots
-            plain=SampleSet(builder(mode), train_rows),
+            plain=SampleSet(builder(*train_mode), train_rows),
             valid=SampleSet(builder("reason", stage != "stage1"), valid_rows),
             # reasoning samples: the C.3 prompt (ours) or the stage's own (official)
             reasoning=SampleSet(builder("reason", mode == "ids") if rec.reason_prompt == "reason"
@@ -390,6 +416,14 @@ def run_pipeline(args, d) -> dict:
         stage_info[stage] = {"history": res["state"].history, "best_step": res["state"].best_step,
                              "best_criterion": res["state"].best_score, "steps": res["state"].step,
                              "seconds": round(time.perf_counter() - t, 1)}
+        if tokens:
+            tokens["end"] = token_report(lm.projector, (user_emb, item_emb), lm.llm.get_input_embeddings().weight)
+            stage_info[stage]["tokens"] = tokens
+            if d.is_main:
+                log(f"[{stage}] CF tokens (norm / median token norm, mean pairwise cosine): " + "; ".join(
+                    f"{when} users {r['users']['norm_vs_tokens']:.2f} / {r['users']['mean_pairwise_cosine']:.2f}, "
+                    f"items {r['items']['norm_vs_tokens']:.2f} / {r['items']['mean_pairwise_cosine']:.2f}"
+                    for when, r in tokens.items()))
         if d.is_main:
             write_json(out / "train.json", stage_info[stage])
             save_adapters(lm, out)  # adapters.json last: it marks the stage complete
@@ -412,6 +446,7 @@ def run_pipeline(args, d) -> dict:
                           official_rows=official)
     d.barrier()
     metrics = {"test": test["all"]["thinkrec"] if test else None, "test_cf": test["all"]["cf"] if test else None,
+               "test_like_rate": test["all"]["like_rate"] if test else None,
                "test_rows": len(test_rows), "test_official_sample": (test or {}).get("official_sample"),
                "prompt": mode, "routing": test["routing"] if test else None, "precision": prec.to_dict(),
                "truncation": truncation,
@@ -424,6 +459,11 @@ def run_pipeline(args, d) -> dict:
         log(summary(metrics, args, prep))
         log(to_json({"test": metrics["test"], "routing": metrics["routing"], "seconds": metrics["seconds"]}))
     return metrics
+
+
+def median_token_norm(lm) -> float:
+    """The median norm of the LLM's input token embeddings (the CF tokens' target scale)."""
+    return float(lm.llm.get_input_embeddings().weight.detach().float().norm(dim=-1).median())
 
 
 def truncation_counts(builder, rows) -> dict:
@@ -452,13 +492,16 @@ def summary(metrics: dict, args, prep) -> str:
     lines = [f"test: {metrics['test_rows']} of {n_test} test rows, {metrics['prompt']} prompt; routing "
              + ", ".join(f"{k} {v}" for k, v in metrics["routing"].items()),
              f"{'':10}" + "".join(f"{k.upper():>9}" for k in keys)]
-    rows = [("ThinkRec", metrics["test"]), (args.cf_model.upper(), metrics["test_cf"])]
+    rows = [("ThinkRec", metrics["test"]), (args.cf_model.upper(), metrics["test_cf"]),
+            ("like-rate", metrics["test_like_rate"])]
     off = metrics.get("test_official_sample")
     if off and off["rows"]:  # the paper's ML-1M split: the rows the official evaluation scores
         rows += [(f"  on the official 25% sample ({off['rows']} rows):", None), ("ThinkRec", off["thinkrec"]),
-                 (args.cf_model.upper(), off["cf"])]
+                 (args.cf_model.upper(), off["cf"]), ("like-rate", off["like_rate"])]
     for name, m in rows:
         lines.append(name if m is None else f"{name:10}" + "".join(f"{m[k]:9.4f}" for k in keys))
+    lines.append("like-rate: each user's and each item's smoothed train-split like rate (no model): the floor any "
+                 "recommender must beat")
     caps = {"--max-train-samples": args.max_train_samples, "--max-eval-samples": args.max_eval_samples,
             "--max-test-samples": args.max_test_samples}
     capped = {k: v for k, v in caps.items() if v}

@@ -7,7 +7,11 @@ on test.
     python bench/baselines.py --data ../shared/data/ml1m-collm --run runs/ml1m           # also export to RUN/cf
 
 Prints, per model, the selected configuration and test AUC / UAUC / NDCG@5 / MAP@5 beside the paper's
-row, then one JSON line: {"mf": {"auc", "uauc", "ndcg@5", "map@5"}, "lightgcn": {...}, "sasrec": {...}}.
+row; the like-rate floor (thinkrec.cf.likerate: smoothed user and item like rates, no training); and where
+MF's signal sits: each MF (the grid's pick and train.py's fixed configuration, `mf-train.py`) scored by its
+bias terms alone (b_u + c_i + g) and by its dot product alone (<P_u, Q_i>), the part stage 2 projects.
+Then one JSON line: {"mf": {"auc", "uauc", "ndcg@5", "map@5"}, ..., "like-rate": {...},
+"mf_parts": {"mf": {"full": {...}, "biases": {...}, "dot": {...}}, "mf-train.py": {...}}}.
 Budget: the default grids (thinkrec.cf.train.GRIDS) fit 15 minutes on 2 CPU cores for all three models
 (measured ~5 minutes of CPU on one thread); the table gives wall and CPU (process) seconds per model.
 """
@@ -18,8 +22,10 @@ import sys
 import torch
 from _util import ML1M, Stopwatch, print_json
 
-from thinkrec.cf.train import GRIDS, MAX_LEN, CFConfig, row_data, save, search, split_metrics
+from thinkrec.cf import likerate
+from thinkrec.cf.train import GRIDS, MAX_LEN, CFConfig, mf_parts, row_data, save, search, split_metrics
 from thinkrec.data.prepare import prepare
+from thinkrec.metrics import evaluate
 
 # ThinkRec paper, Table 2, ML-1M rows (AUC, UAUC, NDCG@5, MAP@5)
 PAPER = {
@@ -28,6 +34,9 @@ PAPER = {
     "sasrec": (0.6956, 0.6687, 0.7663, 0.4747),
 }
 KEYS = ("auc", "uauc", "ndcg@5", "map@5")
+# train.py's MF: one fixed configuration, no grid (train.py, "CF model and expert groups")
+TRAIN_PY_MF = {"lr": [1e-3], "dim": [256], "weight_decay": [1e-6]}
+TRAIN_PY_FIT = {"max_epochs": 30, "patience": 3}
 
 
 def parse(argv=None):
@@ -60,7 +69,7 @@ def main(argv=None) -> dict:
     prep = prepare("csv", data_dir=args.data, quiet=True)
     print(f"data: {len(prep.inter)} rows, {prep.n_users} users, {prep.n_items} items", file=sys.stderr)
     # ---
-    results, table, total = {}, [], Stopwatch()
+    results, table, parts, total = {}, [], {}, Stopwatch()
     for name in args.models.split(","):
         grid = GRIDS[args.grid or name]
         clock = Stopwatch()
@@ -79,10 +88,33 @@ def main(argv=None) -> dict:
         table.append((name, "paper", list(PAPER[name]), ""))
         if args.run:
             save(args.run, name, model, prep, {"selected": best, "grid": grid, "valid": valid, "test": test})
+        if name == "mf":
+            parts["mf"] = mf_parts(model, data, "test")
+    # --- the floor: like rates, no training
+    clock = Stopwatch()
+    rates = likerate.fit(prep)
+    te = prep.inter.of_split("test")
+    test = evaluate(te.user, rates.score(te.user, te.item), te.label)
+    results["like-rate"] = {k: round(test[k], 4) for k in KEYS}
+    table.append(("like-rate", "ours", [test[k] for k in KEYS], f"prior {rates.prior:g} (valid AUC)  "
+                  f"{clock.wall():.1f}s wall"))
+    # --- where MF's signal sits: train.py's MF, its biases alone and its dot product alone
+    if "mf" in args.models.split(","):
+        data = row_data(prep.inter, prep.n_items)
+        model, _, _, _ = search("mf", prep, TRAIN_PY_MF, seed=args.seed, data=data, batch_size=args.batch_size,
+                                **TRAIN_PY_FIT)
+        parts["mf-train.py"] = mf_parts(model, data, "test")
+    results["mf_parts"] = {m: {part: {k: round(v[k], 4) for k in KEYS} for part, v in d.items()}
+                           for m, d in parts.items()}
     # ---
     print(f"{'model':<9} {'row':<6} " + " ".join(f"{k:>7}" for k in KEYS) + "  selection")
     for name, row, vals, note in table:
         print(f"{name:<9} {row:<6} " + " ".join(f"{v:7.4f}" for v in vals) + f"  {note}")
+    print(f"\nwhere MF's signal sits (test split): the full logit, b_u + c_i + g alone, <P_u, Q_i> alone")
+    print(f"{'model':<12} {'part':<7} " + " ".join(f"{k:>7}" for k in KEYS))
+    for name, d in parts.items():
+        for part, m in d.items():
+            print(f"{name:<12} {part:<7} " + " ".join(f"{m[k]:7.4f}" for k in KEYS))
     print(f"total {total.wall():.0f} s wall, {total.cpu():.0f} s cpu on {args.threads} threads")
     print_json(results)
     return results

@@ -66,13 +66,16 @@ def test_all_writes_every_table_json_and_png(done):
         assert matplotlib.image.imread(res / name).shape[:2] == (FIG_PX[1], FIG_PX[0]), name
     table2 = json.loads((res / "table2.json").read_text())["rows"]
     assert [r["label"] for r in table2] == ["MF", "LightGCN", "SASRec", "TALLRec-style", "CoLLM-style", "ThinkRec",
-                                            "MF on the LLM rows"]
-    assert table2[0]["test_rows"] == 20 and table2[-1]["test"]["auc"] == _metrics(done, "thinkrec")["test_cf"]["auc"]
+                                            "MF on the LLM rows", "like-rate on the LLM rows"]
+    m = _metrics(done, "thinkrec")
+    assert table2[0]["test_rows"] == 20 and table2[-2]["test"]["auc"] == m["test_cf"]["auc"]
+    assert table2[-1]["test"]["auc"] == m["test_like_rate"]["auc"] != m["test"]["auc"]
     assert "0.7764" in (res / "table2.md").read_text() and "0.6599" in (res / "ablation.md").read_text()
     # bootstrap intervals over the users of the rows every LLM run scored, paired against the reference row
     u = json.loads((res / "table2.json").read_text())["uncertainty"]
     assert u["reference"] == "ThinkRec" and u["rows"] == table2[3]["test_rows"]
-    assert set(u["by_label"]) == {"TALLRec-style", "CoLLM-style", "ThinkRec", "MF on the LLM rows"}
+    assert set(u["by_label"]) == {"TALLRec-style", "CoLLM-style", "ThinkRec", "MF on the LLM rows",
+                                  "like-rate on the LLM rows"}
     for label, v in u["by_label"].items():
         lo, hi = v["interval"]["auc"]
         assert lo <= v["auc"] <= hi, label
@@ -80,7 +83,7 @@ def test_all_writes_every_table_json_and_png(done):
     assert "95% intervals on these" in (res / "table2.md").read_text()
     # each LLM row names what --precision resolved to in its run, and the page says it
     resolved = json.loads((done["runs"] / "thinkrec" / "precision.json").read_text())["name"]
-    assert [r.get("precision") for r in table2] == [None] * 3 + [resolved] * 3 + [None]
+    assert [r.get("precision") for r in table2] == [None] * 3 + [resolved] * 3 + [None] * 2
     assert f"--precision resolved to): {resolved}." in (res / "table2.md").read_text()
     assert json.loads((res / "ablation.json").read_text())["uncertainty"]["reference"] == "full"
     grouping = json.loads((res / "grouping.json").read_text())["rows"]

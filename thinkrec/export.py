@@ -90,7 +90,7 @@ def export_aoti(loaded, rows, out, prompt: str = "reason", log=print) -> dict:
     scores = np.array([json.loads(line)["score"] for line in (out / "python" / "scores.jsonl").read_text().splitlines()])
 
     lm = loaded.lm.eval()
-    model = ExportedScorer(lm, loaded.cf["user_emb"], loaded.cf["item_emb"]).eval()
+    model = ExportedScorer(lm, *loaded.token_tables()).eval()
     k = min(3, len(rows))
     example = tuple(tensors[n][:k, : int(tensors["attention_mask"][:k].sum(1).max())].clone() for n in
                     ("input_ids", "attention_mask", "slot_kind", "slot_index"))  # own storage: no guards on a base

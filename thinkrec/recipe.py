@@ -20,6 +20,11 @@ run read the prompts, answers and history the run trained with. What each point 
                    criterion                                 than `patience` evals without a better AUC,
                                                              UAUC or criterion
     valid          a seeded subsample of valid              the official 25% sample (RandomState(2025))
+    cf_inputs      emb+bias: [P_u, b_u] / [Q_i, c_i]         emb: the CF embeddings alone
+    cf_scale       token: standardised inputs, tokens        none: raw inputs, default init
+                   starting at a token embedding's norm
+    train_prompt   c3: stages 2-3 train on the C.3 prompt    ids: the stage-2 prompt (selection and test
+                   that selection and test score             still score C.3)
 
 Why ours differs, point by point, is in the README's recipe table.
 """
@@ -51,6 +56,9 @@ class Recipe:
     cluster_users: str  # "train" | "all"
     stop: str  # thinkrec.train.loop: "criterion" | "any" (AUC, UAUC or the criterion)
     valid: str  # "subsample" | "official" (the 25% sample)
+    cf_inputs: str = "emb"  # thinkrec.model.projector.CF_INPUTS
+    cf_scale: str = "none"  # "token" (projector.fit_inputs before stage 2) | "none"
+    train_prompt: str = "ids"  # stages 2-3 plain samples: "ids" | "c3" (the scoring prompt)
     iters_per_epoch: int = 0  # micro-batches per epoch: 0 = one pass over the training rows; official 800
     stages: dict | None = None  # stage -> Schedule; None: ours (LoopConfig, --lr, --stage3-lr)
 

@@ -127,6 +127,18 @@ def predict(model, data: RowData, idx: np.ndarray, batch_size: int = 8192) -> np
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
+@torch.no_grad()
+def mf_parts(model, data: RowData, split: str) -> dict:
+    """Where an MF model's signal sits on `split`: metrics of its full logit, of its bias terms alone
+    (b_u + c_i + g) and of its dot product alone (<P_u, Q_i>, what the CF tokens carry)."""
+    idx = torch.from_numpy(data.rows(split))
+    u, i, y = data.user[idx], data.item[idx], data.label[idx].numpy()
+    dot = (model.user_emb(u) * model.item_emb(i)).sum(-1)
+    bias = model.user_bias(u).squeeze(-1) + model.item_bias(i).squeeze(-1) + model.global_bias
+    users = u.numpy()
+    return {name: evaluate(users, s.numpy(), y) for name, s in (("full", dot + bias), ("biases", bias), ("dot", dot))}
+
+
 def split_metrics(model, data: RowData, split: str) -> dict:
     idx = data.rows(split)
     return evaluate(data.user[idx].numpy(), predict(model, data, idx), data.label[idx].numpy())

@@ -42,7 +42,8 @@ NOTES = {
     "table2": "CF rows: the model selected by a grid search on valid AUC (thinkrec.cf.search, bench/baselines.py's "
               "way), scored on every row. LLM rows: train.py --last-stage stage1 (TALLRec-style, no ids, no "
               "traces), stage2 (CoLLM-style, no traces) and stage3 (ThinkRec: traces and 2 experts on MF), "
-              "scored on the test rows their run draws; the MF row on those same rows is beside them.",
+              "scored on the test rows their run draws; the MF row and the like-rate floor (each user's and each item's "
+              "smoothed train-split like rate, no model: thinkrec.cf.likerate) on those same rows are beside them.",
     "ablation": "full = ThinkRec; w/o think = no reasoning traces in any stage; w/o experts = stages 1-2 with "
                 "traces, every user on the global adapter; w/o both = CoLLM-style. The paper's Table 4 has no "
                 "AUC column (its \"full\" AUC is Table 2's).",

@@ -54,14 +54,18 @@ def collect(cfg: Config, study: str, metrics: dict, cf: dict) -> dict:
             row.update(cohens_d=rep.get("cohens_d_embedding"), cohens_d_like_rate=rep.get("cohens_d_like_rate"),
                        group_sizes=rep.get("group_sizes"))
         rows.append(row)
-    if study == "table2":  # the CF model on exactly the rows the LLM runs scored (they all draw the same)
+    if study == "table2":  # the CF model and the like-rate floor on exactly the rows the LLM runs scored
         rows.append({"label": "MF on the LLM rows", "setting": "thinkrec", "run": str(cfg.runs / "thinkrec"),
                      **llm_populations(metrics["thinkrec"], "cf"), "paper": None})
+        if metrics["thinkrec"].get("test_like_rate"):  # runs from before the floor existed have none
+            rows.append({"label": FLOOR, "setting": "thinkrec", "run": str(cfg.runs / "thinkrec"),
+                         **llm_populations(metrics["thinkrec"], "like_rate"), "paper": None})
     return {"study": study, "scale": cfg.scale, "runs": str(cfg.runs),
             "train_flags": stringify({**cfg.budget.train, **cfg.overrides}), "rows": rows,
             "uncertainty": uncertainty(study, rows)}
 
 
+FLOOR = "like-rate on the LLM rows"  # thinkrec.cf.likerate: smoothed user and item like rates, no model
 REFERENCE = {"table2": "ThinkRec", "ablation": "full", "experts": 2, "grouping": "mf"}  # differences are against it
 
 
@@ -79,7 +83,7 @@ def uncertainty(study: str, rows: list) -> dict | None:
     if not scored or len({tuple(x["row"] for x in recs) for recs in scored.values()}) != 1:
         return None
     first = next(iter(scored.values()))
-    key = lambda label: "mf_score" if label == "MF on the LLM rows" else "score"
+    key = lambda label: {"MF on the LLM rows": "mf_score", FLOOR: "like_rate_score"}.get(label, "score")
     b = bootstrap([x["user_id"] for x in first], {k: [x[key(k)] for x in recs] for k, recs in scored.items()},
                   [x["label"] for x in first])
     ref = REFERENCE[study]
@@ -94,9 +98,10 @@ def pick(m: dict | None) -> dict | None:
 
 
 def llm_populations(m: dict, who: str) -> dict:
-    """A run's metrics of `who` ("thinkrec", or "cf" for its CF model on the same rows) per population."""
+    """A run's metrics of `who` ("thinkrec"; "cf" for its CF model, "like_rate" for the floor, on the same rows)
+    per population."""
     off = m.get("test_official_sample") or {}
-    return {"test": pick(m["test"] if who == "thinkrec" else m["test_cf"]), "test_rows": m["test_rows"],
+    return {"test": pick(m["test"] if who == "thinkrec" else m[f"test_{who}"]), "test_rows": m["test_rows"],
             "official": pick(off.get(who)) if off.get("rows") else None, "official_rows": off.get("rows")}
 
 

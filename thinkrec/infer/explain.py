@@ -61,7 +61,7 @@ def explain(loaded: LoadedRun, rows: Rows, n: int, batch_size: int = 8, progress
     builder = loaded.builder("reason")
     picked = list(range(min(n, len(rows))))
     weights = row_weights(loaded, rows.user)
-    ue, ie = loaded.cf["user_emb"], loaded.cf["item_emb"]
+    ue, ie = loaded.token_tables()
     out = []
     for start in tqdm(range(0, len(picked), batch_size), desc="explain", disable=not progress):
         part = picked[start:start + batch_size]

@@ -2,9 +2,10 @@
 of `python train.py` run).
 
 scores.jsonl, one line per row in input order:
-    {"pos", "row", "user_id", "item_id", "label", "score", "prob", "mf_score", "route", "weights"}
+    {"pos", "row", "user_id", "item_id", "label", "score", "prob", "mf_score", "like_rate_score", "route", "weights"}
 pos = the row's position in the input, row = its data row (-1 for --input rows), score = the Yes logit,
-prob = sigmoid(score), mf_score = the run's CF model's logit for the same pair, route = global | expert_k
+prob = sigmoid(score), mf_score = the run's CF model's logit for the same pair, like_rate_score = the like-rate
+floor's logit (thinkrec.cf.likerate, fitted on the run's train split), route = global | expert_k
 | mixture, weights = the adapter weights [global, expert_1, ...] the row was scored with.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thinkrec.cf import likerate
 from thinkrec.io import write_json
 from thinkrec.metrics import evaluate
 
@@ -25,7 +27,7 @@ from .score import ScoreJob, ScoreLog, run_job
 
 def _extended(loaded: LoadedRun, rows: Rows):
     """(prep, user_emb, item_emb) with the unknown users / items of `rows` appended (zero CF vectors)."""
-    prep, ue, ie = loaded.prep, loaded.cf["user_emb"], loaded.cf["item_emb"]
+    prep, (ue, ie) = loaded.prep, loaded.token_tables()
     if rows.unknown_users:
         ue = torch.cat([ue, ue.new_zeros(len(rows.unknown_users), ue.shape[1])])
     if rows.unknown_items:
@@ -81,13 +83,16 @@ def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", b
     mf = loaded.mf_scores(np.minimum(rows.user, len(loaded.cf["user_emb"]) - 1),
                           np.minimum(rows.item, len(loaded.cf["item_emb"]) - 1))
     known = (rows.user < len(loaded.cf["user_emb"])) & (rows.item < len(loaded.cf["item_emb"]))
+    rates = likerate.fit(loaded.prep)  # the floor: the run's train-split like rates (milliseconds)
+    floor = rates.score(rows.user, rows.item)
     w_list = np.round(weights.numpy().astype(np.float64), 6).tolist()
 
     def line(i, s):
         return {"pos": int(i), "row": int(rows.data_row[i]), "user_id": user_ids[rows.user[i]],
                 "item_id": item_ids[rows.item[i]], "label": None if rows.label[i] < 0 else int(rows.label[i]),
                 "score": float(s), "prob": float(1 / (1 + np.exp(-s))),
-                "mf_score": float(mf[i]) if known[i] else None, "route": routes[i], "weights": w_list[i]}
+                "mf_score": float(mf[i]) if known[i] else None, "like_rate_score": float(floor[i]),
+                "route": routes[i], "weights": w_list[i]}
 
     job = ScoreJob(sample, lengths, weights, user_emb, item_emb, loaded.tok.pad_token_id,
                    cut=(lambda s, i: builder.target_start(s, int(rows.item[i]))) if share else None)
@@ -107,20 +112,23 @@ def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", b
                "rows_per_s": round((len(rows) - len(done)) / max(seconds, 1e-9), 2), "seconds": round(seconds, 2)}
     labelled = rows.label >= 0
     if labelled.any():
-        metrics["all"] = _metrics(f"every scored row ({rows.source})", rows, scores, mf, known, labelled)
+        metrics["like_rate_prior"] = rates.prior
+        metrics["all"] = _metrics(f"every scored row ({rows.source})", rows, scores, mf, known, labelled, floor)
         if official_rows is not None:
             sel = np.zeros(len(rows), bool)
             sel[np.asarray(official_rows[0])] = True
-            metrics["official_sample"] = _metrics(official_rows[1], rows, scores, mf, known, labelled & sel)
+            metrics["official_sample"] = _metrics(official_rows[1], rows, scores, mf, known, labelled & sel, floor)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
-def _metrics(label, rows, scores, mf, known, sel) -> dict:
-    """ThinkRec's metrics and the CF model's on the same rows (rows with an unknown id have no CF score)."""
+def _metrics(label, rows, scores, mf, known, sel, floor) -> dict:
+    """ThinkRec's metrics, the CF model's (rows with an unknown id have no CF score) and the like-rate floor's
+    (thinkrec.cf.likerate; unknown ids count at the global rate) on the same rows."""
     m = {"label": label, "rows": int(sel.sum()), "thinkrec": evaluate(rows.user[sel], scores[sel], rows.label[sel])}
     both = sel & known
     m["cf"] = evaluate(rows.user[both], mf[both], rows.label[both]) if both.any() else None
+    m["like_rate"] = evaluate(rows.user[sel], floor[sel], rows.label[sel])
     return m
 
 

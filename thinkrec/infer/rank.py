@@ -35,7 +35,7 @@ def rank_items(loaded: LoadedRun, user: int, items, mode: str = "reason", histor
     """Yes logits [len(items)] float64 of `items` for `user` (indices), with one shared prefix per group."""
     lm, builder = loaded.lm, loaded.builder(mode)
     history = user_history(loaded.prep, user) if history is None else history
-    ue, ie = loaded.cf["user_emb"], loaded.cf["item_emb"]
+    ue, ie = loaded.token_tables()
     w = row_weights(loaded, np.array([user]))[0]  # [E]
     samples = [builder.sample_for(user, int(i), history) for i in items]
     cuts = [builder.target_start(s, int(i)) for s, i in zip(samples, items)]

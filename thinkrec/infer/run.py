@@ -22,6 +22,7 @@ from thinkrec.data.tokenize import PromptBuilder, default_max_len
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
 from thinkrec.model.adapters import read_adapters
+from thinkrec.model.projector import cf_token_tables
 from thinkrec.precision import Precision, for_run
 from thinkrec.precision import apply as apply_precision
 
@@ -103,6 +104,11 @@ class LoadedRun:
                              with_ids=ids, style=self.style,
                              placeholder_ids=self.lm.placeholder_token_ids, history_rule=self.history)
 
+    def token_tables(self) -> tuple:
+        """(user table, item table) the CF tokens are projected from, as the run trained them
+        (thinkrec.model.projector.cf_token_tables with the projector's `inputs`)."""
+        return cf_token_tables(self.cf, self.lm.projector.inputs if self.lm.projector is not None else "emb")
+
     def mf_scores(self, users, items) -> np.ndarray:
         """The CF model's own logits <u, i> + b_u + c_i + g for (user, item) index pairs."""
         u, i = torch.as_tensor(np.asarray(users)), torch.as_tensor(np.asarray(items))
@@ -150,8 +156,8 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     lora = LoRAConfig(r=cfg["r"], alpha=cfg["alpha"], dropout=cfg["dropout"], target_modules=cfg["target_modules"])
     proj = cfg.get("projector") or {}
     lm, tok = ThinkRecLM.from_pretrained(spec, n_experts=cfg["n_experts"], lora=lora, cf_dim=proj.get("cf_dim"),
-                                         projector_mid=proj.get("mid", 2560), combination=mix, device=device,
-                                         prompt_style=style)
+                                         projector_mid=proj.get("mid", 2560), cf_inputs=proj.get("inputs", "emb"),
+                                         combination=mix, device=device, prompt_style=style)
     load_adapters(lm, stage)
     lm.set_trainable(layers=[], adapters=[], projector=False)
     lm.eval()

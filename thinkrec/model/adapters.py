@@ -6,7 +6,7 @@ Ours, in a directory:
                            adapter "global", "expert_1", ...), plus "projector.<name>" when there is one
     adapters.json          {"format": "thinkrec-lora", "version": 1, "r", "alpha", "dropout",
                             "target_modules", "n_experts", "adapters", "modules", "base_model",
-                            "projector": {"cf_dim", "mid", "hidden"} or null}
+                            "projector": {"cf_dim", "mid", "hidden", "inputs"} or null}
 Both written atomically; the JSON last, so a directory with adapters.json is complete. A damaged file is
 reported as one ArtifactError line naming it and the directory to delete.
 
@@ -51,7 +51,8 @@ def _config(lm) -> dict:
             "target_modules": list(c.target_modules), "n_experts": lm.n_experts,
             "adapters": adapter_names(lm.n_experts), "modules": list(lm.lora_layers()),
             "base_model": lm.base_model,
-            "projector": None if p is None else {"cf_dim": p.cf_dim, "mid": p.mid, "hidden": p.hidden}}
+            "projector": None if p is None else {"cf_dim": p.cf_dim, "mid": p.mid, "hidden": p.hidden,
+                                                 "inputs": p.inputs}}
 
 
 def save_adapters(lm, directory) -> Path:
@@ -88,6 +89,9 @@ def load_adapters(lm, directory) -> dict:
         if cfg[key] != mine[key]:
             raise AdapterFileError(f"{where}: saved {key}={cfg[key]!r} but the model has {key}={mine[key]!r}")
     want = _tensors(lm)
+    if lm.projector is not None and "projector.in_mean" not in tensors:  # saved before inputs were standardised:
+        tensors = {**tensors, "projector.in_mean": torch.zeros_like(want["projector.in_mean"]),  # raw inputs
+                   "projector.in_std": torch.ones_like(want["projector.in_std"])}
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
         raise AdapterFileError(f"{where}: tensor names differ; missing {missing[:4]} ({len(missing)} in all), "

@@ -1,27 +1,92 @@
 """CF projector (CoLLM style): collaborative embeddings become token embeddings of the LLM.
 
-    proj(e) = W2 @ relu(W1 @ e + b1) + b2          e: [P, d_cf] -> [P, D]   (W1: [mid, d_cf], W2: [D, mid])
+    proj(e) = W2 @ relu(W1 @ z + b1) + b2,   z = (e - mean) / std     e: [P, d_cf] -> [P, D]
+                                                                       (W1: [mid, d_cf], W2: [D, mid])
 
 The official code uses Linear(256, 2560) -> ReLU -> Linear(2560, hidden); `mid=2560` is that default.
 The projected vectors replace the embeddings of the placeholder tokens (<UserID>, <ItemID>) in the order
 the placeholders appear in the prompt (row-major over the batch).
+
+What the tokens carry (`inputs`, cf_token_tables): "emb" is the CF model's user / item embedding (the
+official code's); "emb+bias" appends the model's user / item bias, [P_u, b_u] / [Q_i, c_i]. On the paper's
+ML-1M split MF's biases alone reach test AUC 0.717 and its dot product alone 0.677 (bench/baselines.py):
+without the bias column the LLM never sees the stronger half. CoLLM's MF has no biases, so its embeddings
+hold popularity; ours need not.
+
+Standardisation and scale (`fit_inputs`): MF vectors have a per-dimension std of ~0.03, so through a
+default-initialised MLP a projected token is almost only the layers' biases and every CF token starts nearly
+the same. fit_inputs stores the tables' per-column mean and std (z has unit variance) and rescales W2 (b2 = 0)
+so that the initial tokens' mean norm is `target_norm` (the median norm of the LLM's token embeddings).
+A projector never fitted (mean 0, std 1, default init) is the official one.
 """
 
 import torch
 import torch.nn as nn
 
 
+CF_INPUTS = ("emb", "emb+bias")
+
+
+def cf_token_tables(cf: dict, inputs: str = "emb") -> tuple[torch.Tensor, torch.Tensor]:
+    """(user table [n_users, d], item table [n_items, d]) of what the CF tokens carry, from a CF export
+    (thinkrec.cf.train.save: user_emb, item_emb and, for MF and LightGCN, user_bias, item_bias). A model
+    without biases (SASRec) gets a zero bias column under "emb+bias"."""
+    if inputs not in CF_INPUTS:
+        raise ValueError(f"CF token inputs {inputs!r}: expected one of {CF_INPUTS}")
+    ue, ie = cf["user_emb"], cf["item_emb"]
+    if inputs == "emb":
+        return ue, ie
+    ub = cf.get("user_bias", ue.new_zeros(len(ue))).reshape(-1, 1).to(ue.dtype)
+    ib = cf.get("item_bias", ie.new_zeros(len(ie))).reshape(-1, 1).to(ie.dtype)
+    return torch.cat([ue, ub], 1), torch.cat([ie, ib], 1)
+
+
 class CFProjector(nn.Module):
-    def __init__(self, cf_dim: int, hidden: int, mid: int = 2560):
+    def __init__(self, cf_dim: int, hidden: int, mid: int = 2560, inputs: str = "emb"):
         super().__init__()
-        self.cf_dim, self.hidden, self.mid = cf_dim, hidden, mid
+        if inputs not in CF_INPUTS:
+            raise ValueError(f"CF token inputs {inputs!r}: expected one of {CF_INPUTS}")
+        self.cf_dim, self.hidden, self.mid, self.inputs = cf_dim, hidden, mid, inputs
         self.net = nn.Sequential(nn.Linear(cf_dim, mid), nn.ReLU(), nn.Linear(mid, hidden))
+        self.register_buffer("in_mean", torch.zeros(cf_dim))
+        self.register_buffer("in_std", torch.ones(cf_dim))
 
     def forward(self, cf: torch.Tensor) -> torch.Tensor:
         if cf.shape[-1] != self.cf_dim:
             raise ValueError(f"CF embeddings have size {cf.shape[-1]}, "
                              f"the projector was built for {self.cf_dim}")
-        return self.net(cf.to(self.net[0].weight.dtype))
+        z = (cf.to(self.in_mean.dtype) - self.in_mean) / self.in_std
+        return self.net(z.to(self.net[0].weight.dtype))
+
+    @torch.no_grad()
+    def fit_inputs(self, tables, target_norm: float) -> None:
+        """Standardise the inputs to the rows of `tables` (per column; a constant column keeps std 1) and
+        rescale the output layer so that the tokens of those rows start with mean norm `target_norm`."""
+        x = torch.cat([t.float() for t in tables])
+        std = x.std(0)
+        self.in_mean.copy_(x.mean(0))
+        self.in_std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
+        self.net[2].bias.zero_()
+        norm = self(x.to(self.in_mean.device)).float().norm(dim=-1).mean()
+        self.net[2].weight.mul_(target_norm / norm.clamp(min=1e-12))
+
+
+@torch.no_grad()
+def token_report(projector: CFProjector, tables, token_embeddings: torch.Tensor, n: int = 256) -> dict:
+    """How the projected CF tokens compare with the LLM's own: their mean norm against the median norm of the
+    token embeddings, and the mean pairwise cosine among (up to n) users and among (up to n) items (near 1:
+    the tokens barely differ). tables: (user table, item table)."""
+    out = {"median_token_norm": round(float(token_embeddings.float().norm(dim=-1).median()), 4)}
+    for name, tab in zip(("users", "items"), tables):
+        idx = torch.linspace(0, len(tab) - 1, min(n, len(tab))).long()  # spread over the table, no RNG
+        y = projector(tab[idx].to(projector.in_mean.device)).float()
+        unit = torch.nn.functional.normalize(y, dim=-1)
+        cos = unit @ unit.T
+        m = len(y)
+        out[name] = {"mean_norm": round(float(y.norm(dim=-1).mean()), 4),
+                     "norm_vs_tokens": round(float(y.norm(dim=-1).mean()) / out["median_token_norm"], 4),
+                     "mean_pairwise_cosine": round(float((cos.sum() - m) / max(m * (m - 1), 1)), 4)}
+    return out
 
 
 def scatter_placeholders(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""What the CF tokens carry (thinkrec/model/projector.py): the bias column, standardised inputs and tokens that
+start at a token embedding's norm and differ across users; a run trained with those levers scores the same
+through infer.py; adapters saved before the levers load as raw-input projectors."""
+
+import json
+
+import pytest
+import torch
+
+from thinkrec.model.projector import CFProjector, cf_token_tables, token_report
+
+pytest.importorskip("faiss")
+
+
+def _mf_like(n_users=40, n_items=30, d=16, seed=0):
+    """An MF export at MF's real scale: per-dimension std ~0.03 and biases of order 1."""
+    g = torch.Generator().manual_seed(seed)
+    return {"user_emb": 0.03 * torch.randn(n_users, d, generator=g), "item_emb": 0.025 * torch.randn(n_items, d, generator=g),
+            "user_bias": torch.randn(n_users, generator=g), "item_bias": torch.randn(n_items, generator=g)}
+
+
+def test_bias_column_is_appended_and_missing_biases_are_zero():
+    cf = _mf_like()
+    u, i = cf_token_tables(cf, "emb+bias")
+    assert u.shape == (40, 17) and i.shape == (30, 17)
+    assert torch.equal(u[:, -1], cf["user_bias"]) and torch.equal(i[:, :-1], cf["item_emb"])
+    assert cf_token_tables(cf, "emb")[0] is cf["user_emb"]
+    no_bias = {k: v for k, v in cf.items() if "bias" not in k}  # SASRec exports none
+    assert torch.equal(cf_token_tables(no_bias, "emb+bias")[1][:, -1], torch.zeros(30))
+    with pytest.raises(ValueError, match="expected one of"):
+        cf_token_tables(cf, "bias")
+
+
+def test_fitted_projector_starts_at_token_norm_and_separates_users():
+    torch.manual_seed(0)
+    tables = cf_token_tables(_mf_like(), "emb")  # the official inputs, at MF's scale
+    raw = CFProjector(16, 64, mid=128)
+    fitted = CFProjector(16, 64, mid=128)
+    fitted.load_state_dict(raw.state_dict())
+    fitted.fit_inputs(tables, target_norm=3.0)
+    tokens = torch.randn(100, 64)  # stand-in token embeddings, median norm ~8
+    before, after = (token_report(p, tables, tokens) for p in (raw, fitted))
+    x = torch.cat(tables)
+    with torch.no_grad():
+        assert float(fitted(x).norm(dim=-1).mean()) == pytest.approx(3.0, rel=1e-4)
+    z = (x - fitted.in_mean) / fitted.in_std
+    assert z.mean(0).abs().max() < 1e-5 and (z.std(0) - 1).abs().max() < 1e-4
+    # raw MF-scale inputs: every token is almost the output bias; fitted: they differ
+    assert before["users"]["mean_pairwise_cosine"] > 0.95
+    assert after["users"]["mean_pairwise_cosine"] < before["users"]["mean_pairwise_cosine"] - 0.2
+    assert after["users"]["mean_norm"] == pytest.approx(3.0, rel=0.2)
+
+
+def test_levers_train_and_infer_agree_and_are_recorded(tmp_path):
+    import infer
+    from tests.test_train_cli import train_tiny_run
+
+    run = train_tiny_run(tmp_path, "--cf-inputs", "emb+bias", "--cf-scale", "token", "--train-prompt", "c3",
+                         "--stage2-lr", "1e-2")
+    cfg = json.loads((run / "stage3" / "adapters.json").read_text())
+    assert cfg["projector"]["inputs"] == "emb+bias" and cfg["projector"]["cf_dim"] == 9  # --cf-dim 8 + bias
+    saved = json.loads((run / "metrics.json").read_text())
+    tokens = saved["stages"]["stage2"]["tokens"]
+    assert set(tokens) == {"start", "end"} and tokens["start"]["users"]["norm_vs_tokens"] == pytest.approx(1.0, rel=0.3)
+    assert saved["args"]["train_prompt"] == "c3" and saved["args"]["cf_scale"] == "token"
+    m = infer.main(["--run-dir", str(run), "--out", str(tmp_path / "out"), "--no-progress", "--threads", "1"])
+    assert m["all"]["thinkrec"] == pytest.approx(saved["test"], abs=1e-9)
+    assert m["all"]["like_rate"] == pytest.approx(saved["test_like_rate"], abs=1e-12)
+
+
+def test_adapters_saved_before_standardisation_load_as_raw_inputs(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from tests.train_fixtures import tiny_lm
+    from thinkrec.model.adapters import WEIGHTS, load_adapters, save_adapters
+
+    lm = tiny_lm(cf_dim=8)
+    lm.projector.fit_inputs((torch.randn(5, 8), torch.randn(4, 8)), 2.0)
+    save_adapters(lm, tmp_path)
+    old = {k: v for k, v in load_file(tmp_path / WEIGHTS).items() if not k.startswith("projector.in_")}
+    save_file(old, tmp_path / WEIGHTS, metadata={"format": "thinkrec-lora"})
+    load_adapters(lm, tmp_path)
+    assert torch.equal(lm.projector.in_mean, torch.zeros(8)) and torch.equal(lm.projector.in_std, torch.ones(8))
