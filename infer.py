@@ -57,6 +57,9 @@ def parse(argv=None):
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--max-rows", type=int, default=None,
                    help="rows of the split (0 = all; default: the rows train.py scored, --max-test-samples)")
+    p.add_argument("--rows", default=None, choices=["split", "official"],
+                   help="the whole split or its official 25%% sample (default: for the test split, what train.py "
+                        "scored, its --test-rows; else the split)")
     p.add_argument("--input", default=None, help="JSON Lines of rows to score instead of a split")
     p.add_argument("--allow-unknown", action="store_true",
                    help="score unknown user/item ids (global adapter, zero CF vector) instead of stopping")
@@ -134,8 +137,10 @@ def main(argv=None) -> dict:
     else:
         n = args.max_rows if args.max_rows is not None else int(run_arg(targs, "max_test_samples", 0))
         seed = int(run_arg(targs, "seed", 0)) + 2  # train.py draws its test rows with seed + 2
-        rows = split_rows(loaded.prep, args.split, n if args.split == "test" else (args.max_rows or 0), seed)
+        which = args.rows or (run_arg(targs, "test_rows", "split") if args.split == "test" else "split")
         sample = official_sample(loaded.prep, run_arg(targs, "data_dir"), args.split)
+        rows = split_rows(loaded.prep, args.split, n if args.split == "test" else (args.max_rows or 0), seed,
+                          rows=sample if which == "official" else None)
         pos = np.flatnonzero(np.isin(rows.data_row, sample))
         official = (pos, f"official 25% {args.split} sample ({len(pos)} of its {len(sample)} rows scored)")
     if args.explain:

@@ -32,7 +32,8 @@ import torch
 from thinkrec import precision
 from thinkrec import recipe as recipes
 from thinkrec.cf import CFConfig, train_cf
-from thinkrec.cf.train import load_embeddings
+from thinkrec.cf import likerate
+from thinkrec.cf.train import export_scores, load_embeddings
 from thinkrec.data import DataError, load_prepared, prepare
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
@@ -44,6 +45,7 @@ from thinkrec.infer import LoadedRun, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
 from thinkrec.infer.run import stage_gate
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
+from thinkrec.metrics import evaluate
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model.adapters import AdapterFileError
 from thinkrec.model.projector import CF_INPUTS, cf_token_tables, token_report
@@ -99,6 +101,9 @@ def parse(argv=None):
     p.add_argument("--max-train-samples", type=_number(int, 0), default=64, help="training rows per stage (0 = all)")
     p.add_argument("--max-eval-samples", type=_number(int, 0), default=48, help="valid rows scored per evaluation (0 = all)")
     p.add_argument("--max-test-samples", type=_number(int, 0), default=160, help="test rows scored at the end (0 = all)")
+    p.add_argument("--test-rows", default="split", choices=["split", "official"],
+                   help="which test rows the end scores: the test split, or the official evaluation's 25%% sample of "
+                        "it (1,833 rows on the paper's ML-1M split); --max-test-samples caps either")
     p.add_argument("--max-len", type=_number(int, 16), default=None,
                    help="tokens per sample; older history items are dropped beyond it (the run says how many rows "
                         f"lose some). Default {DEFAULT_MAX_LEN}, which keeps every ML-1M prompt whole (the longest, "
@@ -369,6 +374,14 @@ def run_pipeline(args, d) -> dict:
         log(truncation_line(truncation, "the stage-2/3 prompt"))
     if not len(valid_rows):
         raise UsageError("no valid rows to select on (--max-eval-samples 0 takes all)")
+    # the floors every stage's valid numbers are read against: the CF model and the like rates, on the same rows
+    vu, vi, vy = (getattr(prep.inter, k)[valid_rows] for k in ("user", "item", "label"))
+    valid_baselines = {"cf": evaluate(vu, export_scores(cf, vu, vi), vy),
+                       "like_rate": evaluate(vu, likerate.fit(prep).score(vu, vi), vy)}
+    if d.is_main:
+        log(f"valid rows, the floors to beat: {args.cf_model.upper()} auc {valid_baselines['cf']['auc']:.4f} uauc "
+            f"{valid_baselines['cf']['uauc']:.4f}; like-rate auc {valid_baselines['like_rate']['auc']:.4f} uauc "
+            f"{valid_baselines['like_rate']['uauc']:.4f}")
 
     # --- stages 1, 2, 3
     stage_info = {}
@@ -431,7 +444,8 @@ def run_pipeline(args, d) -> dict:
 
     # --- test: the fused model (gate weights per user), through infer.py's scoring path -> RUN/infer/
     lm.set_trainable(layers=[], adapters=[], projector=False)
-    test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2)
+    pool = official_sample(prep, args.data_dir, "test") if args.test_rows == "official" else None
+    test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2, rows=pool)
     truncation["test"] = truncation_counts(builder("ids"), test_rows.data_row)
     loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, stage_gate(groups["weights"], args.last_stage),
                        stage_dir(run, args.last_stage),
@@ -439,7 +453,8 @@ def run_pipeline(args, d) -> dict:
     mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
     test = None
     if d.is_main:
-        sample = official_sample(prep, args.data_dir, "test")  # the official evaluation's 25% of the test split
+        # the official evaluation's 25% of the test split
+        sample = pool if pool is not None else official_sample(prep, args.data_dir, "test")
         official = (np.flatnonzero(np.isin(test_rows.data_row, sample)), "official 25% test sample")
         test = score_rows(loaded, test_rows, run / "infer", mode, batch_tokens=args.batch_size * 2 * args.max_len,
                           max_rows=2 * args.batch_size, progress=not args.no_progress, overwrite=True, log=log,
@@ -449,7 +464,7 @@ def run_pipeline(args, d) -> dict:
                "test_like_rate": test["all"]["like_rate"] if test else None,
                "test_rows": len(test_rows), "test_official_sample": (test or {}).get("official_sample"),
                "prompt": mode, "routing": test["routing"] if test else None, "precision": prec.to_dict(),
-               "truncation": truncation,
+               "truncation": truncation, "valid_baselines": valid_baselines,
                "stages": stage_info, "seconds": round(time.perf_counter() - t_start, 1),
                # what was run, not how it was driven: resumed or not, checkpoint cadence and progress bars
                # do not change a single number

@@ -56,16 +56,23 @@ def test_levers_train_and_infer_agree_and_are_recorded(tmp_path):
     from tests.test_train_cli import train_tiny_run
 
     run = train_tiny_run(tmp_path, "--cf-inputs", "emb+bias", "--cf-scale", "token", "--train-prompt", "c3",
-                         "--stage2-lr", "1e-2")
+                         "--stage2-lr", "1e-2", "--test-rows", "official")
     cfg = json.loads((run / "stage3" / "adapters.json").read_text())
     assert cfg["projector"]["inputs"] == "emb+bias" and cfg["projector"]["cf_dim"] == 9  # --cf-dim 8 + bias
     saved = json.loads((run / "metrics.json").read_text())
     tokens = saved["stages"]["stage2"]["tokens"]
     assert set(tokens) == {"start", "end"} and tokens["start"]["users"]["norm_vs_tokens"] == pytest.approx(1.0, rel=0.3)
     assert saved["args"]["train_prompt"] == "c3" and saved["args"]["cf_scale"] == "token"
+    # --test-rows official: the end scores the official 25% sample of the 20 test rows, and only it
+    assert saved["test_rows"] == saved["test_official_sample"]["rows"] == 5
+    assert {"cf", "like_rate"} <= saved["valid_baselines"].keys()
     m = infer.main(["--run-dir", str(run), "--out", str(tmp_path / "out"), "--no-progress", "--threads", "1"])
-    assert m["all"]["thinkrec"] == pytest.approx(saved["test"], abs=1e-9)
-    assert m["all"]["like_rate"] == pytest.approx(saved["test_like_rate"], abs=1e-12)
+    # infer.py scores the same rows (the run's --test-rows) from the same CF token tables
+    ours, theirs = ([json.loads(x) for x in (d / "scores.jsonl").read_text().splitlines()]
+                    for d in (run / "infer", tmp_path / "out"))
+    assert [x["row"] for x in ours] == [x["row"] for x in theirs] and m["rows"] == 5
+    assert [x["score"] for x in ours] == pytest.approx([x["score"] for x in theirs], abs=1e-5)
+    assert [x["like_rate_score"] for x in ours] == [x["like_rate_score"] for x in theirs]
 
 
 def test_adapters_saved_before_standardisation_load_as_raw_inputs(tmp_path):

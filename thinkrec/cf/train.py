@@ -253,6 +253,18 @@ def save(run_dir, name: str, model, prep: Prepared, info: dict) -> Path:
     return out / f"{name}.safetensors"
 
 
+def export_scores(cf: dict, users, items) -> np.ndarray:
+    """A CF export's own logits <u, i> + b_u + c_i + g (the terms it has) for (user, item) index pairs."""
+    u, i = torch.as_tensor(np.asarray(users)), torch.as_tensor(np.asarray(items))
+    s = (cf["user_emb"][u] * cf["item_emb"][i]).sum(-1).double()
+    for key, idx in (("user_bias", u), ("item_bias", i)):
+        if key in cf:
+            s += cf[key][idx].double()
+    if "global_bias" in cf:
+        s += float(cf["global_bias"].reshape(-1)[0])
+    return s.numpy()
+
+
 def load_embeddings(run_dir, name: str, need=("user_emb", "item_emb")) -> dict:
     """{tensor name: float32 CPU tensor} of RUN/cf/<name>.safetensors (user_emb [n_users, D], item_emb
     [n_items, D], biases). FileNotFoundError when the CF model was not trained; ArtifactError (one line:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from thinkrec import recipe as recipes
-from thinkrec.cf.train import load_embeddings
+from thinkrec.cf.train import export_scores, load_embeddings
 from thinkrec.data import load_prepared
 from thinkrec.data.prompts import load_keywords, with_titles
 from thinkrec.data.tokenize import PromptBuilder, default_max_len
@@ -111,14 +111,7 @@ class LoadedRun:
 
     def mf_scores(self, users, items) -> np.ndarray:
         """The CF model's own logits <u, i> + b_u + c_i + g for (user, item) index pairs."""
-        u, i = torch.as_tensor(np.asarray(users)), torch.as_tensor(np.asarray(items))
-        s = (self.cf["user_emb"][u] * self.cf["item_emb"][i]).sum(-1).double()
-        for key, idx in (("user_bias", u), ("item_bias", i)):
-            if key in self.cf:
-                s += self.cf[key][idx].double()
-        if "global_bias" in self.cf:
-            s += float(self.cf["global_bias"].reshape(-1)[0])
-        return s.numpy()
+        return export_scores(self.cf, users, items)
 
 
 def stage_gate(weights: np.ndarray, stage: str) -> np.ndarray:
