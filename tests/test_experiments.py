@@ -196,3 +196,23 @@ def test_a_new_run_at_another_precision_than_the_studys_runs_stops(tmp_path):
                                                           "reason": "asked for fp32", "probe": None})
     with pytest.raises(ExperimentError, match=r"tallrec trained at fp32, but --precision bf16 is bf16"):
         check_precision(cfg, {"precision": "bf16"})
+
+
+def test_learning_curves_plot_every_stage_beside_the_floors(done, tmp_path):
+    import matplotlib.image
+
+    from thinkrec.experiments.curves import plot_curves
+
+    runs = [done["runs"] / "thinkrec", done["runs"] / "collm"]
+    paths = plot_curves(runs, tmp_path, "c")
+    for png in paths[:2]:
+        assert matplotlib.image.imread(png).shape[:2] == (FIG_PX[1], FIG_PX[0])
+    curves = json.loads(paths[2].read_text())["curves"]
+    thinkrec = curves[0]
+    m = _metrics(done, "thinkrec")
+    assert set(thinkrec["stages"]) == {"stage1", "stage2", "stage3"} and set(curves[1]["stages"]) == {"stage1", "stage2"}
+    last = thinkrec["stages"]["stage3"][-1]
+    batch = int(m["args"]["batch_size"])
+    assert last["rows"] == m["stages"]["stage3"]["steps"] * batch
+    assert last["auc"] == m["stages"]["stage3"]["history"][-1]["auc"]
+    assert thinkrec["floors"]["like_rate"]["auc"] == m["valid_baselines"]["like_rate"]["auc"]
