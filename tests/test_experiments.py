@@ -216,3 +216,25 @@ def test_learning_curves_plot_every_stage_beside_the_floors(done, tmp_path):
     assert last["rows"] == m["stages"]["stage3"]["steps"] * batch
     assert last["auc"] == m["stages"]["stage3"]["history"][-1]["auc"]
     assert thinkrec["floors"]["like_rate"]["auc"] == m["valid_baselines"]["like_rate"]["auc"]
+
+
+def test_headline_averages_seeds_and_reads_every_llm_row_beside_mf_and_the_floor(done, tmp_path):
+    """Seed 0 reuses nothing of `done` (other test rows: the official sample); seeds 0 and 1 each train
+    CoLLM-style and ThinkRec and score the official sample of the tiny test split whole."""
+    argv = ["headline", *done["argv"][1:]]
+    argv[argv.index("--runs") + 1] = str(tmp_path / "runs")
+    argv[argv.index("--results") + 1] = str(tmp_path / "results")
+    i = argv.index("--teacher")  # the fixture's fake teacher is gone: its traces instead
+    argv[i:i + 4] = ["--traces", str(done["runs"] / "shared" / "reasoning" / "traces.jsonl")]
+    out = main(argv + ["--seeds", "0,1"], log=lambda line: None)
+    assert out["population"] == "official 25% test sample" and out["rows"] == 5 and out["seeds"] == [0, 1]
+    assert list(out["methods"]) == ["MF", "like-rate", "CoLLM-style", "ThinkRec"]
+    per_seed = [json.loads((tmp_path / "runs" / d / "thinkrec" / "metrics.json").read_text())["test_official_sample"]
+                for d in ("tiny", "tiny-seed1")]
+    assert all(p["rows"] == 5 for p in per_seed)
+    t = out["methods"]["ThinkRec"]
+    assert [s["seed"] for s in t["per_seed"]] == [0, 1]
+    assert t["uauc"] == pytest.approx(np.mean([s["uauc"] for s in t["per_seed"]]), nan_ok=True)
+    assert set(out["intervals"]["ThinkRec"]["vs"]) == {"MF", "like-rate"}
+    saved = json.loads((tmp_path / "results" / "headline.json").read_text())
+    assert saved["rows"] == 5 and "| ThinkRec |" in (tmp_path / "results" / "headline.md").read_text()

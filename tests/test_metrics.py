@@ -137,3 +137,18 @@ def test_bootstrap_resamples_users_and_pairs_the_score_sets():
     # one user's rows move together: a user-level resample of 2 users gives wider intervals than of 40
     few = bootstrap(users[:12], {"good": good[:12]}, labels[:12], n=300)
     assert np.diff(few["intervals"]["good"]["auc"])[0] > np.diff(b["intervals"]["good"]["auc"])[0]
+
+
+def test_bootstrap_averages_are_seed_means_on_each_resample():
+    rng = np.random.default_rng(4)
+    users = np.repeat(np.arange(30), 6)
+    labels = (rng.random(len(users)) < 0.5).astype(np.int8)
+    seeds = {f"m@{k}": labels + rng.normal(scale=1.0 + k, size=len(users)) for k in range(3)}
+    b = bootstrap(users, {**seeds, "twin": seeds["m@0"].copy()}, labels, n=200, seed=1,
+                  averages={"m": list(seeds), "m0": ["m@0"]})
+    mean_auc = np.mean([evaluate(users, s, labels)["auc"] for s in seeds.values()])
+    lo, hi = b["intervals"]["m"]["auc"]
+    assert lo < mean_auc < hi
+    # an average of one member is that member on every resample: it differs from its twin by exactly 0
+    assert b["differences"]["m0"]["twin"]["auc"] == [0.0, 0.0]
+    assert set(b["differences"]["m"]) == {*seeds, "twin", "m0"}

@@ -97,10 +97,13 @@ def per_user_auc(users, scores, labels):
     return u[order][g_start], a
 
 
-def bootstrap(users, scores: dict, labels, n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+def bootstrap(users, scores: dict, labels, n: int = 1000, seed: int = 0, level: float = 0.95,
+              averages: dict | None = None) -> dict:
     """Percentile intervals of AUC and UAUC by resampling users with replacement (rows of one user stay
     together, as they are not independent), paired: every score set in `scores` ({name: [M]}, all over the
     same rows) is measured on the same resamples, so the difference between two sets gets its own interval.
+    averages ({name: [score set names]}, e.g. one method's seeds) adds named sets whose metric on a resample is
+    the mean of their members' (a seed mean), with intervals and differences like any other.
 
     Returns {"intervals": {name: {"auc": [lo, hi], "uauc": [lo, hi]}}, "differences": {a: {b: {"auc":
     [lo, hi], "uauc": [lo, hi], "p_greater": {"auc": P(a > b), "uauc": ...}}}} for every ordered pair, "n": n,
@@ -128,6 +131,9 @@ def bootstrap(users, scores: dict, labels, n: int = 1000, seed: int = 0, level: 
                                 float((np.nan_to_num(ua) * w).sum() / w.sum()) if w.sum() else math.nan))
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     d = {name: np.array(v, dtype=np.float64).reshape(-1, 2) for name, v in draws.items()}
+    for name, members in (averages or {}).items():
+        d[name] = np.mean([d[m] for m in members], axis=0)
+    names = list(d)
 
     def interval(a):
         a = a[~np.isnan(a)]

@@ -1,10 +1,12 @@
-"""python -m thinkrec.experiments {table2,ablation,experts,grouping,all} [flags]
+"""python -m thinkrec.experiments {table2,ablation,experts,grouping,all,headline} [flags]
 
     python -m thinkrec.experiments all                          # cpu-small on the shared ML-1M split
     python -m thinkrec.experiments ablation --scale paper --teacher http://localhost:8000/v1 \\
         --teacher-model Qwen/QwQ-32B                            # the paper's setting, on a GPU
     python -m thinkrec.experiments all --traces runs/ml1m/reasoning/traces.jsonl   # traces made elsewhere
     python -m thinkrec.experiments table2 --max-test-samples 0  # the scale's budget, every test row scored
+    python -m thinkrec.experiments headline --seeds 0,1,2       # CoLLM-style and ThinkRec vs MF and like-rate
+                                                                # on the official test sample (headline.py)
 
 Writes RESULTS/<study>.md (tables beside the paper's rows), RESULTS/<study>.json and PNG plots. The runs go
 to RUNS/<scale>/ and are kept: a rerun computes only what is missing, so a killed `all` resumes.
@@ -25,7 +27,7 @@ OVERRIDES = ("max_train_samples", "max_eval_samples", "max_test_samples", "epoch
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m thinkrec.experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("study", choices=[*STUDIES, "all"])
+    p.add_argument("study", choices=[*STUDIES, "all", "headline"])
     # Where
     p.add_argument("--results", default="results", help="tables, JSON and plots go here")
     p.add_argument("--runs", default="runs/experiments", help="run directories, kept, under RUNS/<scale>/")
@@ -51,6 +53,7 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=None, help="over the scale's (train.py)")
     p.add_argument("--precision", default=None, help="over the scale's (train.py: auto, fp32, bf16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="headline only: comma-separated seeds, one set of runs each")
     return p.parse_args(argv)
 
 
@@ -79,6 +82,14 @@ def main(argv=None, log=None) -> dict:
     from .studies import run
 
     a = parse(argv)
+    if a.study == "headline":
+        from .headline import run as run_headline
+
+        try:
+            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ExperimentError(f"--seeds {a.seeds!r}: comma-separated integers, e.g. 0,1,2") from None
+        return run_headline(config(a), seeds, Path(a.results).resolve(), Log(log))
     studies = list(STUDIES) if a.study == "all" else [a.study]
     return run(config(a), studies, Path(a.results).resolve(), Log(log))
 

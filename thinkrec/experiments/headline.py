@@ -1,0 +1,133 @@
+"""The headline: CoLLM-style and ThinkRec against MF and the like-rate floor on every row of the official
+25% test sample, as seed means with paired bootstrap intervals over users.
+
+    python -m thinkrec.experiments headline --seeds 0,1,2                   # the scale's budget, 3 seeds
+
+Each seed is its own set of runs (seed 0 in RUNS/<scale>/, seed k in RUNS/<scale>-seed<k>/: data, CF model,
+traces and the two LLM runs, train.py --seed k), every run scoring the official sample whole (train.py
+--test-rows official --max-test-samples 0). MF is each seed's CF model on the same rows, the like-rate floor
+the train split's counts (the same for every seed). Writes RESULTS/headline.{json,md,png}:
+
+    {"population", "rows", "scale", "seeds", "methods": {name: {"auc", "uauc"[, "per_seed"]}},
+     "intervals": {name: {"auc": [lo, hi], "uauc": [lo, hi], "vs": {"MF" | "like-rate": {"auc", "uauc",
+     "p_greater"}}}}, "resamples", "users"}
+
+auc / uauc of a seeded row are the means over seeds; its interval and its differences from MF and the floor
+come from one bootstrap over users in which every resample averages the seeds (thinkrec.metrics.bootstrap's
+`averages`). Nothing here picks anything: settings are chosen on valid rows before the test is scored.
+"""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from thinkrec.io import atomic_write_text, read_jsonl, write_json
+from thinkrec.metrics import bootstrap, evaluate
+
+from . import report
+from .plan import SETTINGS
+from .runs import Config, ExperimentError, cf_model, run_setting, shared_data, shared_traces
+
+HEADLINE = [("CoLLM-style", "collm"), ("ThinkRec", "thinkrec")]
+FLOORS = ("MF", "like-rate")
+POPULATION = "official 25% test sample"
+
+
+def seed_config(cfg: Config, seed: int) -> Config:
+    """The runs of one seed: RUNS/<scale> for seed 0, RUNS/<scale>-seed<k> for the others; every test row of
+    the official sample scored."""
+    runs = cfg.runs if seed == 0 else cfg.runs.with_name(f"{cfg.runs.name}-seed{seed}")
+    return replace(cfg, seed=seed, runs=runs,
+                   overrides={**cfg.overrides, "test_rows": "official", "max_test_samples": 0})
+
+
+def run(cfg: Config, seeds, results: Path, log) -> dict:
+    """Train and score what is missing for every seed, then write RESULTS/headline.*; returns the summary."""
+    scored = {}
+    for seed in seeds:
+        c = seed_config(cfg, seed)
+        log(f"headline, seed {seed}: runs in {c.runs}")
+        prep = shared_data(c, log)
+        cf_model(c, prep, "mf", log)
+        if any(SETTINGS[name].traces for _, name in HEADLINE):
+            shared_traces(c, log)
+        for label, name in HEADLINE:
+            run_setting(c, SETTINGS[name], log)
+            scored[(label, seed)] = c.runs / name
+    out = summarize(scored, cfg.scale, list(seeds))
+    paths = write(out, results)
+    log(f"headline: wrote {', '.join(str(p) for p in paths)}")
+    return out
+
+
+def _scores(run: Path) -> list:
+    return read_jsonl(run / "infer" / "scores.jsonl", f"delete {run}/metrics.json to test the run again")
+
+
+def summarize(scored: dict, scale: str, seeds: list) -> dict:
+    """The headline summary of {(label, seed): run directory}, each run's infer/scores.jsonl over the same
+    official-sample rows."""
+    recs = {key: _scores(run) for key, run in scored.items()}
+    first = next(iter(recs.values()))
+    rows = [x["row"] for x in first]
+    for (label, seed), r in recs.items():
+        if [x["row"] for x in r] != rows:
+            raise ExperimentError(f"{scored[(label, seed)]} scored other test rows than "
+                                  f"{scored[next(iter(recs))]}: the headline needs every run on the same rows")
+    users, labels = [x["user_id"] for x in first], [x["label"] for x in first]
+    sets, averages = {"like-rate": [x["like_rate_score"] for x in first]}, {}
+    for (label, seed), r in recs.items():
+        sets[f"{label}@{seed}"] = [x["score"] for x in r]
+        averages.setdefault(label, []).append(f"{label}@{seed}")
+        if label == HEADLINE[0][0]:  # each seed's CF model, read from the first method's runs
+            sets[f"MF@{seed}"] = [x["mf_score"] for x in r]
+            averages.setdefault("MF", []).append(f"MF@{seed}")
+    point = {k: evaluate(users, v, labels) for k, v in sets.items()}
+    methods = {"like-rate": {m: point["like-rate"][m] for m in ("auc", "uauc")}}
+    for name, members in averages.items():
+        methods[name] = {m: float(np.mean([point[k][m] for k in members])) for m in ("auc", "uauc")}
+        methods[name]["per_seed"] = [{"seed": int(k.split("@")[1]), **{m: point[k][m] for m in ("auc", "uauc")}}
+                                     for k in members]
+    b = bootstrap(users, sets, labels, averages=averages)
+    intervals = {}
+    for label, _ in HEADLINE:
+        intervals[label] = {**b["intervals"][label],
+                            "vs": {floor: b["differences"][label][floor] for floor in FLOORS}}
+    for floor in FLOORS:
+        intervals[floor] = b["intervals"][floor]
+    return {"population": POPULATION, "rows": len(rows), "scale": scale, "seeds": seeds,
+            "methods": {k: methods[k] for k in (*FLOORS, *(label for label, _ in HEADLINE))},
+            "intervals": intervals, "resamples": b["n"], "users": b["users"]}
+
+
+def markdown(out: dict) -> str:
+    lines = [f"## Headline: the {out['population']}, {out['rows']} rows, scale {out['scale']}, seeds "
+             f"{', '.join(map(str, out['seeds']))}", "",
+             "| method | AUC | UAUC | AUC 95% | UAUC 95% | AUC - MF | UAUC - MF | AUC - like-rate | UAUC - like-rate |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    span = lambda s: f"[{s[0]:.4f}, {s[1]:.4f}]"  # noqa: E731
+    for name, m in out["methods"].items():
+        iv = out["intervals"][name]
+        vs = iv.get("vs", {})
+        diffs = [span(vs[f][k]) if f in vs else "" for f in FLOORS for k in ("auc", "uauc")]
+        lines.append(f"| {name} | {m['auc']:.4f} | {m['uauc']:.4f} | {span(iv['auc'])} | {span(iv['uauc'])} | "
+                     + " | ".join(diffs) + " |")
+    lines += ["", f"Seeded rows are seed means; intervals: {out['resamples']} paired bootstrap resamples over "
+              f"{out['users']} users, each averaging the seeds. MF: each seed's CF model on the same rows; "
+              f"like-rate: smoothed user and item like rates of the train split (no model). The LLM rows are "
+              f"the LLM alone, no fusion with MF."]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: dict, results: Path) -> list:
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    names = list(out["methods"])
+    report.bars(results / "headline.png", ["AUC", "UAUC"],
+                {n: [out["methods"][n]["auc"], out["methods"][n]["uauc"]] for n in names},
+                f"{out['population']} ({out['rows']} rows), seed means", "metric", "value",
+                spans={n: [out["intervals"][n]["auc"], out["intervals"][n]["uauc"]] for n in names})
+    write_json(results / "headline.json", out)
+    atomic_write_text(results / "headline.md", markdown(out))
+    return [results / "headline.json", results / "headline.md", results / "headline.png"]
