@@ -239,11 +239,12 @@ def main():
         return worker(a)
     import torch
 
+    from thinkrec import hardware
     from thinkrec import precision as P
 
-    # the machine's bf16 decision (thinkrec.precision.machine_bf16: CPU flags, then a cached once-per-machine
+    # the machine's bf16 decision (thinkrec.hardware.machine_bf16: CPU flags, then a cached once-per-machine
     # probe), the same that --precision auto takes in train.py and the experiments
-    machine = P.machine_bf16() if a.device == "cpu" else None
+    machine = hardware.machine_bf16() if a.device == "cpu" else None
     precs, skipped = [], {}
     for p in [x for x in a.precisions.split(",") if x]:
         if p == "bf16" and machine is not None and not machine.native and not a.force_slow:

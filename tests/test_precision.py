@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.train_fixtures import tiny_lm
-from thinkrec import precision
+from thinkrec import hardware, precision
 from thinkrec.precision import Int8Linear, Precision, PrecisionError, resolve
 
 FAST_BF16 = {"fp32_gflops": 216.0, "bf16_gflops": 956.0, "n": 1024, "threads": 2, "seconds": 0.1}
@@ -30,56 +30,56 @@ def probes(monkeypatch):
         calls["n"] += 1
         return dict(calls["rates"])
 
-    monkeypatch.setattr(precision, "confirm_probe", fake)
-    monkeypatch.delenv(precision.REPROBE_ENV, raising=False)
+    monkeypatch.setattr(hardware, "confirm_probe", fake)
+    monkeypatch.delenv(hardware.REPROBE_ENV, raising=False)
     return calls
 
 
 @pytest.mark.parametrize("rates,want", [(FAST_BF16, "bf16"), (SLOW_BF16, "fp32")])
 def test_auto_on_a_native_bf16_cpu_follows_the_confirming_probe(monkeypatch, tmp_path, probes, rates, want):
     probes["rates"] = rates
-    m = precision.bf16_decision(NATIVE, tmp_path)
+    m = hardware.bf16_decision(NATIVE, tmp_path)
     assert (m.native, m.decision, probes["n"]) == (("avx512_bf16",), want, 1)
-    monkeypatch.setattr(precision, "machine_bf16", lambda: precision.bf16_decision(NATIVE, tmp_path))
+    monkeypatch.setattr(hardware, "machine_bf16", lambda: hardware.bf16_decision(NATIVE, tmp_path))
     p = resolve("auto", "cpu", training=True)
     assert (p.name, p.requested, p.probe["bf16_gflops"], probes["n"]) == (want, "auto", rates["bf16_gflops"], 1)
     assert f"bf16 {rates['bf16_gflops']:g}" in p.describe() and "GFLOP/s" not in p.reason  # artifacts hold no timings
 
 
 def test_no_native_bf16_is_fp32_without_any_timing(tmp_path, probes):
-    m = precision.bf16_decision(AVX2_ONLY, tmp_path)
+    m = hardware.bf16_decision(AVX2_ONLY, tmp_path)
     assert (m.native, m.decision, m.rates, probes["n"]) == ((), "fp32", None, 0)
     assert not any(tmp_path.iterdir())  # nothing to cache: the flags decide
 
 
 def test_the_decision_is_cached_per_cpu_threads_and_torch_version(monkeypatch, tmp_path, probes):
-    first = precision.bf16_decision(NATIVE, tmp_path)
+    first = hardware.bf16_decision(NATIVE, tmp_path)
     probes["rates"] = SLOW_BF16  # a later probe would say otherwise: the cache must answer instead
-    assert precision.bf16_decision(NATIVE, tmp_path).decision == first.decision == "bf16" and probes["n"] == 1
+    assert hardware.bf16_decision(NATIVE, tmp_path).decision == first.decision == "bf16" and probes["n"] == 1
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)
-        assert precision.bf16_decision(NATIVE, tmp_path).decision == "fp32" and probes["n"] == 2
+        assert hardware.bf16_decision(NATIVE, tmp_path).decision == "fp32" and probes["n"] == 2
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
-    precision.bf16_decision(NATIVE, tmp_path)
+    hardware.bf16_decision(NATIVE, tmp_path)
     assert probes["n"] == 3
     monkeypatch.undo()
-    monkeypatch.setattr(precision, "confirm_probe", lambda: (probes.__setitem__("n", probes["n"] + 1), dict(FAST_BF16))[1])
+    monkeypatch.setattr(hardware, "confirm_probe", lambda: (probes.__setitem__("n", probes["n"] + 1), dict(FAST_BF16))[1])
     other_cpu = {**NATIVE, "model": "Another CPU"}
-    precision.bf16_decision(other_cpu, tmp_path)
+    hardware.bf16_decision(other_cpu, tmp_path)
     assert probes["n"] == 4
-    assert precision.bf16_decision(NATIVE, tmp_path).decision == "bf16" and probes["n"] == 4  # still cached
-    monkeypatch.setenv(precision.REPROBE_ENV, "1")
-    precision.bf16_decision(NATIVE, tmp_path)
+    assert hardware.bf16_decision(NATIVE, tmp_path).decision == "bf16" and probes["n"] == 4  # still cached
+    monkeypatch.setenv(hardware.REPROBE_ENV, "1")
+    hardware.bf16_decision(NATIVE, tmp_path)
     assert probes["n"] == 5  # asked to probe again
 
 
 def _real_decision(cache, info=None):
     """The real confirming probe on this CPU, with native-bf16 flags where it has them."""
-    info = info or precision.cpu_info()
-    return precision.bf16_decision({**info, "flags": info["flags"] or NATIVE["flags"]}, cache).decision
+    info = info or hardware.cpu_info()
+    return hardware.bf16_decision({**info, "flags": info["flags"] or NATIVE["flags"]}, cache).decision
 
 
 def test_decision_does_not_move_with_a_slow_or_noisy_timer(monkeypatch, tmp_path):
@@ -88,9 +88,9 @@ def test_decision_does_not_move_with_a_slow_or_noisy_timer(monkeypatch, tmp_path
     import random
     import time
 
-    monkeypatch.delenv(precision.REPROBE_ENV, raising=False)
+    monkeypatch.delenv(hardware.REPROBE_ENV, raising=False)
     want = _real_decision(tmp_path / "real")
-    monkeypatch.setattr(precision, "_clock", lambda: time.perf_counter() * 10)
+    monkeypatch.setattr(hardware, "_clock", lambda: time.perf_counter() * 10)
     assert _real_decision(tmp_path / "slow") == want
     rng, stalled = random.Random(0), [0.0]
 
@@ -98,7 +98,7 @@ def test_decision_does_not_move_with_a_slow_or_noisy_timer(monkeypatch, tmp_path
         stalled[0] += rng.uniform(0, 5e-3)
         return time.perf_counter() + stalled[0]
 
-    monkeypatch.setattr(precision, "_clock", noisy)
+    monkeypatch.setattr(hardware, "_clock", noisy)
     assert _real_decision(tmp_path / "noisy") == want
 
 
@@ -111,12 +111,12 @@ def test_decision_does_not_move_beside_a_cpu_hog(monkeypatch, tmp_path):
     import subprocess
     import sys
 
-    monkeypatch.delenv(precision.REPROBE_ENV, raising=False)
+    monkeypatch.delenv(hardware.REPROBE_ENV, raising=False)
     want = _real_decision(tmp_path / "idle")
     hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(2)]
     try:
         assert _real_decision(tmp_path / "loaded") == want
-        monkeypatch.setattr(precision, "confirm_probe", lambda: pytest.fail("the cached decision must answer"))
+        monkeypatch.setattr(hardware, "confirm_probe", lambda: pytest.fail("the cached decision must answer"))
         assert _real_decision(tmp_path / "idle") == want
     finally:
         for h in hogs:

@@ -19,11 +19,7 @@
            flags, torch thread count and torch version); THINKREC_REPROBE=1 probes again. Never int8: int8
            moves scores more than bf16 does, so it is asked for by name.
 
-Why flags first and a cached decision: a short timing probe under load read fp32 2.4 and bf16 4.2 GFLOP/s
-(ratio 1.75) on a CPU whose idle bf16 GEMMs run 4.4x fp32, so two runs with the same arguments trained at
-different precisions. The flags say whether the hardware has bf16 at all (without it bf16 GEMMs run at
-~1 GFLOP/s against ~200 for fp32); the probe only confirms that this torch build uses it, takes the best of
-interleaved timings (load only ever slows a run down) and then never runs again on that machine.
+Why flags first and a cached decision: see thinkrec/hardware.py, which makes it.
 
 Why the int8 GEMM is `torch.ops.quantized.linear_dynamic` (fbgemm / x86 engine, weights prepacked once):
 it is the C++ kernel torch's dynamic quantization has always called, measured 1.4-1.7x fp32 on a 2-core
@@ -35,10 +31,6 @@ imported; if a later torch drops the op, `--precision int8` fails with a message
 
 import contextlib
 import functools
-import hashlib
-import json
-import os
-import platform
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -47,14 +39,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from thinkrec import hardware
+from thinkrec.hardware import BF16_MIN_SPEEDUP, MachineBf16
+from thinkrec.io import read_json, write_json
+
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # int8 has no backward
 REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in fbgemm's AVX2 kernels (CPUs without VNNI)
 INT8_CAVEAT = ("int8 GEMMs with one dynamic activation scale per call: on SmolLM2-135M they moved Yes logits by "
                "up to 7 against fp32 and AUC by -0.19 on ML-1M rows; measure with bench/infer_throughput.py "
                "--precisions int8 before trusting it on your model")
-BF16_MIN_SPEEDUP = 1.5  # auto picks bf16 on a native-bf16 CPU when its best bf16 GEMM rate is this much fp32's
-# (measured 2-4.4x there; under 0.02x without native bf16: the threshold sits far from both, so load cannot flip it)
 
 
 class PrecisionError(ValueError):
@@ -62,7 +56,7 @@ class PrecisionError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- probe
-_clock = time.perf_counter  # tests make it slow or noisy
+_clock = time.perf_counter
 
 
 def _rate(fn, flops: float, budget_s: float) -> float:
@@ -92,43 +86,11 @@ def _int8_rate(n: int, budget_s: float) -> float:
     return _rate(lambda: lin(x), 2 * n ** 3, budget_s)
 
 
-def _best_rates(n: int, reps: int, budget_s: float) -> dict:
-    """{"fp32_gflops", "bf16_gflops"} of n-cube matmuls: fp32 and bf16 timed in turns (so load slows both
-    alike), two warm-up calls each, the fastest of up to `reps` calls each within budget_s."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    pairs = {"fp32_gflops": (a, b), "bf16_gflops": (a.bfloat16(), b.bfloat16())}
-    best = dict.fromkeys(pairs, float("inf"))
-    for x, y in pairs.values():
-        x @ y, x @ y
-    t_end = _clock() + budget_s
-    for _ in range(reps):
-        for name, (x, y) in pairs.items():
-            t0 = _clock()
-            x @ y
-            best[name] = min(best[name], max(_clock() - t0, 1e-9))
-        if _clock() > t_end:
-            break
-    return {name: 2 * n ** 3 / s / 1e9 for name, s in best.items()}
-
-
-def confirm_probe() -> dict:
-    """Measured CPU matmul rates {"fp32_gflops", "bf16_gflops", "n", "threads", "seconds"} for the
-    once-per-machine decision: a 256-cube first (bf16 without a native path runs at ~1 GFLOP/s, so the
-    1024-cube, 2 GFLOP a call, is timed only where bf16 keeps up); about 1-2 s in all."""
-    t0 = _clock()
-    rates, n = _best_rates(256, 5, 0.3), 256
-    if rates["bf16_gflops"] >= 0.5 * rates["fp32_gflops"]:
-        rates, n = _best_rates(1024, 10, 2.0), 1024
-    rates = {k: round(v, 1) for k, v in rates.items()}
-    return {**rates, "n": n, "threads": torch.get_num_threads(), "seconds": round(_clock() - t0, 3)}
-
-
 @functools.lru_cache(maxsize=None)
 def probe(int8: bool = False, threads: int = 0) -> dict:
     """Quick measured rates {"fp32_gflops", "bf16_gflops", "int8_gops" (with int8), "n", "threads",
     "seconds"} for the benches' tables (threads: part of the cache key), once per process. Never used to
-    decide a precision: machine_bf16() decides."""
+    decide a precision: thinkrec.hardware.machine_bf16() decides."""
     t0 = _clock()
     rates = {}
     for name, dtype in (("fp32_gflops", torch.float32), ("bf16_gflops", torch.bfloat16)):
@@ -141,91 +103,6 @@ def probe(int8: bool = False, threads: int = 0) -> dict:
             rates["int8_gops"] = None
     rates.update(n=1024, threads=torch.get_num_threads(), seconds=round(_clock() - t0, 3))
     return {k: (round(v, 1) if isinstance(v, float) and k != "seconds" else v) for k, v in rates.items()}
-
-
-# --------------------------------------------------------------------------------- the machine's bf16
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo that mean native bf16 GEMMs (oneDNN)
-CACHE_SUBDIR = "precision"
-REPROBE_ENV = "THINKREC_REPROBE"
-
-
-def cpu_info() -> dict:
-    """{"model", "flags"} of this CPU from /proc/cpuinfo (Linux; empty elsewhere)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name":
-            model = value.strip()
-        elif key in ("flags", "Features") and not flags:  # x86 / Arm; the first core speaks for all
-            flags = set(value.split())
-    return {"model": model, "flags": sorted(flags)}
-
-
-def native_bf16_flags(info: dict | None = None) -> list:
-    """The flags that give this CPU native bf16 GEMMs ([] when none). Where /proc/cpuinfo is missing, torch's
-    own CPU capability check for avx512_bf16 / AMX stands in."""
-    info = info or cpu_info()
-    found = [f for f in BF16_FLAGS if f in info["flags"]]
-    if not found and not info["flags"]:
-        cpu = torch.cpu
-        if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
-            found.append("avx512_bf16")
-        if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
-            found.append("amx_bf16")
-    return found
-
-
-def machine_key(info: dict | None = None) -> dict:
-    """What the cached decision is valid for: CPU model and flags, torch's thread count and version."""
-    info = info or cpu_info()
-    flags = hashlib.sha256(" ".join(info["flags"]).encode()).hexdigest()[:16]
-    return {"cpu": info["model"], "flags_sha256": flags, "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
-
-
-@dataclass(frozen=True)
-class MachineBf16:
-    """What this machine does with bf16: `native` flags ([] = none), the `decision` auto takes (fp32 | bf16),
-    the confirming probe's rates (None where no probe was needed) and the cache file that holds them."""
-
-    native: tuple
-    decision: str
-    rates: dict | None
-    cache: str | None
-
-
-def machine_bf16() -> MachineBf16:
-    """This machine's bf16 decision (bf16_decision on this CPU and cache directory)."""
-    from thinkrec.io import cache_dir
-
-    return bf16_decision(cpu_info(), cache_dir() / CACHE_SUBDIR)
-
-
-def bf16_decision(info: dict, cache: Path) -> MachineBf16:
-    """fp32 without native bf16 in `info`'s flags (no timing); else the decision cached in `cache` for this
-    machine_key(), or a confirming probe whose decision is cached there (THINKREC_REPROBE=1 probes again)."""
-    from thinkrec.io import read_json, write_json
-
-    native = tuple(native_bf16_flags(info))
-    if not native:
-        return MachineBf16((), "fp32", None, None)
-    key = machine_key(info)
-    path = Path(cache) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
-    if path.is_file() and os.environ.get(REPROBE_ENV, "") in ("", "0"):
-        obj = read_json(path, f"delete {path}: the next run probes this machine again")
-        if isinstance(obj, dict) and obj.get("key") == key and obj.get("decision") in ("fp32", "bf16"):
-            return MachineBf16(native, obj["decision"], obj.get("rates"), str(path))
-    rates = confirm_probe()
-    decision = "bf16" if rates["bf16_gflops"] >= BF16_MIN_SPEEDUP * rates["fp32_gflops"] else "fp32"
-    write_json(path, {"key": key, "native": list(native), "decision": decision, "rates": rates,
-                      "rule": f"bf16 when the best bf16 GEMM rate is at least {BF16_MIN_SPEEDUP:g}x fp32's",
-                      "probed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return MachineBf16(native, decision, rates, str(path))
 
 
 # --------------------------------------------------------------------------------------------- resolve
@@ -291,7 +168,7 @@ def resolve(requested: str, device="cpu", *, training: bool = False, rates: dict
         return Precision("fp32", requested, dev, "asked for fp32")
     # the reason holds no measured numbers and nothing that differs between a probing run and a cached one
     # (a run's artifacts must not): the rates are in `probe`, and describe() prints them
-    m = machine_bf16() if rates is None else _from_rates(rates)
+    m = hardware.machine_bf16() if rates is None else _from_rates(rates)
     if requested == "auto":
         if not m.native:
             why = "auto: this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag): fp32"
@@ -418,8 +295,6 @@ RUN_FILE = "precision.json"
 def stored(run_dir) -> dict | None:
     """RUN/precision.json ({"name", "requested", "device", "reason", "probe"}) or None for a run made before
     precisions existed (it trained in fp32)."""
-    from thinkrec.io import read_json
-
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return None
@@ -439,15 +314,13 @@ def for_run(run_dir, requested: str | None, device="cpu", *, training: bool) -> 
     if st is None:
         return resolve("auto" if training else "fp32", device, training=training)
     p = resolve(st["name"], device, training=training)
-    warning = slow_warning(p.name, p.probe, native=p.device != "cpu" or bool(machine_bf16().native))
+    warning = slow_warning(p.name, p.probe, native=p.device != "cpu" or bool(hardware.machine_bf16().native))
     return Precision(p.name, p.requested, p.device, f"the run's precision, {Path(run_dir) / RUN_FILE} (chosen as "
                      f"{st.get('requested', st['name'])})" + (f": {warning}" if warning else ""), p.probe)
 
 
 def record(run_dir, precision: Precision) -> bool:
     """Write RUN/precision.json when it is missing or names another precision; True when written."""
-    from thinkrec.io import write_json
-
     st = stored(run_dir)
     if st is not None and st.get("name") == precision.name:
         return False
