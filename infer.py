@@ -35,7 +35,7 @@ from thinkrec.model.adapters import AdapterFileError
 from thinkrec.train.stages import STAGES
 from thinkrec.precision import PRECISIONS, PrecisionError
 from thinkrec.recipe import RECIPES, RecipeError
-from thinkrec.runtime import tune_malloc
+from thinkrec.runtime import quiet_progress, tune_malloc
 
 USER_ERRORS = (DataError, RunError, ArtifactError, ModelLoadError, AdapterFileError, RunLockedError,
                FileNotFoundError, PrecisionError, RecipeError)
@@ -120,6 +120,8 @@ def log(*a):
 
 def main(argv=None) -> dict:
     args = parse(argv)
+    if args.no_progress:
+        quiet_progress()
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision, stage=args.stage,

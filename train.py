@@ -51,7 +51,7 @@ from thinkrec.model.adapters import AdapterFileError
 from thinkrec.model.projector import CF_INPUTS, cf_token_tables, token_report
 from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
 from thinkrec.recipe import RECIPES, RecipeError
-from thinkrec.runtime import tune_malloc
+from thinkrec.runtime import quiet_progress, tune_malloc
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             setup, stage_dir, subsample, train_stage)
 from thinkrec.train.checkpoint import CheckpointError
@@ -267,6 +267,8 @@ def check_groups(groups: dict, args) -> int:
 def main(argv=None) -> dict:
     args = parse(argv)
     d = init_from_env()
+    if args.no_progress:
+        quiet_progress()
     if args.threads:
         torch.set_num_threads(args.threads)
     rec = apply_recipe(args)
@@ -324,7 +326,7 @@ def run_pipeline(args, d) -> dict:
     if d.is_main and not (run / "cf" / f"{args.cf_model}.safetensors").exists():
         # one configuration, no grid search: a short, fixed schedule that the LLM stages only read embeddings of
         train_cf(run, CFConfig(model=args.cf_model, lr=1e-3, dim=args.cf_dim, weight_decay=1e-6, max_epochs=30,
-                               patience=3, seed=args.seed, threads=torch.get_num_threads()))
+                               patience=3, seed=args.seed, threads=torch.get_num_threads(), progress=not args.no_progress))
     if d.is_main and not (run / "experts" / "groups.safetensors").exists():
         build_groups(run, GroupConfig(model=args.cf_model, groups=0 if args.experts == "auto" else args.experts,
                                       cluster=args.cluster, users=rec.cluster_users, seed=args.seed,

@@ -128,6 +128,13 @@ def test_bad_input_names_the_line_and_writes_nothing(run, tmp_path):
         with pytest.raises(DataError, match=msg):
             infer.main(_argv(run, tmp_path / "out", "--input", str(path)))
         assert not (tmp_path / "out" / "scores.jsonl").exists()
+    # a byte that is not UTF-8: the line, not a UnicodeDecodeError traceback
+    path.write_bytes(good.encode() + b'{"user_id": "1", "item_id": "3", "title": "Caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: not UTF-8 \(byte 0xe9 at column 47\)"):
+        read_input(path, prep, allow_unknown=True)
+    # what a reasonable file holds: a BOM, CRLF line ends, trailing blank lines
+    path.write_bytes(b"\xef\xbb\xbf" + good.replace("\n", "\r\n").encode() * 2 + b"\r\n\r\n")
+    assert len(read_input(path, prep)) == 2
     # --allow-unknown: scored with the global adapter, counted
     path.write_text(good + '{"user_id": "999", "item_id": "77", "title": "New Film (2030)"}\n')
     m = infer.main(_argv(run, tmp_path / "out", "--input", str(path), "--allow-unknown"))

@@ -186,3 +186,20 @@ def test_official_recipe_switches_every_point(tmp_path, monkeypatch):
     assert loaded.builder("reason").text(0).startswith("<s>#Question: A user has given high ratings")
     with pytest.raises(RecipeError, match="started with --recipe official"):
         train.main(["--run-dir", str(run), "--recipe", "ours"])
+
+
+def test_no_progress_silences_every_bar(tmp_path, capsys):
+    """--no-progress: no tqdm bar on stderr from any phase, the CF model's grid included."""
+    import train
+
+    model = _tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    _tiny_csv(data)
+    capsys.readouterr()
+    train.main(["--dataset", "csv", "--data-dir", str(data), "--model", str(model), "--run-dir", str(tmp_path / "run"),
+                "--experts", "2", "--max-train-samples", "12", "--max-eval-samples", "8", "--max-test-samples", "4",
+                "--batch-size", "5", "--cf-dim", "8", "--expert-layers", "1", "--max-len", "400", "--no-progress",
+                "--threads", "1"])
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "s/it" not in err and "%|" not in err, err[-2000:]

@@ -29,3 +29,13 @@ def tune_malloc() -> bool:
             except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
                 _done = False
     return _done
+
+
+def quiet_progress() -> None:
+    """No progress bars from the libraries under us (transformers' "Loading weights", the hub's downloads): what
+    --no-progress promises for a whole run. Our own bars take `disable=not progress` where they are made."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()

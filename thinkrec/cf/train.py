@@ -51,6 +51,7 @@ class CFConfig:
     select: str | None = None  # "auc" or "official" (AUC/4 + UAUC/3) on valid; None: the model's, SELECT
     sasrec_labels: bool = False  # SASRec: add each history item's like/dislike label to its embedding
     threads: int = 1  # torch CPU threads; 1: these models are tiny and 2 threads spin-wait on a busy 2-core box
+    progress: bool = True  # tqdm bars per configuration (train.py --no-progress turns them off)
 
 
 @dataclass
@@ -146,7 +147,8 @@ def split_metrics(model, data: RowData, split: str) -> dict:
 
 def fit(model, data: RowData, seen_users: torch.Tensor, lr: float, weight_decay: float,
         batch_size: int = CFConfig.batch_size, max_epochs: int = CFConfig.max_epochs,
-        patience: int = CFConfig.patience, seed: int = 0, desc: str = "", select: str = "auc") -> dict:
+        patience: int = CFConfig.patience, seed: int = 0, desc: str = "", select: str = "auc",
+        progress: bool = True) -> dict:
     """Train `model` in place on the train rows; keep the weights of the epoch with the best valid
     `selection_score(select)` (default: AUC).
 
@@ -162,7 +164,7 @@ def fit(model, data: RowData, seen_users: torch.Tensor, lr: float, weight_decay:
     train_idx = torch.from_numpy(data.rows("train"))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     best = {"valid_score": -np.inf, "best_epoch": -1, "state": None}
-    bar = tqdm(range(max_epochs), desc=desc, leave=False, mininterval=2.0)
+    bar = tqdm(range(max_epochs), desc=desc, leave=False, mininterval=2.0, disable=not progress)
     for epoch in bar:
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
@@ -293,8 +295,10 @@ def train_cf(run_dir, cfg: CFConfig) -> dict:
     t = time.perf_counter()
     model, best, results, data = search(cfg.model, prep, grid, seed=cfg.seed, batch_size=cfg.batch_size,
                                         max_epochs=cfg.max_epochs, patience=cfg.patience, model_kw=model_kw,
+                                        progress=cfg.progress,
                                         **({"select": cfg.select} if cfg.select else {}))
-    info = {"args": {"run": str(run_dir), **asdict(cfg)}, "grid": grid, "selected": best, "results": results,
+    args = {k: v for k, v in asdict(cfg).items() if k != "progress"}  # how it was shown changes no number
+    info = {"args": {"run": str(run_dir), **args}, "grid": grid, "selected": best, "results": results,
             "valid": split_metrics(model, data, "valid"), "test": split_metrics(model, data, "test"),
             "seconds": round(time.perf_counter() - t, 1)}
     path = save(run_dir, cfg.model, model, prep, info)

@@ -24,12 +24,18 @@ def malformed(path, line: int, why: str) -> DataError:
 
 
 def json_lines(path):
-    """(line number, parsed value) of every non-blank line of a JSON Lines file; a line that is not JSON is
-    a DataError naming the file and line."""
+    """(line number, parsed value) of every non-blank line of a JSON Lines file; a line that is not UTF-8 or not
+    JSON is a DataError naming the file and line. A UTF-8 byte order mark and CRLF line ends are accepted, as
+    the CSV readers accept them."""
     import json
 
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise malformed(path, line_no, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                               f"save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
