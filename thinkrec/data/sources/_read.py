@@ -76,12 +76,17 @@ def _named_errors(path, encoding, last_line):
 
 def _decode_error(path, encoding) -> DataError:
     gz = is_gzip(path)
-    with open_binary(path) as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                return not_encoded(path, line_no, raw, e.start, gz)
+    line_no = 0
+    try:
+        with open_binary(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    raw.decode(encoding)
+                except UnicodeDecodeError as e:
+                    return not_encoded(path, line_no, raw, e.start, gz)
+    except GZIP_ERRORS as e:  # a truncated stream whose garbage tail failed to decode first (fuzzing found it)
+        return DataError(f"{path}: gzip data is corrupt or truncated after line {line_no} ({e}); "
+                         "download or compress it again")
     return DataError(f"{path}: not valid {encoding}")  # unreachable: the stream failed on some line
 
 
