@@ -34,7 +34,7 @@ import itertools
 import os
 import statistics
 
-from _util import ml1m_prepared, peak_memory, print_json, reset_peak_memory, run_worker, time_runs
+from _util import ml1m_prepared, peak_memory, print_json, reset_peak_memory, run_worker, sync, time_runs
 
 YES_W, LM_W = 0.9, 0.1  # plain samples
 
@@ -196,6 +196,19 @@ def worker(args):
 
     for b in range(len(batches) if cached else 1):  # warm-up (allocator, first calls; fills the prefix cache)
         train_step(b)
+    if args.profile:  # one step under torch.profiler: the operators by self time
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            train_step(0)
+            sync(dev)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        print_json({"profile": [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count,
+                                 "share": round(e.self_cpu_time_total / max(total, 1), 4)}
+                                for e in events[:args.profile]], "step_self_ms": round(total / 1e3, 1)})
+        return
     base = reset_peak_memory(dev)
     repeat = itertools.count()
     times = time_runs(lambda: train_step(next(repeat) % len(batches)), args.repeats, dev)
@@ -207,9 +220,10 @@ def worker(args):
                 "tokens_per_batch": tokens, "step_gflop": flops / 1e9})
 
 
-def _run(stage, provider, a, check=False, precision="fp32"):
+def _run(stage, provider, a, check=False, precision="fp32", profile=0):
     args = ["--worker", "--stage", stage, "--provider", provider, "--repeats", a.repeats, "--batches", a.batches,
-            "--batch-size", a.batch_size, "--device", a.device, "--experts", a.experts, "--precision", precision]
+            "--batch-size", a.batch_size, "--device", a.device, "--experts", a.experts, "--precision", precision,
+            "--profile", profile]
     args += (["--model", a.model] if a.model else []) + (["--check"] if check else [])
     return run_worker(os.path.abspath(__file__), args)
 
@@ -226,6 +240,9 @@ def main():
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (bf16 only where the CPU has native bf16, "
                     "unless --force-slow)")
     ap.add_argument("--force-slow", action="store_true", help="time bf16 even on a CPU without native bf16")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of the comparison: one step of ours per stage and precision under torch.profiler, "
+                         "the N operators with the most self time")
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -260,11 +277,23 @@ def main():
     print(f"precision: auto on this machine -> {machine.decision if machine else 'n/a'} (native bf16 flags: "
           f"{list(machine.native) if machine else 'n/a'}; its probe: {probe}); GEMM rates for the peak fraction: "
           f"{rates}" + "".join(f"\nskipped {p}: {why}" for p, why in skipped.items()))
+    stages_ = [int(s) for s in a.stages.split(",")]
+    if a.profile:
+        profiles = {}
+        for stage in stages_:
+            for prec in precs:
+                r = _run(stage, "ours", a, precision=prec, profile=a.profile)
+                profiles[f"stage{stage}_{prec}"] = r
+                print(f"\nstage {stage}, {prec}, ours: one step, {r['step_self_ms']:.0f} ms of operator self time")
+                print("| operator | self ms | calls | share |\n|---|---|---|---|")
+                for e in r["profile"]:
+                    print(f"| {e['op']} | {e['self_ms']:.1f} | {e['calls']} | {e['share']:.1%} |")
+        print_json({"profiles": profiles, "precision_probe": probe, "precisions_skipped": skipped})
+        return
     res = {}
     print(f"| stage | precision | provider | step s (median of {a.repeats}) | samples/s | peak MB | tokens/batch | "
           f"GFLOP/step | peak fraction |")
     print("|---|---|---|---|---|---|---|---|---|")
-    stages_ = [int(s) for s in a.stages.split(",")]
     for stage in stages_:
         for prec in precs:
             chk = {p: _run(stage, p, a, check=True, precision=prec)["check_loss"] for p in ("official", "ours")}
