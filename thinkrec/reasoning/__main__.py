@@ -37,7 +37,8 @@ def synth_main(argv=None) -> dict:
     p.add_argument("--titles", default="full", choices=TITLE_STYLES, help="item titles, as train.py --titles")
     p.add_argument("--history", default="strict", choices=HISTORY_RULES,
                    help="history rule of the teacher's prompt, as train.py --history (file: the official ties rule)")
-    p.add_argument("--teacher", default="local", help="an OpenAI-compatible base URL (http://host:8000/v1), "
+    p.add_argument("--teacher", default="local", help="'facts' (offline: traces that state counts from the training "
+                   "data, not the paper's teacher), an OpenAI-compatible base URL (http://host:8000/v1), "
                    "'local' (the embedded SmolLM2-135M) or 'local:MODEL' (an HF id or directory)")
     p.add_argument("--model", default=None, help="model name the server serves (HTTP teachers)")
     p.add_argument("--select", default="random", choices=SELECT)
@@ -63,13 +64,21 @@ def synth_main(argv=None) -> dict:
     rows = select_rows(prep, a.select, n=a.n, seed=a.seed, scores=a.scores, rows_file=a.rows)
     if not len(rows):
         raise DataError(f"--select {a.select} chose no training rows")
+    out = Path(a.out) if a.out else run / "reasoning" / "traces.jsonl"
+    if a.teacher == "facts":  # counts from the data, not a model (thinkrec/reasoning/facts.py)
+        from .facts import NAME, synthesize_facts
+
+        print(f"{len(rows)} training samples ({a.select}) -> {out}, teacher {NAME}", file=sys.stderr, flush=True)
+        summary = synthesize_facts(prep, rows, out, noun=noun, history=a.history,
+                                   log=lambda *m: print(*m, file=sys.stderr, flush=True))
+        print(to_json(summary), flush=True)
+        return summary
     from .teacher import make_teacher
 
     teacher = make_teacher(a.teacher, a.model, timeout=a.timeout, retries=a.retries, temperature=a.temperature,
                            seed=a.seed)
     kw_path = run / "data" / "keywords.jsonl"
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
-    out = Path(a.out) if a.out else run / "reasoning" / "traces.jsonl"
     print(f"{len(rows)} training samples ({a.select}) -> {out}, teacher {teacher.name}", file=sys.stderr, flush=True)
     summary = synthesize(prep, rows, teacher, out, keywords=keywords, noun=noun, history=a.history,
                          concurrency=a.concurrency,
