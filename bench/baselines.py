@@ -2,9 +2,9 @@
 train split, selected on valid AUC (grid + early stopping; `--select official`: AUC/4 + UAUC/3), scored
 on test.
 
-    python bench/baselines.py --data ../shared/data/ml1m-collm
-    python bench/baselines.py --data ../shared/data/ml1m-collm --models mf --grid paper   # full paper grid
-    python bench/baselines.py --data ../shared/data/ml1m-collm --run runs/ml1m           # also export to RUN/cf
+    python bench/baselines.py --data-dir ../shared/data/ml1m-collm
+    python bench/baselines.py --data-dir ../shared/data/ml1m-collm --models mf --grid paper   # full paper grid
+    python bench/baselines.py --data-dir ../shared/data/ml1m-collm --run-dir runs/ml1m       # also export to RUN/cf
 
 Prints, per model, the selected configuration and test AUC / UAUC / NDCG@5 / MAP@5 beside the paper's
 row; the like-rate floor (thinkrec.cf.likerate: smoothed user and item like rates, no training); and where
@@ -42,9 +42,9 @@ TRAIN_PY_FIT = {"max_epochs": 30, "patience": 3}
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
-    p.add_argument("--data", default=str(ML1M),
+    p.add_argument("--data-dir", dest="data", default=str(ML1M),
                    help="directory with the paper split's interactions.csv and items.csv")
-    p.add_argument("--run", default=None, help="if given, also export embeddings to RUN/cf/<model>.*")
+    p.add_argument("--run-dir", dest="run", default=None, help="if given, also export embeddings to RUN/cf/<model>.*")
     # Model
     p.add_argument("--models", default="mf,lightgcn,sasrec", help="comma-separated subset of mf,lightgcn,sasrec")
     p.add_argument("--grid", default=None, choices=sorted(GRIDS), help="one named grid for all models; default: each model's own")

@@ -121,7 +121,7 @@ def test_normalized_adjacency():
 def test_search_save_and_cli(tmp_path):
     prep = _planted(n_users=29, rows_per_user=15, cold_users=2)
     save_prepared(prep, tmp_path)
-    info = cf_main(["train", "--model", "mf", "--run", str(tmp_path), "--lr", "1e-2", "--dim", "8",
+    info = cf_main(["train", "--cf-model", "mf", "--run-dir", str(tmp_path), "--lr", "1e-2", "--dim", "8",
                     "--weight-decay", "1e-5", "--max-epochs", "3", "--threads", "1"])
     tensors = load_file(tmp_path / "cf" / "mf.safetensors")
     assert tensors["user_emb"].shape == (29, 8) and tensors["item_emb"].shape == (47, 8)
@@ -187,7 +187,7 @@ def test_sasrec_param_groups_split_item_tables():
 def test_cli_sasrec_labels_flag(tmp_path):
     prep = _planted(n_users=9, rows_per_user=12, cold_users=1)
     save_prepared(prep, tmp_path)
-    common = ["train", "--model", "sasrec", "--run", str(tmp_path), "--lr", "1e-2", "--dim", "8", "--weight-decay",
+    common = ["train", "--cf-model", "sasrec", "--run-dir", str(tmp_path), "--lr", "1e-2", "--dim", "8", "--weight-decay",
               "1e-5", "--max-epochs", "1", "--threads", "1"]
     assert cf_main(common)["selected"]["model_kw"] == {}  # default: SASRec's item sequence alone
     assert cf_main(common + ["--sasrec-labels"])["selected"]["model_kw"] == {"use_labels": True}

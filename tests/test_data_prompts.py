@@ -294,12 +294,12 @@ def test_prompt_cli_prints_the_official_string(tmp_path, capsys):
     from thinkrec.data.prepared import save_prepared
 
     save_prepared(_tie_prepared(titles="full"), tmp_path)
-    assert main(["prompt", "--run", str(tmp_path), "--split", "test", "--row", "0", "--mode", "ids",
+    assert main(["prompt", "--run-dir", str(tmp_path), "--split", "test", "--row", "0", "--mode", "ids",
                  "--recipe", "official"]) == 0
     out = capsys.readouterr().out.rstrip("\n")
     assert out.startswith('<s>#Question: A user has given high ratings to the following movies: "Shining, The" with '
                           'feature <ItemID> (evaluation: Yes) with description: Horror; "Heat" with feature')
     assert out.endswith(OFFICIAL_END_ANSWER + "Yes")
-    assert main(["prompt", "--run", str(tmp_path), "--split", "test", "--row", "0", "--mode", "ids"]) == 0
+    assert main(["prompt", "--run-dir", str(tmp_path), "--split", "test", "--row", "0", "--mode", "ids"]) == 0
     ours = capsys.readouterr().out
     assert '"Heat (1995)"' not in ours and '"Shining, The (1980)"' in ours and ours.rstrip("\n").endswith(" Yes")

@@ -283,16 +283,16 @@ def test_jsonl_reader_chunks_blank_lines_and_line_numbers(tmp_path):
 def test_cli_prepare_and_prompt(tmp_path, capsys):
     from thinkrec.data.__main__ import main
     d = write_csv(tmp_path / "raw", ["1,1,1,100,train", "1,2,0,200,valid", "1,1,1,300,test"])
-    assert main(["prepare", "--dataset", "csv", "--data-dir", str(d), "--out", str(tmp_path / "run"),
+    assert main(["prepare", "--dataset", "csv", "--data-dir", str(d), "--run-dir", str(tmp_path / "run"),
                  "--noun", "movie"]) == 0
     assert "| csv | 1 | 1 | 1 | 1 | 2 |" in capsys.readouterr().out
-    assert main(["prompt", "--run", str(tmp_path / "run"), "--split", "test", "--row", "0", "--mode", "text"]) == 0
+    assert main(["prompt", "--run-dir", str(tmp_path / "run"), "--split", "test", "--row", "0", "--mode", "text"]) == 0
     out = capsys.readouterr().out
     assert out.startswith('#Question: A user has given ratings to the following movies: "Toy Story (1995)" '
                           '(evaluation: Yes) with description: Animation; "Matrix, The (1999)" (evaluation: No) '
                           'with description: Sci-Fi. Leverage')
     assert out.rstrip().endswith("#Answer: Yes")
-    assert main(["prompt", "--run", str(tmp_path / "run"), "--split", "test", "--row", "5"]) == 1
+    assert main(["prompt", "--run-dir", str(tmp_path / "run"), "--split", "test", "--row", "5"]) == 1
     assert "has 1 rows" in capsys.readouterr().err
 
 
@@ -300,10 +300,10 @@ def test_cli_prompt_history_rule_on_a_same_second_tie(tmp_path, capsys):
     """Two rows of the same second: the second one's prompt shows the first only under --history file."""
     from thinkrec.data.__main__ import main
     d = write_csv(tmp_path / "raw", ["1,1,1,100,train", "1,2,0,200,valid", "1,1,1,200,test"])
-    assert main(["prepare", "--dataset", "csv", "--data-dir", str(d), "--out", str(tmp_path / "run"),
+    assert main(["prepare", "--dataset", "csv", "--data-dir", str(d), "--run-dir", str(tmp_path / "run"),
                  "--noun", "movie"]) == 0
     capsys.readouterr()
-    run = ["prompt", "--run", str(tmp_path / "run"), "--split", "test", "--row", "0", "--mode", "text"]
+    run = ["prompt", "--run-dir", str(tmp_path / "run"), "--split", "test", "--row", "0", "--mode", "text"]
     assert main(run) == 0
     strict = capsys.readouterr().out
     assert main(run + ["--history", "file"]) == 0

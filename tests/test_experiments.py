@@ -45,7 +45,7 @@ def done(tmp_path_factory):
     with FakeOpenAI(_teacher) as srv, pytest.MonkeyPatch.context() as mp:
         mp.setenv("THINKREC_TEACHER_API_KEYS", "k1")
         argv = ["all", "--scale", "tiny", "--runs", str(base / "runs"), "--results", str(base / "results"),
-                "--data", str(data), "--model", str(model), "--teacher", srv.url, "--teacher-model", "fake"]
+                "--data-dir", str(data), "--model", str(model), "--teacher", srv.url, "--teacher-model", "fake"]
         main(argv, log=lines.append)
     return {"argv": argv, "lines": lines, "runs": base / "runs" / "tiny", "results": base / "results"}
 

@@ -131,7 +131,7 @@ def test_cli_writes_groups_and_report(tmp_path):
     save_prepared(Prepared(inter, [str(u) for u in range(n)], [{"item": 0, "raw_id": "0"}], {}), tmp_path)
     (tmp_path / "cf").mkdir()
     save_file({"user_emb": torch.from_numpy(x)}, tmp_path / "cf" / "mf.safetensors")
-    rep = main(["--run", str(tmp_path), "--groups", "2"])
+    rep = main(["--run-dir", str(tmp_path), "--groups", "2"])
     out = load_file(tmp_path / "experts" / "groups.safetensors")
     assert out["weights"].shape == (n, 3) and out["centroids"].shape == (2, 5)
     assert out["labels"][-2:].tolist() == [-1, -1]

@@ -161,7 +161,7 @@ def test_damaged_cf_embeddings(tmp_path):
     with pytest.raises(ArtifactError) as e:
         load_embeddings(tmp_path, "mf")
     _one_line(e, path, "delete it to retrain the CF model mf")
-    with pytest.raises(FileNotFoundError, match="thinkrec.cf train --model sasrec"):
+    with pytest.raises(FileNotFoundError, match="thinkrec.cf train --cf-model sasrec"):
         load_embeddings(tmp_path, "sasrec")
 
 

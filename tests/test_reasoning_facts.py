@@ -18,7 +18,7 @@ def test_facts_traces_state_true_counts_and_match_their_labels(tmp_path):
     _tiny_csv(data)
     run = tmp_path / "run"
     out = run / "reasoning" / "traces.jsonl"
-    argv = ["--dataset", "csv", "--data-dir", str(data), "--run", str(run), "--teacher", "facts", "--select", "random",
+    argv = ["--dataset", "csv", "--data-dir", str(data), "--run-dir", str(run), "--teacher", "facts", "--select", "random",
             "--n", "0", "--no-progress"]
     summary = synth_main(argv)
     prep = prepare("csv", data_dir=data, quiet=True)

@@ -213,8 +213,8 @@ def test_synth_cli_through_the_fake_server(tmp_path, capsys, monkeypatch):
         import thinkrec.reasoning.teacher as teacher_mod
 
         monkeypatch.setattr(teacher_mod.time, "sleep", lambda s: None)  # backoff without waiting
-        rc = main(["synth", "--dataset", "csv", "--data-dir", str(data), "--run", str(tmp_path / "run"),
-                   "--teacher", srv.url, "--model", "fake", "--n", "10", "--concurrency", "4", "--no-progress"])
+        rc = main(["synth", "--dataset", "csv", "--data-dir", str(data), "--run-dir", str(tmp_path / "run"),
+                   "--teacher", srv.url, "--teacher-model", "fake", "--n", "10", "--concurrency", "4", "--no-progress"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["traces"] == 10 and summary["wrong"] == summary["errors"] == 0

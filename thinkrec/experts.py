@@ -1,8 +1,8 @@
 """User groups for the LoRA experts: clustering of CF user embeddings, centroids, the gate, routing tables.
 
-    python -m thinkrec.experts --run RUN --model mf --groups 2            # spherical k-means (the default)
-    python -m thinkrec.experts --run RUN --model mf --groups 0            # N in 2..10 by silhouette
-    python -m thinkrec.experts --run RUN --model mf --groups 2 --cluster ward   # official code's grouping
+    python -m thinkrec.experts --run-dir RUN --cf-model mf --groups 2            # spherical k-means (the default)
+    python -m thinkrec.experts --run-dir RUN --cf-model mf --groups 0            # N in 2..10 by silhouette
+    python -m thinkrec.experts --run-dir RUN --cf-model mf --groups 2 --cluster ward   # official code's grouping
 
 Clustering happens in the gate's geometry: the gate routes by cosine similarity to the centroids, so the
 default groups users by direction (k-means on L2-normalised embeddings, faiss's spherical k-means, best of
@@ -376,7 +376,7 @@ def load_groups(run_dir) -> dict:
     """The arrays of RUN/experts/groups.safetensors (labels, centroids, weights, route, center) as numpy."""
     path = Path(run_dir) / "experts" / GROUPS
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `python -m thinkrec.experts --run {run_dir}` first")
+        raise FileNotFoundError(f"{path} is missing; run `python -m thinkrec.experts --run-dir {run_dir}` first")
     redo = f"delete {path.parent}/ to rebuild the expert groups"
     tensors = read_safetensors(path, redo)
     require_keys(path, tensors, ("labels", "centroids", "weights", "route"), redo)
@@ -426,8 +426,8 @@ def routing_counts(weights: np.ndarray, users) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Cluster CF user embeddings into expert groups and gate users.")
     # Data
-    p.add_argument("--run", required=True, help="run directory with data/ and cf/")
-    p.add_argument("--model", default=GroupConfig.model,
+    p.add_argument("--run-dir", dest="run", required=True, help="run directory with data/ and cf/")
+    p.add_argument("--cf-model", dest="model", default=GroupConfig.model,
                    help="CF model whose user embeddings are grouped (mf|lightgcn|sasrec)")
     # Grouping
     p.add_argument("--groups", type=int, default=GroupConfig.groups,

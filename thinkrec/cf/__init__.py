@@ -1,6 +1,6 @@
 """Collaborative-filtering models (MF, LightGCN, SASRec): training, selection on valid AUC, export.
 
-    python -m thinkrec.cf train --model mf --run RUN
+    python -m thinkrec.cf train --cf-model mf --run-dir RUN
 """
 
 from .lightgcn import LightGCN

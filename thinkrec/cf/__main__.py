@@ -1,8 +1,8 @@
 """Train a CF model on a prepared run directory and export its embeddings.
 
-    python -m thinkrec.cf train --model mf --run RUN                      # default grid for the model
-    python -m thinkrec.cf train --model mf --run RUN --lr 1e-3 --dim 256 --weight-decay 1e-6   # one config
-    python -m thinkrec.cf train --model lightgcn --run RUN --grid paper   # full paper grid (54 configs)
+    python -m thinkrec.cf train --cf-model mf --run-dir RUN                      # default grid for the model
+    python -m thinkrec.cf train --cf-model mf --run-dir RUN --lr 1e-3 --dim 256 --weight-decay 1e-6   # one config
+    python -m thinkrec.cf train --cf-model lightgcn --run-dir RUN --grid paper   # full paper grid (54 configs)
 
 Writes RUN/cf/<model>.safetensors and RUN/cf/<model>.json (selected config, valid/test metrics, grid).
 """
@@ -19,9 +19,9 @@ def parse(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="grid-search a CF model on valid AUC and export it")
     # Data
-    t.add_argument("--run", required=True, help="run directory holding data/ (from python -m thinkrec.data prepare)")
+    t.add_argument("--run-dir", dest="run", required=True, help="run directory holding data/ (from python -m thinkrec.data prepare)")
     # Model
-    t.add_argument("--model", required=True, choices=MODELS)
+    t.add_argument("--cf-model", dest="model", required=True, choices=MODELS)
     t.add_argument("--grid", default=CFConfig.grid, choices=sorted(GRIDS),
                    help="named grid of (lr, dim, weight decay); default: the model's own; ignored when "
                         "--lr/--dim/--weight-decay are all given")
@@ -36,6 +36,7 @@ def parse(argv=None):
     t.add_argument("--patience", type=int, default=CFConfig.patience,
                    help="epochs without a better valid score before stopping")
     t.add_argument("--seed", type=int, default=CFConfig.seed)
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     t.add_argument("--sasrec-labels", action="store_true",
                    help="SASRec: add each history item's like/dislike label to its embedding (default: the item "
                         "sequence alone, SASRec's own input; labels raise AUC and lower UAUC on ML-1M)")

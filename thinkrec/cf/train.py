@@ -273,7 +273,7 @@ def load_embeddings(run_dir, name: str, need=("user_emb", "item_emb")) -> dict:
     the file and what to delete) when it is damaged or lacks one of `need`."""
     path = Path(run_dir) / "cf" / f"{name}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; run `python -m thinkrec.cf train --model {name} --run {run_dir}`")
+        raise FileNotFoundError(f"{path} is missing; run `python -m thinkrec.cf train --cf-model {name} --run-dir {run_dir}`")
     redo = f"delete it to retrain the CF model {name}"
     tensors = read_safetensors(path, redo)
     require_keys(path, tensors, need, redo)

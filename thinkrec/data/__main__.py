@@ -1,10 +1,10 @@
 """Command line of the data layer.
 
-    python -m thinkrec.data prepare --dataset ml1m --data-dir ~/data/ml-1m --out runs/ml1m
-    python -m thinkrec.data prepare --dataset csv --data-dir ../shared/data/ml1m-collm --noun movie --out runs/x
-    python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --mode reason
-    python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --history file     # the official ties rule
-    python -m thinkrec.data prompt --run runs/ml1m --split test --row 0 --mode ids --recipe official
+    python -m thinkrec.data prepare --dataset ml1m --data-dir ~/data/ml-1m --run-dir runs/ml1m
+    python -m thinkrec.data prepare --dataset csv --data-dir ../shared/data/ml1m-collm --noun movie --run-dir runs/x
+    python -m thinkrec.data prompt --run-dir runs/ml1m --split test --row 0 --mode reason
+    python -m thinkrec.data prompt --run-dir runs/ml1m --split test --row 0 --history file     # the official ties rule
+    python -m thinkrec.data prompt --run-dir runs/ml1m --split test --row 0 --mode ids --recipe official
 
 `--recipe official` prints the exact string the authors' code builds (thinkrec.recipe: its prompt files,
 history rule and titles; a flag given beside it wins); on `prepare` it changes nothing (both recipes
@@ -51,13 +51,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare", help="read a dataset, split it by time, write RUN/data")
     p.add_argument("--dataset", required=True, help="ml1m | ml100k | amazon-book | yelp | csv")
     p.add_argument("--data-dir", default=None, help="where the raw files are (default: download / offline mirror)")
-    p.add_argument("--out", required=True, help="run directory; writes RUN/data")
+    p.add_argument("--run-dir", dest="out", required=True, help="run directory; writes RUN/data")
     p.add_argument("--noun", default=None, help="noun in prompts (default: movie / book / business; csv: item)")
     p.add_argument("--mirror", default=None, help="ml100k only: recbole (default, PyPI wheel) or grouplens")
     p.add_argument("--recipe", default=None, choices=RECIPES, help="accepted for symmetry: both recipes prepare "
                    "the same data (titles and histories are applied when prompts are built)")
     q = sub.add_parser("prompt", help="print one sample's full prompt")
-    q.add_argument("--run", required=True)
+    q.add_argument("--run-dir", dest="run", required=True)
     q.add_argument("--split", default="test", choices=SPLITS)
     q.add_argument("--row", type=int, default=0, help="row number within the split (0-based)")
     q.add_argument("--mode", default="reason", choices=prompts.MODES)

@@ -74,7 +74,7 @@ def load_prepared(run_dir) -> Prepared:
     data_dir = Path(run_dir) / "data"
     if not (data_dir / "stats.json").exists():
         raise FileNotFoundError(
-            f"{data_dir}: no prepared data (stats.json missing); run `python -m thinkrec.data prepare --out {run_dir}`"
+            f"{data_dir}: no prepared data (stats.json missing); run `python -m thinkrec.data prepare --run-dir {run_dir}`"
         )
     redo = f"delete {data_dir}/ to prepare the data again"
     path = data_dir / "interactions.npz"

@@ -33,7 +33,7 @@ def parse(argv=None):
     p.add_argument("--runs", default="runs/experiments", help="run directories, kept, under RUNS/<scale>/")
     # Data and models (passed through to train.py and the trace synthesis)
     p.add_argument("--dataset", default="csv", help="train.py --dataset")
-    p.add_argument("--data", default=str(ML1M) if ML1M.is_dir() else None,
+    p.add_argument("--data-dir", dest="data", default=str(ML1M) if ML1M.is_dir() else None,
                    help="train.py --data-dir (default: the shared ML-1M split, when present)")
     p.add_argument("--noun", default=None, help="train.py --noun (default: movie for the shared ML-1M split, else "
                    "the dataset's)")
@@ -66,7 +66,7 @@ def config(a) -> Config:
     if a.traces and not Path(a.traces).is_file():
         raise ExperimentError(f"--traces {a.traces}: no such file")
     if a.dataset == "csv" and not a.data:
-        raise ExperimentError("--dataset csv needs --data DIR (interactions.csv, items.csv); the shared ML-1M "
+        raise ExperimentError("--dataset csv needs --data-dir DIR (interactions.csv, items.csv); the shared ML-1M "
                               f"split is not at {ML1M}")
     teacher = a.teacher
     if teacher.startswith("local:"):

@@ -70,7 +70,7 @@ class Config:
     noun: str | None = None  # what prompts call an item (train.py --noun; None: the dataset's default)
     model: str | None = None  # train.py --model (None: its default)
     teacher: str = "local"  # synth --teacher
-    teacher_model: str | None = None  # synth --model (the served model of an HTTP teacher)
+    teacher_model: str | None = None  # synth --teacher-model (the served model of an HTTP teacher)
     traces: Path | None = None  # a traces file to use instead of synthesis
     seed: int = 0
     overrides: dict = field(default_factory=dict)  # train.py flags over the scale's
@@ -167,7 +167,9 @@ def shared_traces(cfg: Config, log) -> Path:
         log(f"traces: starting python -m thinkrec.reasoning synth (teacher {cfg.teacher}, "
             f"{cfg.budget.synth.get('n')} samples)")
         t = time.monotonic()
-        launch([sys.executable, "-m", "thinkrec.reasoning", "synth", *flags(request), "--run", str(cfg.shared),
+        # the request keeps the key "model" (synth.json of runs made before); the flag is --teacher-model
+        named = {("teacher_model" if k == "model" else k): v for k, v in request.items()}
+        launch([sys.executable, "-m", "thinkrec.reasoning", "synth", *flags(named), "--run-dir", str(cfg.shared),
                 "--out", str(out), "--no-progress"],
                out.parent / "synth.log", "trace synthesis")
         log(f"traces: done in {clock(time.monotonic() - t)} ({out.parent / 'synth.log'})")

@@ -1,9 +1,9 @@
 """Thinking-activation data: reasoning traces from a teacher, and item keywords.
 
     python -m thinkrec.reasoning synth --dataset ml100k --teacher local --select random --n 64
-    python -m thinkrec.reasoning synth --run runs/ml1m --teacher http://localhost:8000/v1 --model Qwen/QwQ-32B \\
+    python -m thinkrec.reasoning synth --run-dir runs/ml1m --teacher http://localhost:8000/v1 --teacher-model Qwen/QwQ-32B \\
         --select errors --scores runs/ml1m/infer-train/scores.jsonl
-    python -m thinkrec.reasoning keywords --dataset amazon-book --teacher http://localhost:8000/v1 --model M
+    python -m thinkrec.reasoning keywords --dataset amazon-book --teacher http://localhost:8000/v1 --teacher-model M
 
 synth writes RUN/reasoning/traces.jsonl (and .failures.jsonl beside it), which train.py reads by default;
 keywords writes RUN/data/keywords.jsonl. RUN defaults to runs/<dataset>, as for train.py; its data is
@@ -31,7 +31,7 @@ def synth_main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml100k")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--run", default=None, help="run directory (default runs/<dataset>; its data is prepared there "
+    p.add_argument("--run-dir", dest="run", default=None, help="run directory (default runs/<dataset>; its data is prepared there "
                    "first when missing)")
     p.add_argument("--noun", default=None, help="the prompts' noun (default the data's: movie / book / business)")
     p.add_argument("--titles", default="full", choices=TITLE_STYLES, help="item titles, as train.py --titles")
@@ -40,7 +40,7 @@ def synth_main(argv=None) -> dict:
     p.add_argument("--teacher", default="local", help="'facts' (offline: traces that state counts from the training "
                    "data, not the paper's teacher), an OpenAI-compatible base URL (http://host:8000/v1), "
                    "'local' (the embedded SmolLM2-135M) or 'local:MODEL' (an HF id or directory)")
-    p.add_argument("--model", default=None, help="model name the server serves (HTTP teachers)")
+    p.add_argument("--teacher-model", dest="model", default=None, help="model name the server serves (HTTP teachers)")
     p.add_argument("--select", default="random", choices=SELECT)
     p.add_argument("--scores", default=None, help="infer.py scores.jsonl on the train split (--select errors)")
     p.add_argument("--rows", default=None, help="file of data rows (--select rows)")

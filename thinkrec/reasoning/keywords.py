@@ -1,6 +1,6 @@
 """Item keywords (paper appendix C.1): up to 10 per item from its metadata, for the prompts' descriptions.
 
-    python -m thinkrec.reasoning keywords --run runs/amazon-book --teacher http://localhost:8000/v1 --model M
+    python -m thinkrec.reasoning keywords --run-dir runs/amazon-book --teacher http://localhost:8000/v1 --teacher-model M
     python -m thinkrec.reasoning keywords --dataset csv --data-dir ../shared/data/ml1m-collm --teacher genres \\
         --out /tmp/ml1m-keywords.jsonl
 
@@ -252,9 +252,9 @@ def keywords_main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # Data
     p.add_argument("--dataset", default=None, help="ml1m | ml100k | amazon-book | yelp | csv (not needed "
-                   "with --run holding prepared data)")
+                   "with --run-dir holding prepared data)")
     p.add_argument("--data-dir", default=None, help="where the raw files are")
-    p.add_argument("--run", default=None, help="run directory: its prepared data is read (prepared there "
+    p.add_argument("--run-dir", dest="run", default=None, help="run directory: its prepared data is read (prepared there "
                    "first when missing); the default output is RUN/data/keywords.jsonl. Default runs/<dataset> "
                    "unless --out is given (then the data is prepared in memory)")
     p.add_argument("--noun", default=None, help="noun in the C.1 prompt (default: the prepared data's: "
@@ -262,7 +262,7 @@ def keywords_main(argv=None) -> dict:
     # Teacher
     p.add_argument("--teacher", required=True, help="an OpenAI-compatible base URL, local[:MODEL], tfidf "
                    "(offline TF-IDF terms) or genres (the item's genres/categories)")
-    p.add_argument("--model", default=None, help="model name the server serves (HTTP teachers)")
+    p.add_argument("--teacher-model", dest="model", default=None, help="model name the server serves (HTTP teachers)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
     # Output
@@ -271,7 +271,7 @@ def keywords_main(argv=None) -> dict:
     a = p.parse_args(argv)
     if a.out is None and a.run is None:
         if a.dataset is None:
-            p.error("give --dataset, --run RUN or --out PATH")
+            p.error("give --dataset, --run-dir RUN or --out PATH")
         a.run = f"runs/{a.dataset}"  # as train.py
     if a.concurrency < 1 or a.max_tokens < 1:
         p.error("--concurrency and --max-tokens must be >= 1")
