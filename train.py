@@ -51,6 +51,7 @@ from thinkrec.model.adapters import AdapterFileError
 from thinkrec.model.projector import CF_INPUTS, cf_token_tables, token_report
 from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
 from thinkrec.recipe import RECIPES, RecipeError
+from thinkrec.rundir import RunDir
 from thinkrec.runtime import quiet_progress, tune_malloc
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             setup, stage_dir, subsample, train_stage)
@@ -345,7 +346,7 @@ def run_pipeline(args, d) -> dict:
                                          prompt_style=style)
     prec = run_precision(args, d)
     precision.apply(lm, prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
-    kw_path = Path(args.keywords) if args.keywords else run / "data" / "keywords.jsonl"
+    kw_path = Path(args.keywords) if args.keywords else RunDir(run).keywords
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
     builders = {}
 

@@ -40,6 +40,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from thinkrec.rundir import RunDir
+
 from .errors import malformed
 
 USER_PH = "<UserID>"
@@ -310,5 +312,5 @@ def load_keywords(path, items: list) -> dict:
 
 def run_keywords(run, items: list):
     """Keywords of RUN/data/keywords.jsonl when the reasoning-data step has written it, else None."""
-    path = Path(run) / "data" / "keywords.jsonl"
+    path = RunDir(run).keywords
     return load_keywords(path, items) if path.exists() else None

@@ -13,10 +13,10 @@ import json
 from pathlib import Path
 
 from thinkrec.io import write_json
+from thinkrec.rundir import STAGES
 
 from .report import _figure, _save
 
-STAGES = ("stage1", "stage2", "stage3")
 
 
 def curve_points(run: Path) -> dict:

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as st_save
 
 import thinkrec
 from thinkrec.cf.train import GRIDS, CFConfig, predict, save, search, split_metrics
@@ -44,16 +43,15 @@ from thinkrec.data import load_prepared, prepare
 from thinkrec.infer.rows import official_sample
 from thinkrec.io import atomic_write_bytes, read_json, write_json
 from thinkrec.metrics import evaluate
-from thinkrec.model.adapters import CONFIG, WEIGHTS, read_adapters
-from thinkrec.model.lora import adapter_names
+from thinkrec.model.adapters import CONFIG, resize_adapters
 from thinkrec.precision import resolve as resolve_precision
 from thinkrec.precision import stored as stored_precision
+from thinkrec.rundir import STAGES
 
 from .plan import SCALES, SETTINGS, Scale, Setting
 
 ROOT = Path(thinkrec.__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
-STAGES = ("stage1", "stage2", "stage3")  # thinkrec.train.STAGES, without importing the training package
 PER_SETTING = ("traces", "cf_model", "experts", "last_stage")  # train.py flags that differ between settings
 
 
@@ -286,21 +284,6 @@ def copy_tree(src: Path, dst: Path, n_experts: int | None = None) -> None:
     if n_experts is not None and read_json(tmp / CONFIG, f"delete {src}/")["n_experts"] != n_experts:
         resize_adapters(tmp, n_experts)
     os.replace(tmp, dst)
-
-
-def resize_adapters(directory: Path, n_experts: int) -> None:
-    """Rewrite a stage-1/2 adapter directory with `n_experts` experts, each a copy of the global adapter
-    (what stage 3 starts them from); the projector is kept. Files are replaced, never written through, so
-    the hard-linked donor is untouched."""
-    cfg, tensors = read_adapters(directory)
-    names = adapter_names(n_experts)
-    out = {k: v for k, v in tensors.items() if k.startswith("projector.")}
-    for path in cfg["modules"]:
-        for part in ("lora_A", "lora_B"):
-            for name in names:  # safetensors refuses tensors that share memory: one clone each
-                out[f"{path}.{part}.{name}"] = tensors[f"{path}.{part}.global"].clone()
-    atomic_write_bytes(directory / WEIGHTS, st_save(out, metadata={"format": "thinkrec-lora"}))
-    write_json(directory / CONFIG, {**cfg, "n_experts": n_experts, "adapters": names})
 
 
 def link_file(src: Path, dst: Path) -> None:

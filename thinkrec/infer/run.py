@@ -25,6 +25,7 @@ from thinkrec.model.adapters import read_adapters
 from thinkrec.model.projector import cf_token_tables
 from thinkrec.precision import Precision, for_run
 from thinkrec.precision import apply as apply_precision
+from thinkrec.rundir import RunDir
 
 STAGE_ORDER = ("stage3", "stage2", "stage1")
 
@@ -158,7 +159,7 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     titles = titles or run_arg(args, "titles", "full")
     prep = with_titles(load_prepared(run), titles)
     kw_arg = run_arg(args, "keywords")
-    kw_path = Path(kw_arg) if kw_arg else run / "data" / "keywords.jsonl"
+    kw_path = Path(kw_arg) if kw_arg else RunDir(run).keywords
     keywords = load_keywords(kw_path, prep.items) if kw_path.is_file() else None
     if groups["weights"].shape[1] != lm.n_adapters:
         raise RunError(f"{run}/experts/groups.safetensors gates {groups['weights'].shape[1]} adapters but "

@@ -111,6 +111,22 @@ def load_adapters(lm, directory) -> dict:
     return cfg
 
 
+def resize_adapters(directory, n_experts: int) -> None:
+    """Rewrite a stage-1/2 adapter directory with `n_experts` experts, each a copy of the global adapter
+    (what stage 3 starts them from); the projector is kept. Files are replaced, never written through, so
+    the hard-linked donor is untouched."""
+    directory = Path(directory)
+    cfg, tensors = read_adapters(directory)
+    names = adapter_names(n_experts)
+    out = {k: v for k, v in tensors.items() if k.startswith("projector.")}
+    for path in cfg["modules"]:
+        for part in ("lora_A", "lora_B"):
+            for name in names:  # safetensors refuses tensors that share memory: one clone each
+                out[f"{path}.{part}.{name}"] = tensors[f"{path}.{part}.global"].clone()
+    atomic_write_bytes(directory / WEIGHTS, st_save(out, metadata={"format": "thinkrec-lora"}))
+    write_json(directory / CONFIG, {**cfg, "n_experts": n_experts, "adapters": names})
+
+
 def export_peft(directory, out, adapters=None, base_model: str = None) -> list:
     """Write each adapter of a saved adapter directory as a PEFT LoRA in out/<adapter>/.
 

@@ -21,6 +21,7 @@ from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prompts import TITLE_STYLES, with_titles
 from thinkrec.data.prompts import load_keywords
 from thinkrec.io import to_json
+from thinkrec.rundir import RunDir
 
 from .files import load_data
 from .synth import SELECT, select_rows, synthesize
@@ -64,7 +65,7 @@ def synth_main(argv=None) -> dict:
     rows = select_rows(prep, a.select, n=a.n, seed=a.seed, scores=a.scores, rows_file=a.rows)
     if not len(rows):
         raise DataError(f"--select {a.select} chose no training rows")
-    out = Path(a.out) if a.out else run / "reasoning" / "traces.jsonl"
+    out = Path(a.out) if a.out else RunDir(run).traces
     if a.teacher == "facts":  # counts from the data, not a model (thinkrec/reasoning/facts.py)
         from .facts import NAME, synthesize_facts
 
@@ -77,7 +78,7 @@ def synth_main(argv=None) -> dict:
 
     teacher = make_teacher(a.teacher, a.model, timeout=a.timeout, retries=a.retries, temperature=a.temperature,
                            seed=a.seed)
-    kw_path = run / "data" / "keywords.jsonl"
+    kw_path = RunDir(run).keywords
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
     print(f"{len(rows)} training samples ({a.select}) -> {out}, teacher {teacher.name}", file=sys.stderr, flush=True)
     summary = synthesize(prep, rows, teacher, out, keywords=keywords, noun=noun, history=a.history,

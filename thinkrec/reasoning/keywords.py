@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from thinkrec.data.prompts import MAX_KEYWORDS
 from thinkrec.io import AppendLog, to_json, write_jsonl
+from thinkrec.rundir import RunDir
 
 from .files import failures_path, load_data
 from .teacher import TeacherError, make_teacher
@@ -275,7 +276,7 @@ def keywords_main(argv=None) -> dict:
         a.run = f"runs/{a.dataset}"  # as train.py
     if a.concurrency < 1 or a.max_tokens < 1:
         p.error("--concurrency and --max-tokens must be >= 1")
-    out = Path(a.out) if a.out else Path(a.run) / "data" / "keywords.jsonl"
+    out = Path(a.out) if a.out else RunDir(a.run).keywords
     prep, noun = load_data(a.dataset, a.data_dir, a.run, a.noun)
     if a.teacher in ("genres", "tfidf"):
         words = genre_keywords(prep.items) if a.teacher == "genres" else tfidf_keywords(prep.items)

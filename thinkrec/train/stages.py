@@ -15,15 +15,15 @@ directory is complete is skipped on a rerun, and its mid-stage checkpoint lives 
 from pathlib import Path
 
 from thinkrec.model.adapters import CONFIG
+from thinkrec.rundir import STAGES, RunDir
 
 from .prefix import FrozenPrefix
 
-STAGES = ("stage1", "stage2", "stage3")
 EXPERT_LAYERS = 8  # stage 3 trains the LoRA of the last 8 decoder layers (the paper's choice)
 
 
 def stage_dir(run_dir, stage: str) -> Path:
-    return Path(run_dir) / stage
+    return RunDir(run_dir).stage(stage)
 
 
 def is_done(run_dir, stage: str) -> bool:
