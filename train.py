@@ -47,6 +47,7 @@ from thinkrec.infer.run import stage_gate
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
 from thinkrec.metrics import evaluate
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
+from thinkrec.model import lowp
 from thinkrec.model.adapters import AdapterFileError
 from thinkrec.model.projector import CF_INPUTS, cf_token_tables, token_report
 from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
@@ -345,7 +346,7 @@ def run_pipeline(args, d) -> dict:
                                          cf_dim=user_emb.shape[1], cf_inputs=args.cf_inputs, device=d.device,
                                          prompt_style=style)
     prec = run_precision(args, d)
-    precision.apply(lm, prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
+    lowp.apply(lm, prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
     kw_path = Path(args.keywords) if args.keywords else RunDir(run).keywords
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
     builders = {}

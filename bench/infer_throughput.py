@@ -105,7 +105,7 @@ def _precision_rate(name):
     """GFLOP/s (GOP/s for int8) of the decoder-sized product [2048, 576] x [576, 1536] at a precision."""
     import torch
 
-    from thinkrec.precision import Int8Linear
+    from thinkrec.model.lowp import Int8Linear
 
     g = torch.Generator().manual_seed(0)
     a, w = torch.randn(2048, 576, generator=g), torch.randn(1536, 576, generator=g)
@@ -263,13 +263,15 @@ def main():
     # --- ours at other precisions: same rows; speed, score change and AUC drift against fp32
     import copy
 
+    from thinkrec import hardware
     from thinkrec import precision as P
+    from thinkrec.model import lowp
     from thinkrec.metrics import evaluate
 
     labels = prep.inter.label[rows]
     fp32_scores = ours()
     auc32 = evaluate(users, fp32_scores, labels)["auc"]
-    probe = P.probe(int8=True, threads=torch.get_num_threads())  # rates for the table; auto is the machine's
+    probe = hardware.probe(threads=torch.get_num_threads())  # rates for the table; auto is the machine's
     auto = P.resolve("auto", "cpu")  # decision (CPU flags, then a cached once-per-machine probe), as in train.py
     print(f"precision probe: {probe}; auto -> {auto.name} ({auto.reason})", flush=True)
     prec_rows = {}
@@ -285,7 +287,7 @@ def main():
             print(f"  {key:12} skipped: {prec_rows[key]['skipped']}", flush=True)
             continue
         m = copy.deepcopy(lm)
-        P.apply(m, p)
+        lowp.apply(m, p)
         score_samples(m, samples[:4], weights[:4], ue, ie, tok.pad_token_id)  # warm-up
         job = ScoreJob(lambda i: samples[i], np.array([len(x) for x in samples]), weights, ue, ie, tok.pad_token_id,
                        cut=lambda smp, i: builder.target_start(smp, int(prep.inter.item[rows[i]])))

@@ -65,11 +65,13 @@ def main():
     results["mf"] = {**evaluate(users, predict(mf, data, test_rows), labels), "seconds": time.perf_counter() - t}
 
     # --- stage 1 of the LLM, at each precision from the same initial adapter
+    from thinkrec import hardware
     from thinkrec import precision as P
+    from thinkrec.model import lowp
     from thinkrec.train.batches import collate
     from thinkrec.train.losses import batch_loss, loss_positions
 
-    probe = P.probe(threads=torch.get_num_threads())
+    probe = hardware.probe(threads=torch.get_num_threads())
     first_losses, skipped = {}, {}
     for prec in [p for p in a.precisions.split(",") if p]:
         if P.slow_warning(prec, probe) and not a.force_slow:
@@ -78,7 +80,7 @@ def main():
             continue
         torch.manual_seed(a.seed)
         lm, tok = ThinkRecLM.from_pretrained(a.model, n_experts=0)
-        P.apply(lm, P.Precision(prec, prec, "cpu", "bench"))
+        lowp.apply(lm, P.Precision(prec, prec, "cpu", "bench"))
         builder = PromptBuilder(prep, tok, mode="text", max_len=a.max_len)
         test = SampleSet(builder, test_rows)
         inputs = StageInputs(plain=SampleSet(builder, train_rows), pad_id=tok.pad_token_id)

@@ -147,7 +147,7 @@ def worker(args):
     import torch
 
     from thinkrec import precision as P
-    from thinkrec.model import ThinkRecLM
+    from thinkrec.model import ThinkRecLM, lowp
     from thinkrec.train import stages
     from thinkrec.train.batches import cf_inputs
 
@@ -170,11 +170,11 @@ def worker(args):
         model.train()
 
         def step(b, cf, gr):  # the recipe under autocast (fp32 weights cast by autocast on every call)
-            with P.autocast(args.precision, dev):
+            with lowp.autocast(args.precision, dev):
                 return _official_step(model, lm, b, cf)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
-        P.apply(lm, prec)  # before the frozen prefix merges its layers, so they are merged in bf16 too
+        lowp.apply(lm, prec)  # before the frozen prefix merges its layers, so they are merged in bf16 too
         fwd = stages.setup(lm, f"stage{args.stage}", prefix_cache_mb=4096 if cached else 0) or lm  # stage 3: FrozenPrefix
         lm.train()
         step = lambda b, cf, gr: _our_step(lm, fwd, b, cf, gr if args.stage == 3 else None, cached)  # noqa: E731
@@ -257,7 +257,6 @@ def main():
     import torch
 
     from thinkrec import hardware
-    from thinkrec import precision as P
 
     # the machine's bf16 decision (thinkrec.hardware.machine_bf16: CPU flags, then a cached once-per-machine
     # probe), the same that --precision auto takes in train.py and the experiments
@@ -271,7 +270,7 @@ def main():
             precs.append(p)
     # the peak fraction's denominator (the best of three 0.3 s timings: the rate this CPU reaches, not a
     # moment when another process held a core)
-    rates = {p: round(max(P.gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16, 1024, 0.3)
+    rates = {p: round(max(hardware.gemm_rate(torch.float32 if p == "fp32" else torch.bfloat16, 1024, 0.3)
                           for _ in range(3)), 1) for p in precs} if machine else {}
     probe = machine.rates if machine else None
     print(f"precision: auto on this machine -> {machine.decision if machine else 'n/a'} (native bf16 flags: "

@@ -20,9 +20,9 @@ SLOW_BF16_PROBE = {"fp32_gflops": 200.0, "bf16_gflops": 1.0, "n": 1024, "threads
 @pytest.fixture(scope="session", autouse=True)
 def _fixed_precision_decision():
     """Session-wide, so module-scoped fixtures that run train.py see it too."""
-    from thinkrec import hardware, precision
+    from thinkrec import hardware
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hardware, "machine_bf16", lambda: hardware.MachineBf16((), "fp32", None, None))
-        mp.setattr(precision, "probe", lambda int8=False, threads=0: dict(SLOW_BF16_PROBE))
+        mp.setattr(hardware, "probe", lambda threads=0: dict(SLOW_BF16_PROBE))
         yield

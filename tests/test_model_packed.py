@@ -172,11 +172,11 @@ def test_packed_forward_under_bf16_autocast():
 
 
 def test_bf16_model_matches_fp32():
-    """--precision bf16 on a CPU: frozen weights stored in bf16 (thinkrec.precision.cast_frozen) and the forward
+    """--precision bf16 on a CPU: frozen weights stored in bf16 (thinkrec.model.lowp.cast_frozen) and the forward
     under bf16 autocast (ThinkRecLM.forward enters it for precision "bf16"). Hidden states of a left-padded batch
     with per-row expert mixtures and CF slots, and the LoRA / projector gradients, agree with the fp32 model to
     a relative norm under TOL[bf16]'s rtol; LoRA and projector stay fp32, with fp32 gradients."""
-    from thinkrec.precision import cast_frozen
+    from thinkrec.model.lowp import cast_frozen
 
     lm = tiny_lm(layers=3, n_experts=2, cf_dim=5)
     lm.set_trainable(layers=None, adapters=None, projector=True)

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from tests.train_fixtures import tiny_lm
-from thinkrec import hardware, precision
-from thinkrec.precision import Int8Linear, Precision, PrecisionError, resolve
+from thinkrec import hardware
+from thinkrec.model import lowp
+from thinkrec.model.lowp import Int8Linear
+from thinkrec.precision import Precision, PrecisionError, resolve
 
 FAST_BF16 = {"fp32_gflops": 216.0, "bf16_gflops": 956.0, "n": 1024, "threads": 2, "seconds": 0.1}
 SLOW_BF16 = {"fp32_gflops": 216.0, "bf16_gflops": 45.0, "n": 1024, "threads": 2, "seconds": 0.1}
@@ -138,15 +140,15 @@ def test_explicit_choices_and_refusals():
 
 def test_bf16_model_keeps_adapters_fp32_and_casts_tied_weights_once():
     lm = tiny_lm(cf_dim=8)
-    n = precision.cast_frozen(lm, torch.bfloat16)
+    n = lowp.cast_frozen(lm, torch.bfloat16)
     frozen = {name: p for name, p in lm.llm.named_parameters() if ".lora_" not in name}
     assert n == sum(p.numel() for p in frozen.values()) and all(p.dtype == torch.bfloat16 for p in frozen.values())
     assert all(p.dtype == torch.float32 for name, p in lm.named_parameters() if ".lora_" in name or "projector" in name)
     assert lm.llm.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers untouched
     lm2 = tiny_lm(cf_dim=8)
-    precision.apply(lm2, Precision("int8", "int8", "cpu", "test"))
+    lowp.apply(lm2, Precision("int8", "int8", "cpu", "test"))
     with pytest.raises(PrecisionError, match="already in int8"):
-        precision.apply(lm2, Precision("bf16", "bf16", "cpu", "test"))
+        lowp.apply(lm2, Precision("bf16", "bf16", "cpu", "test"))
 
 
 def test_int8_linear_matches_fp32_and_refuses_backward():
@@ -182,7 +184,7 @@ def test_int8_and_bf16_scores_track_fp32():
     ref = _scores(lm, ids, mask, w)
     for name, tol in (("int8", INT8_REL_TOL), ("bf16", 2e-2)):
         m = copy.deepcopy(lm)
-        precision.apply(m, Precision(name, name, "cpu", "test"))
+        lowp.apply(m, Precision(name, name, "cpu", "test"))
         s = _scores(m, ids, mask, w)
         rel = float((s - ref).norm() / ref.norm())
         assert rel < tol, (name, rel)

@@ -16,6 +16,7 @@ different precisions. The flags say whether the hardware has bf16 at all (withou
 interleaved timings (load only ever slows a run down) and then never runs again on that machine.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -33,7 +34,11 @@ BF16_MIN_SPEEDUP = 1.5  # auto picks bf16 on a native-bf16 CPU when its best bf1
 _clock = time.perf_counter  # tests make it slow or noisy
 
 
-# ----------------------------------------------------------------------------------------------- probe
+class PrecisionError(ValueError):
+    """A precision this device or this job cannot run."""
+
+
+# ----------------------------------------------------------------------------------------------- probes
 def _best_rates(n: int, reps: int, budget_s: float) -> dict:
     """{"fp32_gflops", "bf16_gflops"} of n-cube matmuls: fp32 and bf16 timed in turns (so load slows both
     alike), two warm-up calls each, the fastest of up to `reps` calls each within budget_s."""
@@ -64,6 +69,48 @@ def confirm_probe() -> dict:
         rates, n = _best_rates(1024, 10, 2.0), 1024
     rates = {k: round(v, 1) for k, v in rates.items()}
     return {**rates, "n": n, "threads": torch.get_num_threads(), "seconds": round(_clock() - t0, 3)}
+
+
+def _rate(fn, flops: float, budget_s: float) -> float:
+    """GFLOP/s (GOP/s) of fn(), which does `flops` operations: one untimed call, then calls until budget_s
+    (at most 20)."""
+    fn()
+    reps, t0 = 0, _clock()
+    while True:
+        fn()
+        reps += 1
+        dt = _clock() - t0
+        if dt >= budget_s or reps >= 20:
+            return flops * reps / dt / 1e9
+
+
+def gemm_rate(dtype, n: int, budget_s: float) -> float:
+    """GFLOP/s of n x n x n matmuls in dtype on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+    return _rate(lambda: a @ b, 2 * n ** 3, budget_s)
+
+
+@functools.lru_cache(maxsize=None)
+def probe(threads: int = 0) -> dict:
+    """Quick measured rates {"fp32_gflops", "bf16_gflops", "n", "threads", "seconds"} for the benches' tables
+    (threads: part of the cache key), once per process. Never used to decide a precision: machine_bf16()
+    decides."""
+    t0 = _clock()
+    rates = {}
+    for name, dtype in (("fp32_gflops", torch.float32), ("bf16_gflops", torch.bfloat16)):
+        small = gemm_rate(dtype, 256, 0.02)
+        rates[name] = gemm_rate(dtype, 1024, 0.1) if small >= 20 else small
+    rates.update(n=1024, threads=torch.get_num_threads(), seconds=round(_clock() - t0, 3))
+    return {k: (round(v, 1) if isinstance(v, float) and k != "seconds" else v) for k, v in rates.items()}
+
+
+def check_int8_available() -> None:
+    engines = torch.backends.quantized.supported_engines
+    if not hasattr(torch.ops.quantized, "linear_dynamic") or not ({"x86", "fbgemm"} & set(engines)):
+        raise PrecisionError(f"--precision int8 needs torch's fbgemm/x86 int8 kernels "
+                             f"(torch.ops.quantized.linear_dynamic); this torch {torch.__version__} has engines "
+                             f"{engines}")
 
 
 # --------------------------------------------------------------------------------- the decision

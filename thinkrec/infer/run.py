@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from thinkrec import recipe as recipes
 from thinkrec.cf.train import export_scores, load_embeddings
@@ -22,9 +21,9 @@ from thinkrec.data.tokenize import PromptBuilder, default_max_len
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
 from thinkrec.model.adapters import read_adapters
+from thinkrec.model.lowp import apply as apply_precision
 from thinkrec.model.projector import cf_token_tables
 from thinkrec.precision import Precision, for_run
-from thinkrec.precision import apply as apply_precision
 from thinkrec.rundir import RunDir
 
 STAGE_ORDER = ("stage3", "stage2", "stage1")

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .lora import LoRAConfig, adapter_names, checkpoint_context, expert_weights, init_experts_from_global
 from .lora import inject_lora, last_layers, lora_modules, set_trainable
+from .lowp import autocast
 from .packed import Packing, packed_supported, run_layers
 from .projector import CFProjector, scatter_placeholders
 from .tokens import add_placeholder_tokens, answer_token_ids
@@ -49,8 +50,6 @@ class ThinkRecLM(nn.Module):
     def autocast(self):
         """The context the forward runs in for this model's precision (bf16: autocast; otherwise none).
         forward enters it itself; callers of the pieces (run_layers, embed) enter it around them."""
-        from thinkrec.precision import autocast
-
         return autocast(self.precision, self.lm_head_weight.device)
 
     # ------------------------------------------------------------------------------------ construction

@@ -1,0 +1,110 @@
+"""Low precision for the model: what `--precision bf16` and `int8` do to a loaded ThinkRecLM (the policy that
+picks one is thinkrec/precision.py; what the machine can run, thinkrec/hardware.py).
+
+    bf16   frozen base weights stored in bfloat16 (cast once, not by autocast on every call); the forward runs
+           under bf16 autocast (`autocast`), so each GEMM reads bf16 and accumulates in fp32. LoRA, the
+           projector and the optimizer state stay fp32 master copies.
+    int8   forward only: every frozen linear of the decoder as an int8 GEMM (Int8Linear) with one dynamic
+           activation scale per call and per-channel weight scales, the LoRA deltas in fp32 on top of it.
+"""
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn as nn
+
+from thinkrec.hardware import PrecisionError, check_int8_available
+
+from .lora import LoRALinear
+
+REDUCE_RANGE = True  # 7-bit activations: no int16 saturation in fbgemm's AVX2 kernels (CPUs without VNNI)
+
+
+def autocast(name: str, device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device`'s type for "bf16", nothing otherwise."""
+    dev = torch.device(device).type
+    if name == "bf16":
+        return torch.autocast(dev, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Int8Linear(nn.Module):
+    """y = int8(x) @ int8(W).T * scales + b for fp32 x [..., K]: W [N, K] quantised per output channel
+    (symmetric), x per call with a dynamic scale; int32 accumulation (fbgemm / x86 engine). Forward only.
+
+    reduce_range (REDUCE_RANGE) keeps activations to 7 bits, which rules out int16 saturation in the AVX2
+    kernels (CPUs without VNNI), as torch's dynamic quantization does by default; 8 bits was no better on
+    SmolLM2."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        check_int8_available()
+        w = weight.detach().float().cpu()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+        with warnings.catch_warnings():  # quantized-tensor creation warns that it will move to torchao
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(w, scales, torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float().cpu())
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise PrecisionError("Int8Linear has no backward; --precision int8 is for scoring only")
+        lead = x.shape[:-1]
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float().contiguous(), self._packed, REDUCE_RANGE)
+        return y.view(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 dynamic"
+
+
+# ------------------------------------------------------------------------------------------ the model
+def _is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def cast_frozen(lm, dtype) -> int:
+    """Store every base-model parameter of `lm` (a ThinkRecLM) in dtype, LoRA adapters and the projector
+    excepted (they stay fp32 masters); buffers (RoPE's inv_freq) are left alone. Returns the count cast."""
+    n = 0
+    for name, p in lm.llm.named_parameters():  # tied weights (SmolLM2's head = embeddings) come once
+        if _is_lora_param(name) or p.dtype == dtype or not p.is_floating_point():
+            continue
+        p.data = p.data.to(dtype)
+        n += p.numel()
+    return n
+
+
+def quantize_frozen(lm) -> int:
+    """int8 GEMMs for every frozen linear of the decoder (not the LM head, which scoring reads one row of):
+    plain nn.Linear modules are replaced by Int8Linear; a LoRALinear keeps its adapters and gets an int8
+    base (`mod.int8`). One-way: for a model loaded to score. Returns the number of layers quantised."""
+    n = 0
+    for path, mod in list(lm.llm.model.named_modules()):
+        if isinstance(mod, LoRALinear):
+            mod.int8 = Int8Linear(mod.weight, mod.bias)
+            n += 1
+        elif type(mod) is nn.Linear:
+            parent, _, child = path.rpartition(".")
+            setattr(lm.llm.model.get_submodule(parent) if parent else lm.llm.model, child,
+                    Int8Linear(mod.weight, mod.bias))
+            n += 1
+    return n
+
+
+def apply(lm, precision) -> None:
+    """Put `lm` (a ThinkRecLM, fp32 as loaded) in `precision` (a thinkrec.precision.Precision: its .name and
+    .device) and record it as `lm.precision`."""
+    current = getattr(lm, "precision", "fp32")
+    if current == precision.name:
+        return
+    if current != "fp32":
+        raise PrecisionError(f"the model is already in {current}; load it again for {precision.name}")
+    if precision.name == "bf16":
+        cast_frozen(lm, torch.bfloat16)
+    elif precision.name == "int8":
+        if precision.device != "cpu":
+            raise PrecisionError("int8 is a CPU path")
+        quantize_frozen(lm)
+    lm.precision = precision.name
