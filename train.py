@@ -92,7 +92,7 @@ def parse(argv=None):
     p.add_argument("--recipe", default=None, choices=RECIPES,
                    help="ours (default), or official: the authors' released code reproduced (verbatim prompts and "
                         "answers, their history rule, titles, grouping, stage-3 prompt and selection, schedule, "
-                        "early stopping and validation sample; see the README's recipe table). The flags below "
+                        "early stopping and validation sample; see the recipe table in docs/data.md). The flags below "
                         "that name a point (--history, --titles, --cluster, --stage3-select, --lr, ...) override "
                         "it. A run keeps the recipe it started with (RUN/recipe.json)")
     p.add_argument("--dataset", default="ml100k", help="ml100k | ml1m | amazon-book | yelp | csv")

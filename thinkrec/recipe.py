@@ -26,7 +26,7 @@ run read the prompts, answers and history the run trained with. What each point 
     train_prompt   c3: stages 2-3 train on the C.3 prompt    ids: the stage-2 prompt (selection and test
                    that selection and test score             still score C.3)
 
-Why ours differs, point by point, is in the README's recipe table.
+Why ours differs, point by point, is in docs/data.md's recipe table.
 """
 
 from dataclasses import asdict, dataclass

@@ -66,7 +66,7 @@ class Scale:
 # = about 3.5 hours (planned: 2; the plan's 1.5-3 s a step was 5x too low). Where auto picks bf16 (an
 # avx512_bf16 CPU, measured on the grouping study): stages 1-2 9-12 min, stage 3 6 min, test 2 min: ~2.3
 # hours. --max-train-samples 256 halves the training part. lr 1e-3: at 1e-4 (official) 64 steps barely move
-# the Yes logit (README, bench/quality.py).
+# the Yes logit (docs/architecture.md, bench/quality.py).
 # paper: the paper's setting, for a GPU: every row, the official recipe (batch 1, 800 iterations per epoch,
 # 50 epochs with early stopping after 15 evaluations without gain, the official 25% validation sample and
 # per-stage learning rates), the full CF grid of appendix A.2, 2,000 traces.
