@@ -392,7 +392,7 @@ def run_pipeline(args, d) -> dict:
     for stage in STAGES[:STAGES.index(args.last_stage) + 1]:
         out = stage_dir(run, stage)
         if is_done(run, stage):
-            load_adapters(lm, out)
+            load_adapters(lm, out, projector=stage != "stage1")  # stage 1 never trains the projector
             stage_info[stage] = read_json(out / "train.json", f"delete {out}/ to train {stage} again")
             if d.is_main:
                 log(f"[{stage}] {out} exists: loaded, skipped")

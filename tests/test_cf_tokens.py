@@ -88,3 +88,18 @@ def test_adapters_saved_before_standardisation_load_as_raw_inputs(tmp_path):
     save_file(old, tmp_path / WEIGHTS, metadata={"format": "thinkrec-lora"})
     load_adapters(lm, tmp_path)
     assert torch.equal(lm.projector.in_mean, torch.zeros(8)) and torch.equal(lm.projector.in_std, torch.ones(8))
+
+
+def test_stage1_adapters_load_into_a_model_whose_tokens_have_other_inputs(tmp_path):
+    """Stage 1 never trains the projector: its saved (initial) projector is ignored, so a run with
+    --cf-inputs emb+bias can start from a stage 1 made with emb (one more input column)."""
+    from thinkrec.model.adapters import AdapterFileError, load_adapters, save_adapters
+    from tests.train_fixtures import tiny_lm
+
+    save_adapters(tiny_lm(cf_dim=8), tmp_path)
+    wider = tiny_lm(cf_dim=9)
+    before = {k: v.clone() for k, v in wider.projector.state_dict().items()}
+    with pytest.raises(AdapterFileError, match="shapes differ"):
+        load_adapters(wider, tmp_path)
+    load_adapters(wider, tmp_path, projector=False)
+    assert all(torch.equal(v, wider.projector.state_dict()[k]) for k, v in before.items())

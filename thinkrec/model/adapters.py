@@ -79,9 +79,11 @@ def read_adapters(directory, recompute: str | None = None):
     return cfg, read_safetensors(d / WEIGHTS, recompute)
 
 
-def load_adapters(lm, directory) -> dict:
+def load_adapters(lm, directory, projector: bool = True) -> dict:
     """Copy saved adapters (and projector) into `lm`; checks r, alpha, experts, names and shapes first
-    and changes nothing when any differs. Returns the saved config."""
+    and changes nothing when any differs. Returns the saved config. projector=False leaves the model's
+    projector as it is and ignores the saved one (stage 1's, which never trained: a run may give its tokens
+    other inputs than the run stage 1 came from)."""
     cfg, tensors = read_adapters(directory)
     where = f"adapters in {directory}"
     mine = _config(lm)
@@ -89,7 +91,10 @@ def load_adapters(lm, directory) -> dict:
         if cfg[key] != mine[key]:
             raise AdapterFileError(f"{where}: saved {key}={cfg[key]!r} but the model has {key}={mine[key]!r}")
     want = _tensors(lm)
-    if lm.projector is not None and "projector.in_mean" not in tensors:  # saved before inputs were standardised:
+    if not projector:
+        want = {k: v for k, v in want.items() if not k.startswith("projector.")}
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("projector.")}
+    if projector and lm.projector is not None and "projector.in_mean" not in tensors:  # saved before inputs were standardised:
         tensors = {**tensors, "projector.in_mean": torch.zeros_like(want["projector.in_mean"]),  # raw inputs
                    "projector.in_std": torch.ones_like(want["projector.in_std"])}
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
@@ -105,7 +110,7 @@ def load_adapters(lm, directory) -> dict:
             for e, name in enumerate(names):
                 mod.lora_A[e].copy_(tensors[f"{path}.lora_A.{name}"])
                 mod.lora_B[e].copy_(tensors[f"{path}.lora_B.{name}"])
-        if lm.projector is not None:
+        if lm.projector is not None and projector:
             lm.projector.load_state_dict({k[len("projector."):]: v for k, v in tensors.items()
                                           if k.startswith("projector.")})
     return cfg
