@@ -27,7 +27,7 @@ LONG = "THINKREC_FUZZ_EXAMPLES" in os.environ  # a long run draws fresh examples
 FUZZ = settings(max_examples=EXAMPLES, derandomize=not LONG, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
-TRIED = {"csv source": 0, "infer.py --input": 0}
+TRIED = {"csv source": 0, "ml1m .dat": 0, "infer.py --input": 0}
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -102,6 +102,50 @@ def test_csv_source_either_loads_or_names_the_file(tmp_path_factory, inter, item
         assert "Traceback" not in str(e) and "\n" not in str(e).strip(), str(e)
         assert not (out / "data" / "stats.json").exists()  # nothing half-written marks the data done
         assert not list(out.rglob("*.tmp*")) if out.exists() else True
+    else:
+        assert (out / "data" / "stats.json").is_file() and len(prep.inter) > 0
+
+
+# ------------------------------------------------------------------------------------------ ml1m .dat
+# ratings in the paper's split months (2001-06 .. 2003-01), so the good rows alone split into train / valid / test
+GOOD_RATINGS = ["1::10::5::993000000", "1::11::2::1020000000", "2::10::4::1040000000", "2::12::3::1036000000",
+                "1::12::4::1039000000", "2::11::5::1021000000"]
+GOOD_MOVIES = ["10::Heat (1995)::Action|Crime", "11::Toy Story (1995)::Animation|Comedy", "12::Misérables, Les (1995)::Drama"]
+dat_field = st.one_of(field, st.sampled_from(["::", ":", "|", "5::", "::5"]))
+dat_row = st.lists(dat_field, min_size=0, max_size=6).map("::".join)
+
+
+@st.composite
+def dat_file(draw, good: list):
+    rows = list(good)
+    for _ in range(draw(st.integers(0, 3))):
+        rows.insert(draw(st.integers(0, len(rows))), draw(dat_row))
+    end = draw(line_end)
+    text = end.join(rows) + draw(st.sampled_from(["", end]))
+    data = text.encode(draw(st.sampled_from(["utf-8", "latin-1", "utf-16"])), errors="replace")
+    if draw(st.integers(0, 5)) == 0:
+        data = gzip.compress(data)
+        if draw(st.booleans()):
+            data = data[: max(1, len(data) // 2)]
+    if draw(st.integers(0, 9)) == 0:
+        data = draw(st.binary(max_size=120))
+    return data
+
+
+@FUZZ
+@given(ratings=dat_file(GOOD_RATINGS), movies=dat_file(GOOD_MOVIES))
+def test_ml1m_dat_either_loads_or_names_the_file(tmp_path_factory, ratings, movies):
+    TRIED["ml1m .dat"] += 1
+    d = tmp_path_factory.mktemp("ml1m")
+    (d / "ratings.dat").write_bytes(ratings)
+    (d / "movies.dat").write_bytes(movies)
+    out = d / "out"
+    try:
+        prep = prepare("ml1m", data_dir=d, out=out, quiet=True)
+    except DataError as e:
+        assert _names_the_file(e, d / "ratings.dat", d / "movies.dat") or re.search(
+            r"split|rows|user|item|label|MovieLens", str(e)), str(e)
+        assert not (out / "data" / "stats.json").exists()
     else:
         assert (out / "data" / "stats.json").is_file() and len(prep.inter) > 0
 
