@@ -20,11 +20,12 @@ run read the prompts, answers and history the run trained with. What each point 
                    criterion                                 than `patience` evals without a better AUC,
                                                              UAUC or criterion
     valid          a seeded subsample of valid              the official 25% sample (RandomState(2025))
-    cf_inputs      emb+bias: [P_u, b_u] / [Q_i, c_i]         emb: the CF embeddings alone
-    cf_scale       token: standardised inputs, tokens        none: raw inputs, default init
-                   starting at a token embedding's norm
-    train_prompt   c3: stages 2-3 train on the C.3 prompt    ids: the stage-2 prompt (selection and test
-                   that selection and test score             still score C.3)
+    cf_inputs      emb (the CF embeddings alone) in both, until emb+bias ([P_u, b_u] / [Q_i, c_i]) measures
+                   better on valid rows (docs/results.md); --cf-inputs switches it
+    cf_scale       none (raw inputs, default init) in both; --cf-scale token: standardised inputs, tokens starting
+                   at a token embedding's norm
+    train_prompt   ids (the stage-2 prompt; selection and test score C.3) in both; --train-prompt c3 trains
+                   stages 2-3 on the C.3 prompt
 
 Why ours differs, point by point, is in docs/data.md's recipe table.
 """
