@@ -71,12 +71,17 @@ def csv_file(draw, header: str, good: list):
     cut = draw(st.sampled_from([None, None, None, 0.5, 0.9]))
     if cut is not None:
         data = data[:int(len(data) * cut)]
+    return _damaged(draw, data)
+
+
+def _damaged(draw, data: bytes) -> bytes:
+    """Maybe gzip `data` (whole or a truncated stream), maybe replace it by bytes that look like nothing."""
     if draw(st.integers(0, 5)) == 0:
         data = gzip.compress(data)
         if draw(st.booleans()):
-            data = data[: max(1, len(data) // 2)]  # a truncated gzip stream
+            data = data[: max(1, len(data) // 2)]
     if draw(st.integers(0, 7)) == 0:
-        data = draw(st.binary(max_size=200))  # nothing like a CSV at all
+        data = draw(st.binary(max_size=200))
     return data
 
 
@@ -90,18 +95,23 @@ def _names_the_file(err: DataError, *paths) -> bool:
        items=csv_file("item_id,title,description", GOOD_ITEMS))
 def test_csv_source_either_loads_or_names_the_file(tmp_path_factory, inter, items):
     TRIED["csv source"] += 1
-    d = tmp_path_factory.mktemp("csv")
-    (d / "interactions.csv").write_bytes(inter)
-    (d / "items.csv").write_bytes(items)
+    _loads_or_names_the_file(tmp_path_factory.mktemp("csv"), "csv", {"interactions.csv": inter, "items.csv": items},
+                             r"csv source|--data-dir|rows?|split|label|user|item")
+
+
+def _loads_or_names_the_file(d, dataset: str, files: dict, other: str) -> None:
+    """prepare(dataset) on `files` written to d: it loads (and writes its data), or raises a one-line DataError
+    naming one of the files (or, for a problem of the whole data, matching `other`) and writes nothing."""
+    for name, data in files.items():
+        (d / name).write_bytes(data)
     out = d / "out"
     try:
-        prep = prepare("csv", data_dir=d, out=out, quiet=True)
+        prep = prepare(dataset, data_dir=d, out=out, quiet=True)
     except DataError as e:
-        assert _names_the_file(e, d / "interactions.csv", d / "items.csv") or "csv source" in str(e) \
-            or "--data-dir" in str(e) or re.search(r"rows?|split|label|user|item", str(e)), str(e)
+        assert _names_the_file(e, *(d / n for n in files)) or re.search(other, str(e)), str(e)
         assert "Traceback" not in str(e) and "\n" not in str(e).strip(), str(e)
         assert not (out / "data" / "stats.json").exists()  # nothing half-written marks the data done
-        assert not list(out.rglob("*.tmp*")) if out.exists() else True
+        assert not out.exists() or not list(out.rglob("*.tmp*"))  # no temporary file left behind
     else:
         assert (out / "data" / "stats.json").is_file() and len(prep.inter) > 0
 
@@ -122,32 +132,15 @@ def dat_file(draw, good: list):
         rows.insert(draw(st.integers(0, len(rows))), draw(dat_row))
     end = draw(line_end)
     text = end.join(rows) + draw(st.sampled_from(["", end]))
-    data = text.encode(draw(st.sampled_from(["utf-8", "latin-1", "utf-16"])), errors="replace")
-    if draw(st.integers(0, 5)) == 0:
-        data = gzip.compress(data)
-        if draw(st.booleans()):
-            data = data[: max(1, len(data) // 2)]
-    if draw(st.integers(0, 9)) == 0:
-        data = draw(st.binary(max_size=120))
-    return data
+    return _damaged(draw, text.encode(draw(st.sampled_from(["utf-8", "latin-1", "utf-16"])), errors="replace"))
 
 
 @FUZZ
 @given(ratings=dat_file(GOOD_RATINGS), movies=dat_file(GOOD_MOVIES))
 def test_ml1m_dat_either_loads_or_names_the_file(tmp_path_factory, ratings, movies):
     TRIED["ml1m .dat"] += 1
-    d = tmp_path_factory.mktemp("ml1m")
-    (d / "ratings.dat").write_bytes(ratings)
-    (d / "movies.dat").write_bytes(movies)
-    out = d / "out"
-    try:
-        prep = prepare("ml1m", data_dir=d, out=out, quiet=True)
-    except DataError as e:
-        assert _names_the_file(e, d / "ratings.dat", d / "movies.dat") or re.search(
-            r"split|rows|user|item|label|MovieLens", str(e)), str(e)
-        assert not (out / "data" / "stats.json").exists()
-    else:
-        assert (out / "data" / "stats.json").is_file() and len(prep.inter) > 0
+    _loads_or_names_the_file(tmp_path_factory.mktemp("ml1m"), "ml1m", {"ratings.dat": ratings, "movies.dat": movies},
+                             r"split|rows|user|item|label|MovieLens")
 
 
 # --------------------------------------------------------------------------------------- infer --input
