@@ -37,7 +37,7 @@ from thinkrec.cf.train import export_scores, load_embeddings
 from thinkrec.data import DataError, load_prepared, prepare
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
-from thinkrec.data.prompts import TITLE_STYLES, load_keywords, with_titles
+from thinkrec.data.prompts import TITLE_STYLES, TWO_SLOTS, load_keywords, with_titles
 from thinkrec.data.tokenize import DEFAULT_MAX_LEN, QUICK_MAX_LEN, PromptBuilder, default_max_len
 from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, GroupError, build_groups, load_groups, small_groups, table_router,
                               train_table)
@@ -49,10 +49,10 @@ from thinkrec.metrics import evaluate
 from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model import lowp
 from thinkrec.model.adapters import AdapterFileError
-from thinkrec.model.projector import CF_INPUTS, cf_token_tables, token_report
+from thinkrec.model.projector import CF_INPUTS, CF_SLOTS, cf_token_tables, token_report
 from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
 from thinkrec.recipe import RECIPES, RecipeError
-from thinkrec.rundir import RunDir
+from thinkrec.rundir import RunDir, config_of
 from thinkrec.runtime import quiet_progress, tune_malloc
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             setup, stage_dir, subsample, train_stage)
@@ -134,9 +134,13 @@ def parse(argv=None):
     p.add_argument("--cf-inputs", default=None, choices=CF_INPUTS,
                    help="what the CF tokens carry: emb+bias ([P_u, b_u] / [Q_i, c_i]: the CF model's biases too) or "
                         "emb (the embeddings alone, the official code's)")
-    p.add_argument("--cf-scale", default=None, choices=["token", "none"],
+    p.add_argument("--cf-scale", default=None, choices=["token", "held", "none"],
                    help="token: standardise the projector's inputs and start its outputs at a token embedding's "
-                        "norm; none: raw inputs and default init (the official code's)")
+                        "norm; held: the same, and every output kept at that norm through training; none: raw "
+                        "inputs and default init (the official code's)")
+    p.add_argument("--cf-slots", default=None, choices=CF_SLOTS,
+                   help="which prompt items carry a CF token: all (every history item, the user and the target; the "
+                        "paper's) or two (the user and the target only: CoLLM's prompt)")
     p.add_argument("--train-prompt", default=None, choices=["ids", "c3"],
                    help="prompt of stages 2-3's plain samples: c3 (the recommendation prompt that selection and "
                         "test score) or ids (the stage-2 prompt)")
@@ -195,7 +199,8 @@ def apply_recipe(args) -> recipes.Recipe:
     args.recipe = rec.name
     for flag, value in (("history", rec.history), ("titles", rec.titles), ("cluster", rec.cluster),
                         ("stage3_select", rec.stage3_select), ("iters_per_epoch", rec.iters_per_epoch),
-                        ("cf_inputs", rec.cf_inputs), ("cf_scale", rec.cf_scale), ("train_prompt", rec.train_prompt)):
+                        ("cf_inputs", rec.cf_inputs), ("cf_scale", rec.cf_scale), ("train_prompt", rec.train_prompt),
+                        ("cf_slots", rec.cf_slots)):
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     if args.eval_every is None:  # the official recipe validates once per epoch
@@ -281,7 +286,7 @@ def main(argv=None) -> dict:
             recipes.record(args.run_dir, rec)
             for path in clean_stale_temps(args.run_dir):
                 log(f"removed {path}, left by a killed write")
-            log(to_json({k: str(v) for k, v in vars(args).items()}))
+            log(to_json(RunDir(args.run_dir).write_config(vars(args))))
             resolve_model(args.model)  # a missing model fails now, not after the data and CF phases
             choose_precision(args, d)
         d.barrier()
@@ -346,6 +351,8 @@ def run_pipeline(args, d) -> dict:
                                          cf_dim=user_emb.shape[1], cf_inputs=args.cf_inputs, device=d.device,
                                          prompt_style=style)
     prec = run_precision(args, d)
+    if lm.projector is not None:
+        lm.projector.slots = args.cf_slots
     lowp.apply(lm, prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
     kw_path = Path(args.keywords) if args.keywords else RunDir(run).keywords
     keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
@@ -355,6 +362,8 @@ def run_pipeline(args, d) -> dict:
         """Plain training prompts ("text", "ids") cut at --max-len; the C.3 scoring prompt ("reason") and
         reasoning samples (`traces`, whose answers are up to 409 tokens) get 409 more, as infer.py scores
         test rows (thinkrec.infer.LoadedRun.builder)."""
+        if args.cf_slots == "two" and mode != "text" and with_ids is not False:
+            with_ids = TWO_SLOTS  # CF tokens on the user and the target only
         key = (mode, with_ids, traces or mode == "reason")
         if key not in builders:
             builders[key] = PromptBuilder(prep, tok, mode=mode, max_len=args.max_len + (409 if key[2] else 0),
@@ -400,8 +409,10 @@ def run_pipeline(args, d) -> dict:
         prefix = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
         tokens = {}
         if stage == "stage2":  # deterministic from the seeded init, so a resumed stage 2 redoes it identically
-            if args.cf_scale == "token":
+            if args.cf_scale in ("token", "held"):
                 lm.projector.fit_inputs((user_emb, item_emb), median_token_norm(lm))
+            if args.cf_scale == "held":
+                lm.projector.hold_norm(median_token_norm(lm))
             tokens["start"] = token_report(lm.projector, (user_emb, item_emb), lm.llm.get_input_embeddings().weight)
         # stage 1's prompts have no CF slots; the official recipe's stage 3 uses stage 1's prompt
         mode = "text" if stage == "stage1" or (stage == "stage3" and rec.stage3_prompt == "text") else "ids"
@@ -470,9 +481,8 @@ def run_pipeline(args, d) -> dict:
                "prompt": mode, "routing": test["routing"] if test else None, "precision": prec.to_dict(),
                "truncation": truncation, "valid_baselines": valid_baselines,
                "stages": stage_info, "seconds": round(time.perf_counter() - t_start, 1),
-               # what was run, not how it was driven: resumed or not, checkpoint cadence and progress bars
-               # do not change a single number
-               "args": {k: str(v) for k, v in vars(args).items() if k not in ("resume", "ckpt_minutes", "no_progress")}}
+               # what was run, not how it was driven (thinkrec.rundir.config_of), as RUN/config.json has it
+               "args": config_of(vars(args))}
     if d.is_main:
         write_json(run / "metrics.json", metrics)
         log(summary(metrics, args, prep))

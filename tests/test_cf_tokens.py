@@ -55,14 +55,22 @@ def test_levers_train_and_infer_agree_and_are_recorded(tmp_path):
     import infer
     from tests.test_train_cli import train_tiny_run
 
-    run = train_tiny_run(tmp_path, "--cf-inputs", "emb+bias", "--cf-scale", "token", "--train-prompt", "c3",
-                         "--stage2-lr", "1e-2", "--test-rows", "official")
+    run = train_tiny_run(tmp_path, "--cf-inputs", "emb+bias", "--cf-scale", "held", "--cf-slots", "two",
+                         "--train-prompt", "c3", "--stage2-lr", "1e-2", "--test-rows", "official")
     cfg = json.loads((run / "stage3" / "adapters.json").read_text())
     assert cfg["projector"]["inputs"] == "emb+bias" and cfg["projector"]["cf_dim"] == 9  # --cf-dim 8 + bias
+    assert cfg["projector"]["slots"] == "two"
     saved = json.loads((run / "metrics.json").read_text())
     tokens = saved["stages"]["stage2"]["tokens"]
     assert set(tokens) == {"start", "end"} and tokens["start"]["users"]["norm_vs_tokens"] == pytest.approx(1.0, rel=0.3)
-    assert saved["args"]["train_prompt"] == "c3" and saved["args"]["cf_scale"] == "token"
+    # held: the trained tokens end at the norm they started at (lr 1e-2 would move a free one)
+    assert tokens["end"]["items"]["mean_norm"] == pytest.approx(tokens["start"]["items"]["mean_norm"], rel=1e-3)
+    assert saved["args"]["train_prompt"] == "c3" and saved["args"]["cf_scale"] == "held"
+    assert saved["args"]["cf_slots"] == "two"
+    # RUN/config.json: the same record, typed, written when the run started
+    from thinkrec.rundir import RunDir
+    cfg = RunDir(run).config()
+    assert cfg == saved["args"] and cfg["stage2_lr"] == 1e-2 and cfg["traces"] is None and "resume" not in cfg
     # --test-rows official: the end scores the official 25% sample of the 20 test rows, and only it
     assert saved["test_rows"] == saved["test_official_sample"]["rows"] == 5
     assert {"cf", "like_rate"} <= saved["valid_baselines"].keys()
@@ -84,10 +92,45 @@ def test_adapters_saved_before_standardisation_load_as_raw_inputs(tmp_path):
     lm = tiny_lm(cf_dim=8)
     lm.projector.fit_inputs((torch.randn(5, 8), torch.randn(4, 8)), 2.0)
     save_adapters(lm, tmp_path)
-    old = {k: v for k, v in load_file(tmp_path / WEIGHTS).items() if not k.startswith("projector.in_")}
+    old = {k: v for k, v in load_file(tmp_path / WEIGHTS).items()
+           if not k.startswith(("projector.in_", "projector.out_"))}
     save_file(old, tmp_path / WEIGHTS, metadata={"format": "thinkrec-lora"})
     load_adapters(lm, tmp_path)
     assert torch.equal(lm.projector.in_mean, torch.zeros(8)) and torch.equal(lm.projector.in_std, torch.ones(8))
+    assert not lm.projector.held
+
+
+def test_held_norm_survives_training_steps_and_a_save():
+    """--cf-scale held: whatever the optimiser does, every token keeps the norm it was given, and the saved
+    projector keeps holding it."""
+    from tests.train_fixtures import tiny_lm
+    from thinkrec.model.adapters import load_adapters, save_adapters
+
+    torch.manual_seed(0)
+    tables = cf_token_tables(_mf_like(d=8), "emb")
+    p = CFProjector(8, 32, mid=64)
+    p.fit_inputs(tables, target_norm=3.0)
+    p.hold_norm(3.0)
+    opt = torch.optim.AdamW(p.parameters(), lr=0.1)
+    x = torch.cat(tables)
+    for _ in range(5):  # a loss that wants big tokens: free, the norm would grow
+        opt.zero_grad()
+        (-p(x).pow(2).sum()).backward()
+        opt.step()
+    with torch.no_grad():
+        assert torch.allclose(p(x).norm(dim=-1), torch.full((len(x),), 3.0), rtol=1e-4)
+    p.hold_norm(0)
+    with torch.no_grad():
+        assert p(x).norm(dim=-1).mean() > 4.0  # the same weights, free: the loss did push the norm up
+
+    import tempfile
+    lm = tiny_lm(cf_dim=8)
+    lm.projector.hold_norm(2.5)
+    with tempfile.TemporaryDirectory() as d:
+        save_adapters(lm, d)
+        back = tiny_lm(cf_dim=8)
+        load_adapters(back, d)
+    assert back.projector.held and float(back.projector.out_norm) == 2.5
 
 
 def test_stage1_adapters_load_into_a_model_whose_tokens_have_other_inputs(tmp_path):

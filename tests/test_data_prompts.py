@@ -42,7 +42,8 @@ def random_prepared(seed=0, n=60, n_users=4, n_items=8):
     return toy_prepared(rows, items)
 
 
-@pytest.mark.parametrize("mode,with_ids", [("text", None), ("ids", None), ("reason", None), ("reason", False)])
+@pytest.mark.parametrize("mode,with_ids", [("text", None), ("ids", None), ("reason", None), ("reason", False),
+                                           ("ids", "two"), ("reason", "two")])
 def test_assembly_equals_full_string_tokenisation(tok, ph, mode, with_ids):
     prep = random_prepared()
     b = PromptBuilder(prep, tok, mode=mode, noun="movie", placeholder_ids=ph, max_len=10_000, with_ids=with_ids)
@@ -55,6 +56,8 @@ def test_assembly_equals_full_string_tokenisation(tok, ph, mode, with_ids):
         n_ids += len(s.ph_pos)
         assert (s.input_ids[s.ph_pos] == np.where(s.ph_kind == 0, ph["<UserID>"], ph["<ItemID>"])).all()
     assert (n_ids > 0) == (mode != "text" and with_ids is not False)
+    if with_ids == "two":
+        assert n_ids == 2 * len(prep.inter)
 
 
 def test_placeholder_slots_hold_history_user_target(tok, ph):
@@ -67,6 +70,24 @@ def test_placeholder_slots_hold_history_user_target(tok, ph):
         assert s.ph_kind.tolist() == [1] * len(hist) + [0, 1]
         assert s.n_history == len(hist) and s.yes_pos == len(s.input_ids) - 1
         assert s.answer_ids.tolist() == tok(" Yes" if s.label else " No", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("style", ["ours", "official"])
+def test_two_slot_prompt_has_ids_on_the_user_and_target_only(tok, ph, style):
+    """--cf-slots two (CoLLM's prompt): the history items are the text of the all-slot prompt without their id
+    slots; the user and the target keep theirs; lengths still match the samples."""
+    prep = random_prepared(2)
+    every = PromptBuilder(prep, tok, mode="reason", placeholder_ids=ph, max_len=10_000, style=style)
+    two = PromptBuilder(prep, tok, mode="reason", placeholder_ids=ph, max_len=10_000, with_ids="two", style=style)
+    for r in range(len(prep.inter)):
+        s = two.sample(r)
+        assert s.ph_kind.tolist() == [0, 1] and s.ph_index.tolist() == [int(prep.inter.user[r]), int(prep.inter.item[r])]
+        n_hist = every.text(r).count("<ItemID>") - 1  # the history items' slots come first, the target's last
+        assert two.text(r) == every.text(r).replace(" with feature <ItemID>", "", n_hist)
+        assert two.text(r).count("<ItemID>") == 1 and two.text(r).count("<UserID>") == 1
+    assert two.lengths().tolist() == [len(two.sample(r)) for r in range(len(prep.inter))]
+    with pytest.raises(ValueError, match="with_ids"):
+        PromptBuilder(prep, tok, mode="ids", placeholder_ids=ph, with_ids="three")
 
 
 def test_item_text_format_and_description():

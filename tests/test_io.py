@@ -249,3 +249,26 @@ def test_expert_report_has_no_infinity(tmp_path):
     text = (tmp_path / "experts" / "report.json").read_text()
     saved = json.loads(text, parse_constant=pytest.fail)  # no Infinity / NaN tokens
     assert saved["cohens_d_like_rate"] is None and saved["group_sizes"] == [3, 3]
+
+
+def test_run_config_is_typed_and_older_runs_read_back_as_values(tmp_path):
+    """RUN/config.json keeps numbers, None and booleans as they are (no str(v) round trip); a run made before it
+    has only metrics.json's strings, which RunDir.config reads back as the same values."""
+    from pathlib import Path
+
+    from thinkrec.rundir import RunDir
+
+    args = {"lr": 1e-3, "epochs": 1.0, "batch_size": 8, "traces": None, "grad_ckpt": False, "experts": "auto",
+            "run_dir": Path("runs/x"), "resume": True, "no_progress": True, "ckpt_minutes": 2.0}
+    new, old = RunDir(tmp_path / "new"), RunDir(tmp_path / "old")
+    new.path.mkdir()
+    record = new.write_config(args)
+    assert new.config() == record == {"lr": 1e-3, "epochs": 1.0, "batch_size": 8, "traces": None,
+                                      "grad_ckpt": False, "experts": "auto", "run_dir": "runs/x"}
+    old.path.mkdir()
+    old.metrics.write_text(json.dumps({"args": {k: str(v) for k, v in record.items()}}))
+    assert old.config() == record
+    assert RunDir(tmp_path / "none").config() == {}
+    new.config_path.write_text("{not json")
+    with pytest.raises(ArtifactError, match="config.json"):
+        new.config()

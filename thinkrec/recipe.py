@@ -23,7 +23,9 @@ run read the prompts, answers and history the run trained with. What each point 
     cf_inputs      emb (the CF embeddings alone) in both, until emb+bias ([P_u, b_u] / [Q_i, c_i]) measures
                    better on valid rows (docs/results.md); --cf-inputs switches it
     cf_scale       none (raw inputs, default init) in both; --cf-scale token: standardised inputs, tokens starting
-                   at a token embedding's norm
+                   at a token embedding's norm; --cf-scale held: the same, kept at that norm through training
+    cf_slots       all (a CF token on every history item, the user and the target) in both; --cf-slots two: the
+                   user and the target only (CoLLM's prompt)
     train_prompt   ids (the stage-2 prompt; selection and test score C.3) in both; --train-prompt c3 trains
                    stages 2-3 on the C.3 prompt
 
@@ -58,7 +60,8 @@ class Recipe:
     stop: str  # thinkrec.train.loop: "criterion" | "any" (AUC, UAUC or the criterion)
     valid: str  # "subsample" | "official" (the 25% sample)
     cf_inputs: str = "emb"  # thinkrec.model.projector.CF_INPUTS
-    cf_scale: str = "none"  # "token" (projector.fit_inputs before stage 2) | "none"
+    cf_scale: str = "none"  # "token" (projector.fit_inputs before stage 2) | "held" (and hold_norm) | "none"
+    cf_slots: str = "all"  # thinkrec.model.projector.CF_SLOTS: "all" (the paper's) | "two" (user and target)
     train_prompt: str = "ids"  # stages 2-3 plain samples: "ids" | "c3" (the scoring prompt)
     iters_per_epoch: int = 0  # micro-batches per epoch: 0 = one pass over the training rows; official 800
     stages: dict | None = None  # stage -> Schedule; None: ours (LoopConfig, --lr, --stage3-lr)

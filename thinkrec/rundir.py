@@ -7,13 +7,41 @@ asks RunDir for the path instead of joining it by hand.
     RUN/reasoning/            traces.jsonl (+ .failures.jsonl)
     RUN/stage1|2|3/           adapters.json (marks the stage done), adapters.safetensors, train.json, ckpt/
     RUN/infer/                scores.jsonl, metrics.json of the last scoring
+    RUN/config.json           the run's arguments, typed (train.py writes it when it starts; infer.py, export,
+                              the experiments read it back with `RunDir.config`)
     RUN/metrics.json          the run's summary (args, stages, test metrics)
     RUN/precision.json, RUN/recipe.json   what the run trains at, and with
 """
 
+import json
 from pathlib import Path
 
+from thinkrec.io import read_json, write_json
+
 STAGES = ("stage1", "stage2", "stage3")  # the order they train in
+# train.py arguments that say how a run was driven, not what it computes: never recorded
+NOT_RECORDED = ("resume", "ckpt_minutes", "no_progress")
+
+
+def config_of(args: dict) -> dict:
+    """The record of a run's arguments {dest: value}: JSON values as they are (numbers stay numbers, None is
+    null), paths as strings, the driving flags (NOT_RECORDED) left out."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in args.items() if k not in NOT_RECORDED}
+
+
+def _legacy_value(text):
+    """A value from the `str(v)` records of runs made before config.json: "None" -> None, "True" -> True,
+    "0.001" -> 0.001, "8" -> 8, anything else stays a string."""
+    if not isinstance(text, str):
+        return text
+    if text in ("None", "True", "False"):
+        return {"None": None, "True": True, "False": False}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 class RunDir:
@@ -56,3 +84,26 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    def write_config(self, args: dict) -> dict:
+        """Record the run's arguments (`config_of`) in RUN/config.json, atomically; returns the record."""
+        record = config_of(args)
+        write_json(self.config_path, record)
+        return record
+
+    def config(self) -> dict:
+        """The arguments the run was trained with, typed: RUN/config.json, or for a run made before it the
+        strings of RUN/metrics.json's "args" read back as values; {} when neither exists (nothing trained)."""
+        if self.config_path.is_file():
+            return read_json(self.config_path, "run train.py --resume with the run's arguments to write it again")
+        if self.metrics.is_file():
+            try:
+                old = json.loads(self.metrics.read_text(encoding="utf-8")).get("args", {})
+            except (ValueError, AttributeError):
+                return {}
+            return {k: _legacy_value(v) for k, v in old.items()}
+        return {}

@@ -20,6 +20,8 @@ Modes (noun = movie / book / business, plural by English rule):
     reason  the paper's C.3 recommendation prompt ("... construct a persona of the user's preferences
             and reevaluate whether ... Please begin your analysis with "Yes" or "No".\\n#Answer:"), with
             ids unless `with_ids=False`
+    with_ids=TWO_SLOTS (ids, reason): only the user and the target item carry an id slot, the history items none
+            (CoLLM's two-slot prompt; train.py --cf-slots two)
 
 Styles: "ours" (above) or "official", the authors' prompt files verbatim (`--recipe official`): the
 literal text "<s>" first (no tokenizer BOS), "high ratings", the two characters backslash-n before
@@ -138,12 +140,24 @@ def official_item_segments(item: dict | None, label: int | None, with_ids: bool,
     return segs
 
 
-def _uses_ids(mode: str, with_ids: bool | None) -> bool:
+TWO_SLOTS = "two"  # with_ids value: the user and the target item carry ids, history items none (CoLLM's prompt)
+
+
+def _uses_ids(mode: str, with_ids) -> bool:
+    """Whether the prompt has id slots (the user's and the target's). with_ids: None (the mode's default: ids
+    unless "text"), True, False, or TWO_SLOTS (ids on the user and the target only)."""
     if mode not in MODES:
         raise ValueError(f"mode = {mode!r}, expected one of {MODES}")
+    if with_ids not in (None, True, False, TWO_SLOTS):
+        raise ValueError(f"with_ids = {with_ids!r}, expected None, True, False or {TWO_SLOTS!r}")
     if mode == "text" and with_ids:
         raise ValueError("mode 'text' has no CF ids; use mode 'ids' or 'reason'")
-    return (mode != "text") if with_ids is None else with_ids
+    return (mode != "text") if with_ids is None else bool(with_ids)
+
+
+def _history_ids(mode: str, with_ids) -> bool:
+    """Whether the history items carry id slots too (every slot, the paper's prompt; not with TWO_SLOTS)."""
+    return _uses_ids(mode, with_ids) and with_ids != TWO_SLOTS
 
 
 def _check_style(style: str) -> None:
@@ -162,7 +176,7 @@ def render_group(items: list, item: int, label: int, last: bool, mode: str, with
                  style: str = "ours") -> list:
     """One history item, closed by ";" (or "." when it is the newest one)."""
     make = official_item_segments if style == "official" else item_segments
-    return make(items[item], label, _uses_ids(mode, with_ids), keywords, "." if last else ";")
+    return make(items[item], label, _history_ids(mode, with_ids), keywords, "." if last else ";")
 
 
 EMPTY_GROUP = [" none."]
@@ -171,7 +185,7 @@ EMPTY_GROUP = [" none."]
 def empty_group(mode: str, with_ids=None, style: str = "ours") -> list:
     """The history list of a user without history: "none" (ours) or the official "Unknow" entry."""
     if style == "official":
-        return official_item_segments(None, 0, _uses_ids(mode, with_ids), end=".")
+        return official_item_segments(None, 0, _history_ids(mode, with_ids), end=".")
     return list(EMPTY_GROUP)
 
 

@@ -144,7 +144,8 @@ class PromptBuilder:
         self._groups, self._tails = {}, {}
         self._lead = None  # tokens of the tail before the target item (target_start)
         self._prefix = np.array(self.seg.prefix, dtype=np.int64)
-        self._ids = prompts._uses_ids(mode, with_ids)
+        self._ids = prompts._uses_ids(mode, with_ids)  # the user's and the target's slots
+        self._hist_ids = prompts._history_ids(mode, with_ids)  # and one per history item
         self._no_ph = np.zeros(0, dtype=np.int64)
 
     def _encode(self, segments) -> np.ndarray:
@@ -248,7 +249,7 @@ class PromptBuilder:
         u_id, i_id = self.seg.ph_ids
         hit = input_ids == i_id if u_id == i_id else (input_ids == i_id) | (input_ids == u_id)
         pos = np.flatnonzero(hit)
-        hist = [k >> 2 for k in kept] or [prompts.NO_ITEM] * self._empty_slots
+        hist = ([k >> 2 for k in kept] or [prompts.NO_ITEM] * self._empty_slots) if self._hist_ids else []
         kind = np.ones(len(hist) + 2, dtype=np.int8)
         kind[-2] = 0
         index = np.array(hist + [user, item], dtype=np.int64)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from thinkrec.io import write_json
-from thinkrec.rundir import STAGES
+from thinkrec.rundir import STAGES, RunDir
 
 from .report import _figure, _save
 
@@ -22,8 +22,8 @@ from .report import _figure, _save
 def curve_points(run: Path) -> dict:
     """{"label", "stages": {stage: [{"rows", "auc", "uauc"}]}, "floors": {"cf", "like_rate"} or {}} of a run."""
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    args = metrics.get("args", {})  # a run still training has no metrics.json yet: batch 8, accum 1
-    rows_per_step = int(float(args.get("batch_size", 8))) * int(float(args.get("accum", 1)))
+    args = RunDir(run).config()  # typed; written when train.py starts, so a run still training has it
+    rows_per_step = int(args.get("batch_size") or 8) * int(args.get("accum") or 1)
     stages = {}
     for st in STAGES:
         f = run / st / "train.json"

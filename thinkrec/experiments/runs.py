@@ -46,7 +46,7 @@ from thinkrec.metrics import evaluate
 from thinkrec.model.adapters import CONFIG, resize_adapters
 from thinkrec.precision import resolve as resolve_precision
 from thinkrec.precision import stored as stored_precision
-from thinkrec.rundir import STAGES
+from thinkrec.rundir import STAGES, config_of
 
 from .plan import SCALES, SETTINGS, Scale, Setting
 
@@ -175,7 +175,7 @@ def shared_traces(cfg: Config, log) -> Path:
     if n == 0:
         raise ExperimentError(f"no reasoning traces in {out} (see {out.parent / 'synth.log'}): the think rows "
                               f"would train without reasoning. Try a stronger --teacher or pass --traces FILE")
-    write_json(done, {"request": stringify(request), "traces": n})
+    write_json(done, {"request": config_of(request), "traces": n})
     return out
 
 
@@ -203,7 +203,7 @@ def run_setting(cfg: Config, s: Setting, log) -> dict:
     if request.is_file():
         check_same(run, read_json(request, f"delete {request}")["args"], wanted)
     else:
-        write_json(request, {"setting": asdict(s), "args": stringify(wanted)})
+        write_json(request, {"setting": asdict(s), "args": config_of(wanted)})
     check_precision(cfg, args)
     reused = link_inputs(cfg, s)
     log(f"{s.name}: starting train.py --last-stage {s.last_stage} ({'with' if s.traces else 'without'} traces, "
@@ -333,13 +333,9 @@ def launch(argv: list, log_path: Path, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- comparisons
-def stringify(args: dict) -> dict:
-    """{dest: str(value)}, as train.py records its args in metrics.json."""
-    return {k: str(v) for k, v in args.items()}
-
-
 def same(recorded, wanted) -> bool:
-    """A recorded string equals the wanted value (numbers compared as numbers: '1.0' == 1)."""
+    """A recorded value equals the wanted one (numbers compared as numbers: 1.0 == 1; records made before
+    RUN/config.json hold strings: '1.0' == 1, 'None' == None)."""
     if str(recorded) == str(wanted):
         return True
     try:

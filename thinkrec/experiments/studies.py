@@ -12,10 +12,11 @@ from pathlib import Path
 from thinkrec.io import read_json, read_jsonl
 from thinkrec.metrics import bootstrap
 from thinkrec.precision import stored
+from thinkrec.rundir import config_of
 
 from . import report
 from .plan import CF_MODELS, CF_NAMES, METRICS, PAPER, STUDIES, cf_models_of, settings_of
-from .runs import Config, cf_model, run_setting, shared_data, shared_traces, stringify
+from .runs import Config, cf_model, run_setting, shared_data, shared_traces
 
 
 def run(cfg: Config, studies, results: Path, log) -> dict:
@@ -61,7 +62,7 @@ def collect(cfg: Config, study: str, metrics: dict, cf: dict) -> dict:
             rows.append({"label": FLOOR, "setting": "thinkrec", "run": str(cfg.runs / "thinkrec"),
                          **llm_populations(metrics["thinkrec"], "like_rate"), "paper": None})
     return {"study": study, "scale": cfg.scale, "runs": str(cfg.runs),
-            "train_flags": stringify({**cfg.budget.train, **cfg.overrides}), "rows": rows,
+            "train_flags": config_of({**cfg.budget.train, **cfg.overrides}), "rows": rows,
             "uncertainty": uncertainty(study, rows)}
 
 

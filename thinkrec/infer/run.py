@@ -7,7 +7,6 @@ prepared data, the CF tables, the expert groups and the gate's per-user weights.
     RUN/metrics.json "args"                    how train.py built prompts (max_len, cf_model, keywords)
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 from thinkrec import recipe as recipes
 from thinkrec.cf.train import export_scores, load_embeddings
 from thinkrec.data import load_prepared
-from thinkrec.data.prompts import load_keywords, with_titles
+from thinkrec.data.prompts import TWO_SLOTS, load_keywords, with_titles
 from thinkrec.data.tokenize import PromptBuilder, default_max_len
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
@@ -34,19 +33,14 @@ class RunError(ValueError):
 
 
 def train_args(run: Path) -> dict:
-    """The arguments train.py recorded in RUN/metrics.json ({} when the run has not finished)."""
-    path = run / "metrics.json"
-    if not path.is_file():
-        return {}
-    try:
-        return dict(json.loads(path.read_text()).get("args", {}))
-    except (json.JSONDecodeError, AttributeError):
-        return {}
+    """The arguments train.py ran with, typed (thinkrec.rundir.RunDir.config; {} before any train.py run)."""
+    return RunDir(run).config()
 
 
 def run_arg(args: dict, key: str, default=None):
+    """args[key], or `default` where the run did not set it (missing or None)."""
     v = args.get(key)
-    return default if v in (None, "None", "") else v
+    return default if v is None else v
 
 
 def final_stage(run: Path, stage: str | None = None) -> Path:
@@ -100,6 +94,8 @@ class LoadedRun:
         max_len = self.max_len + (409 if mode == "reason" else 0)  # as train.py builds its reasoning prompts
         # stage 1 never trained the CF projector: its prompts have no id slots (as its validation scored them)
         ids = None if mode != "text" and self.stage.name != "stage1" else False
+        if ids is None and self.lm.projector is not None and self.lm.projector.slots == "two":
+            ids = TWO_SLOTS  # the run's CF tokens sit on the user and the target only (train.py --cf-slots two)
         return PromptBuilder(prep or self.prep, self.tok, mode=mode, max_len=max_len, keywords=self.keywords,
                              with_ids=ids, style=self.style,
                              placeholder_ids=self.lm.placeholder_token_ids, history_rule=self.history)
@@ -152,6 +148,8 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
                                          projector_mid=proj.get("mid", 2560), cf_inputs=proj.get("inputs", "emb"),
                                          combination=mix, device=device, prompt_style=style)
     load_adapters(lm, stage)
+    if lm.projector is not None:
+        lm.projector.slots = proj.get("slots", "all")
     lm.set_trainable(layers=[], adapters=[], projector=False)
     lm.eval()
     apply_precision(lm, prec)

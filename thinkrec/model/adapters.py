@@ -6,7 +6,7 @@ Ours, in a directory:
                            adapter "global", "expert_1", ...), plus "projector.<name>" when there is one
     adapters.json          {"format": "thinkrec-lora", "version": 1, "r", "alpha", "dropout",
                             "target_modules", "n_experts", "adapters", "modules", "base_model",
-                            "projector": {"cf_dim", "mid", "hidden", "inputs"} or null}
+                            "projector": {"cf_dim", "mid", "hidden", "inputs", "slots"} or null}
 Both written atomically; the JSON last, so a directory with adapters.json is complete. A damaged file is
 reported as one ArtifactError line naming it and the directory to delete.
 
@@ -52,7 +52,7 @@ def _config(lm) -> dict:
             "adapters": adapter_names(lm.n_experts), "modules": list(lm.lora_layers()),
             "base_model": lm.base_model,
             "projector": None if p is None else {"cf_dim": p.cf_dim, "mid": p.mid, "hidden": p.hidden,
-                                                 "inputs": p.inputs}}
+                                                 "inputs": p.inputs, "slots": p.slots}}
 
 
 def save_adapters(lm, directory) -> Path:
@@ -94,9 +94,10 @@ def load_adapters(lm, directory, projector: bool = True) -> dict:
     if not projector:
         want = {k: v for k, v in want.items() if not k.startswith("projector.")}
         tensors = {k: v for k, v in tensors.items() if not k.startswith("projector.")}
-    if projector and lm.projector is not None and "projector.in_mean" not in tensors:  # saved before inputs were standardised:
-        tensors = {**tensors, "projector.in_mean": torch.zeros_like(want["projector.in_mean"]),  # raw inputs
-                   "projector.in_std": torch.ones_like(want["projector.in_std"])}
+    if projector and lm.projector is not None:  # saved before these buffers existed: their neutral values
+        neutral = {"projector.in_mean": torch.zeros_like, "projector.in_std": torch.ones_like,  # raw inputs
+                   "projector.out_norm": torch.zeros_like}  # norm free
+        tensors = {**{k: f(want[k]) for k, f in neutral.items() if k not in tensors}, **tensors}
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
         raise AdapterFileError(f"{where}: tensor names differ; missing {missing[:4]} ({len(missing)} in all), "

@@ -18,6 +18,10 @@ default-initialised MLP a projected token is almost only the layers' biases and 
 the same. fit_inputs stores the tables' per-column mean and std (z has unit variance) and rescales W2 (b2 = 0)
 so that the initial tokens' mean norm is `target_norm` (the median norm of the LLM's token embeddings).
 A projector never fitted (mean 0, std 1, default init) is the official one.
+
+Held norm (`hold_norm`, train.py --cf-scale held): every output is rescaled to norm `out_norm` on every forward,
+so training can move a token's direction only. Measured with the norm free (docs/results.md), 64 projector steps
+at lr 1e-3 blew the tokens up to 15x a token's norm and collapsed them to one direction (cosine 0.95).
 """
 
 import torch
@@ -25,6 +29,7 @@ import torch.nn as nn
 
 
 CF_INPUTS = ("emb", "emb+bias")
+CF_SLOTS = ("all", "two")  # every item of the prompt has a CF token, or only the user and the target item
 
 
 def cf_token_tables(cf: dict, inputs: str = "emb") -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,16 +52,25 @@ class CFProjector(nn.Module):
         if inputs not in CF_INPUTS:
             raise ValueError(f"CF token inputs {inputs!r}: expected one of {CF_INPUTS}")
         self.cf_dim, self.hidden, self.mid, self.inputs = cf_dim, hidden, mid, inputs
+        self.slots = "all"  # which prompt items carry a CF token: "all" (the paper's) or "two" (user and target)
         self.net = nn.Sequential(nn.Linear(cf_dim, mid), nn.ReLU(), nn.Linear(mid, hidden))
         self.register_buffer("in_mean", torch.zeros(cf_dim))
         self.register_buffer("in_std", torch.ones(cf_dim))
+        self.register_buffer("out_norm", torch.zeros(()))  # > 0: every output rescaled to this norm
+
+    @property
+    def held(self) -> bool:
+        return bool(self.out_norm > 0)
 
     def forward(self, cf: torch.Tensor) -> torch.Tensor:
         if cf.shape[-1] != self.cf_dim:
             raise ValueError(f"CF embeddings have size {cf.shape[-1]}, "
                              f"the projector was built for {self.cf_dim}")
         z = (cf.to(self.in_mean.dtype) - self.in_mean) / self.in_std
-        return self.net(z.to(self.net[0].weight.dtype))
+        y = self.net(z.to(self.net[0].weight.dtype))
+        if self.held:
+            y = y * (self.out_norm.to(y.dtype) / y.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        return y
 
     @torch.no_grad()
     def fit_inputs(self, tables, target_norm: float) -> None:
@@ -69,6 +83,11 @@ class CFProjector(nn.Module):
         self.net[2].bias.zero_()
         norm = self(x.to(self.in_mean.device)).float().norm(dim=-1).mean()
         self.net[2].weight.mul_(target_norm / norm.clamp(min=1e-12))
+
+    @torch.no_grad()
+    def hold_norm(self, norm: float) -> None:
+        """From now on every output has norm `norm` (0: free again)."""
+        self.out_norm.fill_(norm)
 
 
 @torch.no_grad()
