@@ -32,7 +32,7 @@ from thinkrec.infer.run import run_arg, train_args
 from thinkrec.io import ArtifactError, RunLock, RunLockedError, to_json
 from thinkrec.model import ModelLoadError
 from thinkrec.model.adapters import AdapterFileError
-from thinkrec.train.stages import STAGES
+from thinkrec.stages import STAGES
 from thinkrec.precision import PRECISIONS, PrecisionError
 from thinkrec.recipe import RECIPES, RecipeError
 from thinkrec.runtime import quiet_progress, tune_malloc

@@ -31,6 +31,7 @@ import torch
 
 from thinkrec import precision
 from thinkrec import recipe as recipes
+from thinkrec import stages
 from thinkrec.cf import CFConfig, train_cf
 from thinkrec.cf import likerate
 from thinkrec.cf.train import export_scores, load_embeddings
@@ -209,16 +210,13 @@ def apply_recipe(args) -> recipes.Recipe:
 
 
 def stage_schedule(args, rec: recipes.Recipe, stage: str) -> dict:
-    """LoopConfig's learning-rate fields of one stage: the recipe's schedule, --lr / --stage3-lr over it."""
+    """LoopConfig's learning-rate fields of one stage: its own rate flag (--stage2-lr, --stage3-lr), else --lr,
+    over the recipe's schedule (a stage that does not follow --lr keeps the schedule's rate)."""
+    st = stages.get(stage)
     sched = (rec.stages or {}).get(stage)
-    if stage == "stage3" and args.stage3_lr:
-        lr = args.stage3_lr
-    elif stage == "stage2" and args.stage2_lr:
-        lr = args.stage2_lr
-    elif stage == "stage3" and sched:  # the official stage 3 has its own rates; ours runs at --lr
-        lr = sched.lr
-    else:
-        lr = args.lr or (sched.lr if sched else LoopConfig.lr)
+    lr = getattr(args, st.lr_flag) if st.lr_flag else None
+    if not lr:
+        lr = sched.lr if sched and not st.follows_lr else args.lr or (sched.lr if sched else LoopConfig.lr)
     if sched is None:
         return {"lr": lr}
     return {"lr": lr, "min_lr": sched.min_lr, "warmup_lr": sched.warmup_lr}
@@ -398,36 +396,36 @@ def run_pipeline(args, d) -> dict:
 
     # --- stages 1, 2, 3
     stage_info = {}
-    for stage in STAGES[:STAGES.index(args.last_stage) + 1]:
+    for st in stages.TABLE[:stages.STAGES.index(args.last_stage) + 1]:
+        stage = st.name
         out = stage_dir(run, stage)
         if is_done(run, stage):
-            load_adapters(lm, out, projector=stage != "stage1")  # stage 1 never trains the projector
+            load_adapters(lm, out, projector=st.cf_tokens)  # a stage without CF tokens never trained the projector
             stage_info[stage] = read_json(out / "train.json", f"delete {out}/ to train {stage} again")
             if d.is_main:
                 log(f"[{stage}] {out} exists: loaded, skipped")
             continue
         prefix = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
         tokens = {}
-        if stage == "stage2":  # deterministic from the seeded init, so a resumed stage 2 redoes it identically
+        if st.trains == "projector":  # deterministic from the seeded init, so a resumed stage 2 redoes it identically
             if args.cf_scale in ("token", "held"):
                 lm.projector.fit_inputs((user_emb, item_emb), median_token_norm(lm))
             if args.cf_scale == "held":
                 lm.projector.hold_norm(median_token_norm(lm))
             tokens["start"] = token_report(lm.projector, (user_emb, item_emb), lm.llm.get_input_embeddings().weight)
-        # stage 1's prompts have no CF slots; the official recipe's stage 3 uses stage 1's prompt
-        mode = "text" if stage == "stage1" or (stage == "stage3" and rec.stage3_prompt == "text") else "ids"
+        mode = st.prompt_in(rec)  # the official recipe's stage 3 uses stage 1's prompt
         # train as you test: stages 2-3 may train on the C.3 prompt that selection and test score
         train_mode = ("reason", True) if mode == "ids" and args.train_prompt == "c3" else (mode,)
-        table = train_table(groups, cf["user_emb"].numpy()) if stage == "stage3" else None
-        route = table_router(table) if stage == "stage3" else None
+        table = train_table(groups, cf["user_emb"].numpy()) if st.routed else None
+        route = table_router(table) if st.routed else None
         valid_groups = (table[prep.inter.user[valid_rows]].argmax(1)  # each valid row's expert (adapter index)
-                        if stage == "stage3" and args.stage3_select == "group" else None)
+                        if st.routed and args.stage3_select == "group" else None)
         reason_rows = np.array(sorted(traces), dtype=np.int64)
         inputs = StageInputs(
             # selection scores valid rows with the paper's C.3 prompt, what the evaluation scores (the official
-            # code does so too); stage 1, which knows no CF ids, with C.3 minus its id slots
+            # code does so too); a stage without CF tokens (stage 1) with C.3 minus its id slots
             plain=SampleSet(builder(*train_mode), train_rows),
-            valid=SampleSet(builder("reason", stage != "stage1"), valid_rows),
+            valid=SampleSet(builder("reason", st.cf_tokens), valid_rows),
             # reasoning samples: the C.3 prompt (ours) or the stage's own (official)
             reasoning=SampleSet(builder("reason", mode == "ids") if rec.reason_prompt == "reason"
                                 else builder(mode, traces=True), reason_rows, traces) if traces else None,

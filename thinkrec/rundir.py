@@ -18,7 +18,7 @@ from pathlib import Path
 
 from thinkrec.io import read_json, write_json
 
-STAGES = ("stage1", "stage2", "stage3")  # the order they train in
+from thinkrec.stages import STAGES  # noqa: F401  (the stage names, in order: thinkrec/stages.py)
 # train.py arguments that say how a run was driven, not what it computes: never recorded
 NOT_RECORDED = ("resume", "ckpt_minutes", "no_progress")
 

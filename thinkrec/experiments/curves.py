@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from thinkrec.io import write_json
-from thinkrec.rundir import STAGES, RunDir
+from thinkrec.rundir import RunDir
+from thinkrec.stages import STAGES
 
 from .report import _figure, _save
 

@@ -46,7 +46,9 @@ from thinkrec.metrics import evaluate
 from thinkrec.model.adapters import CONFIG, resize_adapters
 from thinkrec.precision import resolve as resolve_precision
 from thinkrec.precision import stored as stored_precision
-from thinkrec.rundir import STAGES, config_of
+from thinkrec.rundir import config_of
+from thinkrec.stages import STAGES
+from thinkrec.stages import get as get_stage
 
 from .plan import SCALES, SETTINGS, Scale, Setting
 
@@ -243,7 +245,9 @@ def link_inputs(cfg: Config, s: Setting) -> list:
     if s.traces:
         link_file(cfg.shared / "reasoning" / "traces.jsonl", run / "reasoning" / "traces.jsonl")
     reused = []
-    for stage in STAGES[:min(STAGES.index(s.last_stage) + 1, 2)]:
+    for stage in STAGES[:STAGES.index(s.last_stage) + 1]:
+        if get_stage(stage).routed:  # experts are trained on one setting's groups: never shared
+            continue
         donor = None if (run / stage).exists() else find_donor(cfg, s, stage)
         if donor is not None:
             copy_tree(donor / stage, run / stage, n_experts=s.experts)
@@ -258,10 +262,10 @@ def find_donor(cfg: Config, s: Setting, stage: str) -> Path | None:
         d = cfg.runs / other.name
         if other.name == s.name or other.traces != s.traces or not (d / stage / CONFIG).is_file():
             continue
-        if stage == "stage2" and other.cf_model != s.cf_model:
+        if get_stage(stage).cf_tokens and other.cf_model != s.cf_model:  # its tokens come from the CF model
             continue
-        if stage == "stage1" and cf_dim(cfg, other.cf_model) != cf_dim(cfg, s.cf_model):
-            continue
+        if not get_stage(stage).cf_tokens and cf_dim(cfg, other.cf_model) != cf_dim(cfg, s.cf_model):
+            continue  # its saved (untrained) projector has the CF model's input size
         recorded = read_json(d / "experiment.json", f"delete {d}/")["args"] if (d / "experiment.json").is_file() else {}
         if all(same(recorded.get(k), v) for k, v in mine.items() if k not in ("run_dir", *PER_SETTING)):
             return d

@@ -24,8 +24,10 @@ from thinkrec.model.lowp import apply as apply_precision
 from thinkrec.model.projector import cf_token_tables
 from thinkrec.precision import Precision, for_run
 from thinkrec.rundir import RunDir
+from thinkrec.stages import STAGES
+from thinkrec.stages import get as get_stage
 
-STAGE_ORDER = ("stage3", "stage2", "stage1")
+STAGE_ORDER = STAGES[::-1]  # the last stage first: a run scores with the last one it finished
 
 
 class RunError(ValueError):
@@ -44,7 +46,7 @@ def run_arg(args: dict, key: str, default=None):
 
 
 def final_stage(run: Path, stage: str | None = None) -> Path:
-    """RUN/<stage>, or the last finished stage (stage3, else stage2, else stage1)."""
+    """RUN/<stage>, or the last finished stage (STAGE_ORDER)."""
     if stage is not None:
         if stage not in STAGE_ORDER:
             raise RunError(f"--stage {stage!r} is not one of {STAGE_ORDER}")
@@ -92,8 +94,8 @@ class LoadedRun:
         """Prompts as the run trained them: mode "ids" (stage 2/3 plain), "reason" (C.3), "text" (stage 1);
         `prep`: the run's data with extra items appended (unknown ids of input rows)."""
         max_len = self.max_len + (409 if mode == "reason" else 0)  # as train.py builds its reasoning prompts
-        # stage 1 never trained the CF projector: its prompts have no id slots (as its validation scored them)
-        ids = None if mode != "text" and self.stage.name != "stage1" else False
+        # a stage without CF tokens (stage 1) never trained the projector: no id slots, as its validation scored
+        ids = None if mode != "text" and get_stage(self.stage.name).cf_tokens else False
         if ids is None and self.lm.projector is not None and self.lm.projector.slots == "two":
             ids = TWO_SLOTS  # the run's CF tokens sit on the user and the target only (train.py --cf-slots two)
         return PromptBuilder(prep or self.prep, self.tok, mode=mode, max_len=max_len, keywords=self.keywords,
@@ -113,7 +115,7 @@ class LoadedRun:
 def stage_gate(weights: np.ndarray, stage: str) -> np.ndarray:
     """The adapter weights [n_users, E] a stage's adapters are scored with: the gate's after stage 3 (where
     the experts train), the global adapter for every user before it."""
-    if stage == "stage3":
+    if get_stage(stage).routed:
         return weights
     gate = np.zeros_like(weights)
     gate[:, 0] = 1.0

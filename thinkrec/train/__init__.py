@@ -5,7 +5,9 @@ from .batches import Batch, collate
 from .data import SampleSet, read_traces, subsample
 from .ddp import Dist, init_from_env
 from .loop import LoopConfig, StageInputs, score, train_stage
-from .stages import STAGES, is_done, setup, stage_dir
+from thinkrec.stages import STAGES
+
+from .stages import is_done, setup, stage_dir
 
 __all__ = ["Batch", "collate", "SampleSet", "read_traces", "subsample", "Dist", "init_from_env", "LoopConfig",
            "StageInputs", "score", "train_stage", "STAGES", "is_done", "setup", "stage_dir"]

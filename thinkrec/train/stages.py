@@ -1,9 +1,9 @@
-"""The three stages: what trains, which prompts, which routing, and where the artifact goes.
+"""Setting a stage up for training: which parameters its `trains` kind (the table in thinkrec/stages.py) makes
+trainable, and where its artifact goes.
 
-    stage 1  global LoRA (adapter 0, all layers)       prompts without CF ids ("text")      global adapter
-    stage 2  CF projector (LoRA frozen)                prompts with CF ids ("ids")          global adapter
-    stage 3  experts 1..N, last 8 layers' LoRA only    prompts with CF ids ("ids")          row -> 1 + group
-                                                       (--recipe official: "text", no ids)
+    global     adapter 0 of every layer
+    projector  the CF projector (LoRA frozen)
+    experts    adapters 1..N of the last 8 layers, from stage 3's frozen-prefix cache
 
 Stage 3 starts every expert from the global adapter (so below the trainable layers the experts ARE the
 global adapter, see thinkrec/train/prefix.py) and trains all of them together: batches mix users of all
@@ -14,8 +14,9 @@ directory is complete is skipped on a rerun, and its mid-stage checkpoint lives 
 
 from pathlib import Path
 
+from thinkrec import stages
 from thinkrec.model.adapters import CONFIG
-from thinkrec.rundir import STAGES, RunDir
+from thinkrec.rundir import RunDir
 
 from .prefix import FrozenPrefix
 
@@ -33,15 +34,16 @@ def is_done(run_dir, stage: str) -> bool:
 def setup(lm, stage: str, expert_layers: int = EXPERT_LAYERS, prefix_cache_mb: float = 0.0) -> FrozenPrefix | None:
     """Set requires_grad for `stage`; returns stage 3's FrozenPrefix (caching up to `prefix_cache_mb` MB of
     prefix outputs, 0 = no cache), or None where the model's own forward runs."""
-    if stage == "stage1":
+    trains = stages.get(stage).trains  # what the stage trains: thinkrec/stages.py
+    if trains == "global":
         lm.set_trainable(layers=None, adapters=[0], projector=False)
         return None
-    if stage == "stage2":
+    if trains == "projector":
         if lm.projector is None:
             raise ValueError("stage 2 trains the CF projector but the model has none (build ThinkRecLM with cf_dim)")
         lm.set_trainable(layers=[], adapters=[], projector=True)
         return None
-    if stage == "stage3":
+    if trains == "experts":
         if lm.n_experts < 1:
             raise ValueError("stage 3 needs n_experts >= 1")
         lm.init_experts_from_global()
@@ -51,4 +53,4 @@ def setup(lm, stage: str, expert_layers: int = EXPERT_LAYERS, prefix_cache_mb: f
         if not lm.packed:  # no layer-range forward: the plain one (no graph below the trainable layers)
             return None
         return FrozenPrefix(lm, n_layers - min(layers), cache_mb=prefix_cache_mb)
-    raise ValueError(f"unknown stage {stage!r}; one of {STAGES}")
+    raise ValueError(f"stage {stage!r} trains {trains!r}: setup does not know it")
