@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -312,178 +313,243 @@ def run_precision(args, d) -> precision.Precision:
 
 
 def run_pipeline(args, d) -> dict:
-    run = args.run_dir
+    """The phases, in order; each skips what its artifact in RUN/ already holds."""
     t_start = time.perf_counter()
+    p = Pipeline(args, d, recipes.get(args.recipe))
+    prepare_data(p)
+    cf_and_groups(p)
+    build_model(p)
+    rows = choose_rows(p)
+    stage_info = {st.name: run_stage(p, st, rows) for st in stages.up_to(args.last_stage)}
+    test, test_rows = test_phase(p, rows)
+    return finish(p, rows, stage_info, test, test_rows, t_start)
 
-    # --- data
-    if d.is_main and not (run / "data" / "stats.json").exists():
-        prepare(args.dataset, data_dir=args.data_dir, out=run, noun=args.noun)
-    d.barrier()
-    rec = recipes.get(args.recipe)
-    style = rec.prompts  # ours, or the official prompt files verbatim (thinkrec.data.prompts)
-    prep = with_titles(load_prepared(run), args.titles)
-    if args.noun and prep.stats.get("noun") != args.noun:
-        raise UsageError(f"{run / 'data'} was prepared with the noun {prep.stats.get('noun')!r}, not --noun "
-                         f"{args.noun}; delete {run}/ (or use another --run-dir) to prepare it again")
-    check_data(prep, args)
 
-    # --- CF model and expert groups
-    if d.is_main and not (run / "cf" / f"{args.cf_model}.safetensors").exists():
-        # one configuration, no grid search: a short, fixed schedule that the LLM stages only read embeddings of
-        train_cf(run, CFConfig(model=args.cf_model, lr=1e-3, dim=args.cf_dim, weight_decay=1e-6, max_epochs=30,
-                               patience=3, seed=args.seed, threads=torch.get_num_threads(), progress=not args.no_progress))
-    if d.is_main and not (run / "experts" / "groups.safetensors").exists():
-        build_groups(run, GroupConfig(model=args.cf_model, groups=0 if args.experts == "auto" else args.experts,
-                                      cluster=args.cluster, users=rec.cluster_users, seed=args.seed,
-                                      min_share=args.min_group_share))
-    d.barrier()
-    cf = load_embeddings(run, args.cf_model)
-    tables = cf_token_tables(cf, args.cf_inputs)  # what the CF tokens carry
-    user_emb, item_emb = (t.to(d.device) for t in tables)  # moved once, indexed per batch
-    groups = load_groups(run)
-    n_experts = check_groups(groups, args)
+@dataclass
+class Pipeline:
+    """What the phases share: the arguments, the prepared data, the CF model and groups, the model, prompts."""
 
-    # --- model and prompts
-    torch.manual_seed(derive_seed(args.seed, "model"))  # LoRA A and the projector, whichever phases ran before
-    lm, tok = ThinkRecLM.from_pretrained(args.model, n_experts=n_experts, lora=LoRAConfig(),
-                                         cf_dim=user_emb.shape[1], cf_inputs=args.cf_inputs, device=d.device,
-                                         prompt_style=style)
-    prec = run_precision(args, d)
-    if lm.projector is not None:
-        lm.projector.slots = args.cf_slots
-    lowp.apply(lm, prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
-    kw_path = Path(args.keywords) if args.keywords else RunDir(run).keywords
-    keywords = load_keywords(kw_path, prep.items) if kw_path.exists() else None
-    builders = {}
+    args: argparse.Namespace
+    d: object  # thinkrec.train.ddp.Dist
+    rec: recipes.Recipe
+    prep: object = None  # thinkrec.data.Prepared, titles as --titles
+    cf: dict = None  # the CF model's export
+    user_emb: torch.Tensor = None  # what the CF tokens carry (cf_token_tables), on the device
+    item_emb: torch.Tensor = None
+    groups: dict = None  # RUN/experts/groups.safetensors
+    lm: ThinkRecLM = None
+    tok: object = None
+    prec: precision.Precision = None
+    keywords: dict | None = None
+    builders: dict = field(default_factory=dict)
 
-    def builder(mode, with_ids=None, traces=False):
+    @property
+    def run(self) -> Path:
+        return self.args.run_dir
+
+    def log(self, *a) -> None:
+        if self.d.is_main:
+            log(*a)
+
+    def builder(self, mode, with_ids=None, traces=False) -> PromptBuilder:
         """Plain training prompts ("text", "ids") cut at --max-len; the C.3 scoring prompt ("reason") and
         reasoning samples (`traces`, whose answers are up to 409 tokens) get 409 more, as infer.py scores
         test rows (thinkrec.infer.LoadedRun.builder)."""
-        if args.cf_slots == "two" and mode != "text" and with_ids is not False:
+        a = self.args
+        if a.cf_slots == "two" and mode != "text" and with_ids is not False:
             with_ids = TWO_SLOTS  # CF tokens on the user and the target only
         key = (mode, with_ids, traces or mode == "reason")
-        if key not in builders:
-            builders[key] = PromptBuilder(prep, tok, mode=mode, max_len=args.max_len + (409 if key[2] else 0),
-                                          keywords=keywords, placeholder_ids=lm.placeholder_token_ids,
-                                          with_ids=with_ids, history_rule=args.history, style=style)
-        return builders[key]
+        if key not in self.builders:
+            self.builders[key] = PromptBuilder(
+                self.prep, self.tok, mode=mode, max_len=a.max_len + (409 if key[2] else 0), keywords=self.keywords,
+                placeholder_ids=self.lm.placeholder_token_ids, with_ids=with_ids, history_rule=a.history,
+                style=self.rec.prompts)
+        return self.builders[key]
 
+
+@dataclass
+class Rows:
+    """The rows the stages train and select on, the traces, and the floors on the valid rows."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    traces: dict  # data row -> reasoning trace
+    truncation: dict  # truncation_counts per split
+    valid_baselines: dict  # {"cf", "like_rate"}: evaluate() on the valid rows
+
+
+def prepare_data(p: Pipeline) -> None:
+    args, run = p.args, p.run
+    if p.d.is_main and not (run / "data" / "stats.json").exists():
+        prepare(args.dataset, data_dir=args.data_dir, out=run, noun=args.noun)
+    p.d.barrier()
+    p.prep = with_titles(load_prepared(run), args.titles)
+    if args.noun and p.prep.stats.get("noun") != args.noun:
+        raise UsageError(f"{run / 'data'} was prepared with the noun {p.prep.stats.get('noun')!r}, not --noun "
+                         f"{args.noun}; delete {run}/ (or use another --run-dir) to prepare it again")
+    check_data(p.prep, args)
+
+
+def cf_and_groups(p: Pipeline) -> None:
+    """The CF model (one fixed configuration, no grid search: the LLM stages only read its embeddings) and the
+    user groups with their gate."""
+    args, run = p.args, p.run
+    if p.d.is_main and not (run / "cf" / f"{args.cf_model}.safetensors").exists():
+        train_cf(run, CFConfig(model=args.cf_model, lr=1e-3, dim=args.cf_dim, weight_decay=1e-6, max_epochs=30,
+                               patience=3, seed=args.seed, threads=torch.get_num_threads(), progress=not args.no_progress))
+    if p.d.is_main and not (run / "experts" / "groups.safetensors").exists():
+        build_groups(run, GroupConfig(model=args.cf_model, groups=0 if args.experts == "auto" else args.experts,
+                                      cluster=args.cluster, users=p.rec.cluster_users, seed=args.seed,
+                                      min_share=args.min_group_share))
+    p.d.barrier()
+    p.cf = load_embeddings(run, args.cf_model)
+    tables = cf_token_tables(p.cf, args.cf_inputs)  # what the CF tokens carry
+    p.user_emb, p.item_emb = (t.to(p.d.device) for t in tables)  # moved once, indexed per batch
+    p.groups = load_groups(run)
+
+
+def build_model(p: Pipeline) -> None:
+    args = p.args
+    n_experts = check_groups(p.groups, args)
+    torch.manual_seed(derive_seed(args.seed, "model"))  # LoRA A and the projector, whichever phases ran before
+    p.lm, p.tok = ThinkRecLM.from_pretrained(args.model, n_experts=n_experts, lora=LoRAConfig(),
+                                             cf_dim=p.user_emb.shape[1], cf_inputs=args.cf_inputs,
+                                             device=p.d.device, prompt_style=p.rec.prompts)
+    p.prec = run_precision(args, p.d)
+    if p.lm.projector is not None:
+        p.lm.projector.slots = args.cf_slots
+    lowp.apply(p.lm, p.prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
+    kw_path = Path(args.keywords) if args.keywords else RunDir(p.run).keywords
+    p.keywords = load_keywords(kw_path, p.prep.items) if kw_path.exists() else None
+
+
+def choose_rows(p: Pipeline) -> Rows:
+    args, prep, rec = p.args, p.prep, p.rec
     by_split = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
     train_rows = subsample(by_split["train"], args.max_train_samples, args.seed)
     # validation: a seeded subsample of valid (ours), or of the official 25% sample (official recipe)
     valid_pool = official_sample(prep, args.data_dir, "valid") if rec.valid == "official" else by_split["valid"]
     valid_rows = subsample(valid_pool, args.max_eval_samples, args.seed + 1)
-    trace_path = Path(args.traces) if args.traces else run / "reasoning" / "traces.jsonl"
+    trace_path = Path(args.traces) if args.traces else RunDir(p.run).traces
     traces = read_traces(trace_path, prep) if trace_path.exists() else {}
-    if d.is_main:
-        log(f"recipe {rec.name}; train rows {len(train_rows)}, valid rows {len(valid_rows)}"
-            f"{' (of the official 25% valid sample)' if rec.valid == 'official' else ''}, reasoning traces {len(traces)}")
-    truncation = {"max_len": args.max_len, **{name: truncation_counts(builder("ids"), rows) for name, rows in
+    p.log(f"recipe {rec.name}; train rows {len(train_rows)}, valid rows {len(valid_rows)}"
+          f"{' (of the official 25% valid sample)' if rec.valid == 'official' else ''}, reasoning traces {len(traces)}")
+    truncation = {"max_len": args.max_len, **{name: truncation_counts(p.builder("ids"), rows) for name, rows in
                                               (("train", train_rows), ("valid", valid_rows))}}
-    if d.is_main:
-        log(truncation_line(truncation, "the stage-2/3 prompt"))
+    p.log(truncation_line(truncation, "the stage-2/3 prompt"))
     if not len(valid_rows):
         raise UsageError("no valid rows to select on (--max-eval-samples 0 takes all)")
     # the floors every stage's valid numbers are read against: the CF model and the like rates, on the same rows
     vu, vi, vy = (getattr(prep.inter, k)[valid_rows] for k in ("user", "item", "label"))
-    valid_baselines = {"cf": evaluate(vu, export_scores(cf, vu, vi), vy),
-                       "like_rate": evaluate(vu, likerate.fit(prep).score(vu, vi), vy)}
-    if d.is_main:
-        log(f"valid rows, the floors to beat: {args.cf_model.upper()} auc {valid_baselines['cf']['auc']:.4f} uauc "
-            f"{valid_baselines['cf']['uauc']:.4f}; like-rate auc {valid_baselines['like_rate']['auc']:.4f} uauc "
-            f"{valid_baselines['like_rate']['uauc']:.4f}")
+    floors = {"cf": evaluate(vu, export_scores(p.cf, vu, vi), vy),
+              "like_rate": evaluate(vu, likerate.fit(prep).score(vu, vi), vy)}
+    p.log(f"valid rows, the floors to beat: {args.cf_model.upper()} auc {floors['cf']['auc']:.4f} uauc "
+          f"{floors['cf']['uauc']:.4f}; like-rate auc {floors['like_rate']['auc']:.4f} uauc "
+          f"{floors['like_rate']['uauc']:.4f}")
+    return Rows(train_rows, valid_rows, traces, truncation, floors)
 
-    # --- stages 1, 2, 3
-    stage_info = {}
-    for st in stages.TABLE[:stages.STAGES.index(args.last_stage) + 1]:
-        stage = st.name
-        out = stage_dir(run, stage)
-        if is_done(run, stage):
-            load_adapters(lm, out, projector=st.cf_tokens)  # a stage without CF tokens never trained the projector
-            stage_info[stage] = read_json(out / "train.json", f"delete {out}/ to train {stage} again")
-            if d.is_main:
-                log(f"[{stage}] {out} exists: loaded, skipped")
-            continue
-        prefix = setup(lm, stage, args.expert_layers, args.prefix_cache_mb)
-        tokens = {}
-        if st.trains == "projector":  # deterministic from the seeded init, so a resumed stage 2 redoes it identically
-            if args.cf_scale in ("token", "held"):
-                lm.projector.fit_inputs((user_emb, item_emb), median_token_norm(lm))
-            if args.cf_scale == "held":
-                lm.projector.hold_norm(median_token_norm(lm))
-            tokens["start"] = token_report(lm.projector, (user_emb, item_emb), lm.llm.get_input_embeddings().weight)
-        mode = st.prompt_in(rec)  # the official recipe's stage 3 uses stage 1's prompt
-        # train as you test: stages 2-3 may train on the C.3 prompt that selection and test score
-        train_mode = ("reason", True) if mode == "ids" and args.train_prompt == "c3" else (mode,)
-        table = train_table(groups, cf["user_emb"].numpy()) if st.routed else None
-        route = table_router(table) if st.routed else None
-        valid_groups = (table[prep.inter.user[valid_rows]].argmax(1)  # each valid row's expert (adapter index)
-                        if st.routed and args.stage3_select == "group" else None)
-        reason_rows = np.array(sorted(traces), dtype=np.int64)
-        inputs = StageInputs(
-            # selection scores valid rows with the paper's C.3 prompt, what the evaluation scores (the official
-            # code does so too); a stage without CF tokens (stage 1) with C.3 minus its id slots
-            plain=SampleSet(builder(*train_mode), train_rows),
-            valid=SampleSet(builder("reason", st.cf_tokens), valid_rows),
-            # reasoning samples: the C.3 prompt (ours) or the stage's own (official)
-            reasoning=SampleSet(builder("reason", mode == "ids") if rec.reason_prompt == "reason"
-                                else builder(mode, traces=True), reason_rows, traces) if traces else None,
-            route=route, user_emb=user_emb, item_emb=item_emb, prefix=prefix, pad_id=tok.pad_token_id,
-            valid_groups=valid_groups)
-        cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum,
-                         **stage_schedule(args, rec, stage), iters_per_epoch=args.iters_per_epoch, stop=rec.stop,
-                         weight_decay=args.weight_decay, warmup=args.warmup, eval_every=args.eval_every,
-                         patience=args.patience, seed=args.seed, grad_ckpt=args.grad_ckpt,
-                         ckpt_minutes=args.ckpt_minutes, progress=not args.no_progress, desc=stage)
-        t = time.perf_counter()
-        torch.manual_seed(derive_seed(args.seed, stage))  # dropout; a resumed stage takes its checkpoint's RNG
-        res = train_stage(lm, inputs, cfg, out / "ckpt", d, resume=args.resume, log=log)
-        stage_info[stage] = {"history": res["state"].history, "best_step": res["state"].best_step,
-                             "best_criterion": res["state"].best_score, "steps": res["state"].step,
-                             "seconds": round(time.perf_counter() - t, 1)}
-        if tokens:
-            tokens["end"] = token_report(lm.projector, (user_emb, item_emb), lm.llm.get_input_embeddings().weight)
-            stage_info[stage]["tokens"] = tokens
-            if d.is_main:
-                log(f"[{stage}] CF tokens (norm / median token norm, mean pairwise cosine): " + "; ".join(
-                    f"{when} users {r['users']['norm_vs_tokens']:.2f} / {r['users']['mean_pairwise_cosine']:.2f}, "
-                    f"items {r['items']['norm_vs_tokens']:.2f} / {r['items']['mean_pairwise_cosine']:.2f}"
-                    for when, r in tokens.items()))
-        if d.is_main:
-            write_json(out / "train.json", stage_info[stage])
-            save_adapters(lm, out)  # adapters.json last: it marks the stage complete
-        d.barrier()
 
-    # --- test: the fused model (gate weights per user), through infer.py's scoring path -> RUN/infer/
-    lm.set_trainable(layers=[], adapters=[], projector=False)
+def run_stage(p: Pipeline, st: stages.Stage, rows: Rows) -> dict:
+    """Train one stage (or load it when RUN/<stage>/ is complete); returns its train.json record."""
+    args, lm, out = p.args, p.lm, stage_dir(p.run, st.name)
+    if is_done(p.run, st.name):
+        load_adapters(lm, out, projector=st.cf_tokens)  # a stage without CF tokens never trained the projector
+        p.log(f"[{st.name}] {out} exists: loaded, skipped")
+        return read_json(out / "train.json", f"delete {out}/ to train {st.name} again")
+    prefix = setup(lm, st.name, args.expert_layers, args.prefix_cache_mb)
+    tables = (p.user_emb, p.item_emb)
+    tokens = {}
+    if st.trains == "projector":  # deterministic from the seeded init, so a resumed stage 2 redoes it identically
+        if args.cf_scale in ("token", "held"):
+            lm.projector.fit_inputs(tables, median_token_norm(lm))
+        if args.cf_scale == "held":
+            lm.projector.hold_norm(median_token_norm(lm))
+        tokens["start"] = token_report(lm.projector, tables, lm.llm.get_input_embeddings().weight)
+    cfg = LoopConfig(epochs=args.epochs, batch_size=args.batch_size, accum=args.accum,
+                     **stage_schedule(args, p.rec, st.name), iters_per_epoch=args.iters_per_epoch, stop=p.rec.stop,
+                     weight_decay=args.weight_decay, warmup=args.warmup, eval_every=args.eval_every,
+                     patience=args.patience, seed=args.seed, grad_ckpt=args.grad_ckpt,
+                     ckpt_minutes=args.ckpt_minutes, progress=not args.no_progress, desc=st.name)
+    t = time.perf_counter()
+    torch.manual_seed(derive_seed(args.seed, st.name))  # dropout; a resumed stage takes its checkpoint's RNG
+    res = train_stage(lm, stage_inputs(p, st, rows, prefix), cfg, out / "ckpt", p.d, resume=args.resume, log=log)
+    info = {"history": res["state"].history, "best_step": res["state"].best_step,
+            "best_criterion": res["state"].best_score, "steps": res["state"].step,
+            "seconds": round(time.perf_counter() - t, 1)}
+    if tokens:
+        tokens["end"] = token_report(lm.projector, tables, lm.llm.get_input_embeddings().weight)
+        info["tokens"] = tokens
+        p.log(f"[{st.name}] CF tokens (norm / median token norm, mean pairwise cosine): " + "; ".join(
+            f"{when} users {r['users']['norm_vs_tokens']:.2f} / {r['users']['mean_pairwise_cosine']:.2f}, "
+            f"items {r['items']['norm_vs_tokens']:.2f} / {r['items']['mean_pairwise_cosine']:.2f}"
+            for when, r in tokens.items()))
+    if p.d.is_main:
+        write_json(out / "train.json", info)
+        save_adapters(lm, out)  # adapters.json last: it marks the stage complete
+    p.d.barrier()
+    return info
+
+
+def stage_inputs(p: Pipeline, st: stages.Stage, rows: Rows, prefix) -> StageInputs:
+    """The samples a stage trains and selects on, and how its rows are routed."""
+    mode = st.prompt_in(p.rec)  # the official recipe's stage 3 uses stage 1's prompt
+    # train as you test: stages 2-3 may train on the C.3 prompt that selection and test score
+    train_mode = ("reason", True) if mode == "ids" and p.args.train_prompt == "c3" else (mode,)
+    table = train_table(p.groups, p.cf["user_emb"].numpy()) if st.routed else None
+    valid_groups = (table[p.prep.inter.user[rows.valid]].argmax(1)  # each valid row's expert (adapter index)
+                    if st.routed and p.args.stage3_select == "group" else None)
+    reason_rows = np.array(sorted(rows.traces), dtype=np.int64)
+    return StageInputs(
+        # selection scores valid rows with the paper's C.3 prompt, what the evaluation scores (the official
+        # code does so too); a stage without CF tokens (stage 1) with C.3 minus its id slots
+        plain=SampleSet(p.builder(*train_mode), rows.train),
+        valid=SampleSet(p.builder("reason", st.cf_tokens), rows.valid),
+        # reasoning samples: the C.3 prompt (ours) or the stage's own (official)
+        reasoning=SampleSet(p.builder("reason", mode == "ids") if p.rec.reason_prompt == "reason"
+                            else p.builder(mode, traces=True), reason_rows, rows.traces) if rows.traces else None,
+        route=table_router(table) if st.routed else None, user_emb=p.user_emb, item_emb=p.item_emb, prefix=prefix,
+        pad_id=p.tok.pad_token_id, valid_groups=valid_groups)
+
+
+def test_phase(p: Pipeline, rows: Rows):
+    """Score the test rows with the fused model (gate weights per user) through infer.py's scoring path, into
+    RUN/infer/; returns (score_rows' result on the main rank, else None; the test rows)."""
+    args, prep = p.args, p.prep
+    p.lm.set_trainable(layers=[], adapters=[], projector=False)
     pool = official_sample(prep, args.data_dir, "test") if args.test_rows == "official" else None
     test_rows = split_rows(prep, "test", args.max_test_samples, args.seed + 2, rows=pool)
-    truncation["test"] = truncation_counts(builder("ids"), test_rows.data_row)
-    loaded = LoadedRun(run, lm, tok, prep, cf, args.cf_model, stage_gate(groups["weights"], args.last_stage),
-                       stage_dir(run, args.last_stage),
-                       args.max_len, keywords, history=args.history, titles=args.titles, precision=prec, style=style)
-    mode = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
+    rows.truncation["test"] = truncation_counts(p.builder("ids"), test_rows.data_row)
+    loaded = LoadedRun(p.run, p.lm, p.tok, prep, p.cf, args.cf_model, stage_gate(p.groups["weights"], args.last_stage),
+                       stage_dir(p.run, args.last_stage), args.max_len, p.keywords, history=args.history,
+                       titles=args.titles, precision=p.prec, style=p.rec.prompts)
     test = None
-    if d.is_main:
+    if p.d.is_main:
         # the official evaluation's 25% of the test split
         sample = pool if pool is not None else official_sample(prep, args.data_dir, "test")
         official = (np.flatnonzero(np.isin(test_rows.data_row, sample)), "official 25% test sample")
-        test = score_rows(loaded, test_rows, run / "infer", mode, batch_tokens=args.batch_size * 2 * args.max_len,
-                          max_rows=2 * args.batch_size, progress=not args.no_progress, overwrite=True, log=log,
-                          official_rows=official)
-    d.barrier()
+        test = score_rows(loaded, test_rows, RunDir(p.run).infer, TEST_PROMPT,
+                          batch_tokens=args.batch_size * 2 * args.max_len, max_rows=2 * args.batch_size,
+                          progress=not args.no_progress, overwrite=True, log=log, official_rows=official)
+    p.d.barrier()
+    return test, test_rows
+
+
+TEST_PROMPT = "reason"  # the paper's C.3 recommendation prompt, what the official evaluation scores (infer.py's default)
+
+
+def finish(p: Pipeline, rows: Rows, stage_info: dict, test, test_rows, t_start: float) -> dict:
+    """RUN/metrics.json and the summary a user reads at the end."""
     metrics = {"test": test["all"]["thinkrec"] if test else None, "test_cf": test["all"]["cf"] if test else None,
                "test_like_rate": test["all"]["like_rate"] if test else None,
                "test_rows": len(test_rows), "test_official_sample": (test or {}).get("official_sample"),
-               "prompt": mode, "routing": test["routing"] if test else None, "precision": prec.to_dict(),
-               "truncation": truncation, "valid_baselines": valid_baselines,
+               "prompt": TEST_PROMPT, "routing": test["routing"] if test else None, "precision": p.prec.to_dict(),
+               "truncation": rows.truncation, "valid_baselines": rows.valid_baselines,
                "stages": stage_info, "seconds": round(time.perf_counter() - t_start, 1),
                # what was run, not how it was driven (thinkrec.rundir.config_of), as RUN/config.json has it
-               "args": config_of(vars(args))}
-    if d.is_main:
-        write_json(run / "metrics.json", metrics)
-        log(summary(metrics, args, prep))
+               "args": config_of(vars(p.args))}
+    if p.d.is_main:
+        write_json(RunDir(p.run).metrics, metrics)
+        log(summary(metrics, p.args, p.prep))
         log(to_json({"test": metrics["test"], "routing": metrics["routing"], "seconds": metrics["seconds"]}))
     return metrics
 

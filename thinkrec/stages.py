@@ -39,6 +39,11 @@ STAGES = tuple(s.name for s in TABLE)  # the order they train in
 BY_NAME = {s.name: s for s in TABLE}
 
 
+def up_to(last: str) -> tuple:
+    """The stages a run with --last-stage `last` trains, in order."""
+    return TABLE[:STAGES.index(get(last).name) + 1]
+
+
 def get(name: str) -> Stage:
     if name not in BY_NAME:
         raise ValueError(f"unknown stage {name!r}; one of {STAGES}")
