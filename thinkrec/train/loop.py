@@ -196,6 +196,118 @@ def _select_per_group(st: LoopState, best, named: dict, scores, valid, groups, j
     return best, improved
 
 
+class MixedSampler:
+    """Which rows micro-batch `micro` trains on: the reasoning set with probability reason_prob (a generator
+    seeded by (seed, micro)), else the plain set, each at its own cursor [epoch, batch] in its length-bucketed,
+    per-epoch batch order. A pure function of (micro, cursors), so a resumed run draws what an unbroken one
+    would have."""
+
+    def __init__(self, inputs: StageInputs, cfg: LoopConfig, d: Dist):
+        self.inputs, self.cfg, self.d = inputs, cfg, d
+        self.sets = {"plain": inputs.plain}
+        if inputs.reasoning is not None and len(inputs.reasoning) and cfg.reason_prob > 0:
+            self.sets["reason"] = inputs.reasoning
+        self.samplers = {k: LengthBucketSampler(s.lengths, cfg.batch_size, seed=cfg.seed + i)  # plain: seed, reason: +1
+                         for i, (k, s) in enumerate(self.sets.items())}
+        self._epoch = {k: (None, []) for k in self.sets}  # set -> (epoch, that epoch's batch order)
+
+    def micro_batches(self) -> int:
+        """Micro-batches the stage runs: epochs x (plain batches per pass, or iters_per_epoch)."""
+        return max(1, round(self.cfg.epochs * (self.cfg.iters_per_epoch or len(self.samplers["plain"]))))
+
+    def draw(self, micro: int, cursors: dict):
+        """(set name, this rank's shard of the batch) of micro-batch `micro`, advancing cursors[set]."""
+        rng = np.random.default_rng([self.cfg.seed, micro])
+        kind = "reason" if "reason" in self.sets and rng.random() < self.cfg.reason_prob else "plain"
+        epoch, pos = cursors[kind]
+        if self._epoch[kind][0] != epoch:
+            self.samplers[kind].set_epoch(epoch)
+            self._epoch[kind] = (epoch, self.samplers[kind].batches())
+        batches = self._epoch[kind][1]
+        idx = batches[pos]
+        cursors[kind] = [epoch + 1, 0] if pos + 1 >= len(batches) else [epoch, pos + 1]
+        # this rank's contiguous shard; the loss divides by the whole batch's rows and answer tokens
+        sset = self.sets[kind]
+        samples = [sset.sample(i) for i in idx]
+        mine = shard(range(len(idx)), self.d.rank, self.d.world)
+        return kind, collate([samples[i] for i in mine], sset.users[[idx[i] for i in mine]], self.inputs.pad_id,
+                             kind == "reason", n_rows=len(idx),
+                             n_tokens=sum(len(s.answer_ids) for s in samples)).to(self.d.device)
+
+    def refill_prefix_cache(self, lm, micro: int) -> None:
+        """The frozen prefix's cache is not in a checkpoint: refill it from the `micro` batches drawn before, in
+        their order, so cached rows hold the same bits as in a run never stopped (it closes when full)."""
+        prefix, cursors = self.inputs.prefix, LoopState().cursors
+        for m in range(micro):
+            if prefix is None or not prefix.caching:
+                break
+            kind, batch = self.draw(m, cursors)
+            with torch.no_grad():
+                prefix.warm(batch.input_ids, batch.attention_mask, keys=_cache_keys(kind, batch),
+                            **_model_inputs(self.inputs, batch))
+
+
+class Selection:
+    """Scores the valid set every `eval_every` steps and after the last, keeps the best parameters (one joint
+    criterion, or per group with `valid_groups`) and decides when to stop (module docstring)."""
+
+    def __init__(self, inputs: StageInputs, cfg: LoopConfig, named: dict, d: Dist, log):
+        if cfg.stop not in ("criterion", "any"):
+            raise ValueError(f"stop = {cfg.stop!r}, expected 'criterion' or 'any'")
+        self.inputs, self.cfg, self.named, self.d, self.log = inputs, cfg, named, d, log
+
+    def due(self, step: int, last: bool) -> bool:
+        return self.inputs.valid is not None and bool((self.cfg.eval_every and step % self.cfg.eval_every == 0) or last)
+
+    def __call__(self, lm, st: LoopState, best, loss: float, total: int, t0: float):
+        """Evaluate after step st.step; updates st (history, best, counters, done); returns the best parameters."""
+        cfg, v, named = self.cfg, self.inputs.valid, self.named
+        scores = score(lm, v, self.inputs, self.d, cfg.eval_batch_size, cfg.progress, f"{cfg.desc} eval")
+        m = evaluate(v.users, scores, v.labels)
+        crit = selection_score(m, nan_as_zero=True)  # AUC/4 + UAUC/3, a NaN part counts 0
+        st.history.append({"step": st.step, "loss": loss, "auc": m["auc"], "uauc": m["uauc"],
+                           "criterion": crit, "seconds": round(time.perf_counter() - t0, 1)})
+        improved = crit > st.best_score
+        if improved:
+            st.best_score, st.best_step = crit, st.step
+        if self.inputs.valid_groups is None:
+            if improved:
+                best = {n: p.detach().clone() for n, p in named.items()}
+        else:
+            best, improved = _select_per_group(st, best, named, scores, v, self.inputs.valid_groups, improved)
+            st.history[-1]["groups"] = {g: c for g, (c, _) in st.group_best.items()}
+        if cfg.stop == "any":  # the official counter: any of AUC, UAUC, criterion improving resets it
+            for key, value in (("best_auc", m["auc"]), ("best_uauc", m["uauc"])):
+                if value == value and value > getattr(st, key):  # NaN never improves
+                    setattr(st, key, value)
+                    improved = True
+        if improved:
+            st.evals_since_best = 0
+        else:
+            st.evals_since_best += 1
+            st.done = st.evals_since_best > cfg.patience if cfg.stop == "any" else st.evals_since_best >= cfg.patience
+        if self.d.is_main:
+            self.log(f"[{cfg.desc}] step {st.step}/{total} loss {loss:.4f} valid auc {m['auc']:.4f} "
+                     f"uauc {m['uauc']:.4f} (best {st.best_score:.4f} @ {st.best_step})")
+        return best
+
+
+class CheckpointClock:
+    """Saves a checkpoint every ckpt_every steps or ckpt_minutes, after each evaluation and at the end (when
+    does not change what: a checkpoint holds parameters, optimizer, counters and RNG)."""
+
+    def __init__(self, cfg: LoopConfig, ckpt_dir, d: Dist):
+        self.cfg, self.dir, self.d = cfg, ckpt_dir, d
+        self.last_save = time.perf_counter()
+
+    def after_step(self, st: LoopState, named: dict, opt, best, force: bool) -> None:
+        due = st.step % max(1, self.cfg.ckpt_every) == 0 or time.perf_counter() - self.last_save >= 60 * self.cfg.ckpt_minutes
+        if self.dir is not None and self.d.is_main and (force or due):
+            checkpoint.save(self.dir, named, opt, st.__dict__, best)
+            self.last_save = time.perf_counter()
+        self.d.barrier()
+
+
 def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist = Dist(), resume=True,
                 log=print) -> dict:
     """Train the parameters of `lm` that require grad; returns {"state": LoopState, "best": {name: tensor}
@@ -204,86 +316,46 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
     ckpt_dir: where mid-stage checkpoints go (None = none). With resume and a checkpoint there, training
     continues from it.
     """
-    # --- what trains, the optimizer, one length-bucketed sampler per sample set
     named = {n: p for n, p in lm.named_parameters() if p.requires_grad}
     if not named:
         raise ValueError("the model has no trainable parameters (see ThinkRecLM.set_trainable)")
     params = list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sets = {"plain": inputs.plain}
-    if inputs.reasoning is not None and len(inputs.reasoning) and cfg.reason_prob > 0:
-        sets["reason"] = inputs.reasoning
-    samplers = {k: LengthBucketSampler(s.lengths, cfg.batch_size, seed=cfg.seed + i)  # plain: seed, reason: seed + 1
-                for i, (k, s) in enumerate(sets.items())}
-    if cfg.stop not in ("criterion", "any"):
-        raise ValueError(f"stop = {cfg.stop!r}, expected 'criterion' or 'any'")
-    n_micro = max(1, round(cfg.epochs * (cfg.iters_per_epoch or len(samplers["plain"]))))
+    sampler = MixedSampler(inputs, cfg, d)
+    select = Selection(inputs, cfg, named, d, log)
+    n_micro = sampler.micro_batches()
     total = math.ceil(n_micro / cfg.accum)
 
-    epoch_batches = {k: (None, []) for k in sets}  # set -> (epoch, that epoch's batch order)
-
-    def draw(micro: int, cursors: dict):
-        """(set name, this rank's shard of the batch) of micro-batch `micro`, advancing cursors[set]: the
-        reasoning set with probability reason_prob (a generator seeded by (seed, micro)), else the plain set."""
-        rng = np.random.default_rng([cfg.seed, micro])
-        kind = "reason" if "reason" in sets and rng.random() < cfg.reason_prob else "plain"
-        epoch, pos = cursors[kind]
-        if epoch_batches[kind][0] != epoch:
-            samplers[kind].set_epoch(epoch)
-            epoch_batches[kind] = (epoch, samplers[kind].batches())
-        batches = epoch_batches[kind][1]
-        idx = batches[pos]
-        cursors[kind] = [epoch + 1, 0] if pos + 1 >= len(batches) else [epoch, pos + 1]
-        # this rank's contiguous shard; the loss divides by the whole batch's rows and answer tokens
-        samples = [sets[kind].sample(i) for i in idx]
-        mine = shard(range(len(idx)), d.rank, d.world)
-        return kind, collate([samples[i] for i in mine], sets[kind].users[[idx[i] for i in mine]], inputs.pad_id,
-                             kind == "reason", n_rows=len(idx),
-                             n_tokens=sum(len(s.answer_ids) for s in samples)).to(d.device)
-
-    # --- resume from the last checkpoint
     st, best = LoopState(), None
     if ckpt_dir is not None and resume and checkpoint.exists(ckpt_dir):
         raw, best = checkpoint.load(ckpt_dir, named, opt)
         st = LoopState(**raw)
         log(f"[{cfg.desc}] resumed at step {st.step}/{total} from {ckpt_dir}")
-        # the frozen prefix's cache is not in the checkpoint: refill it from the batches drawn before, in
-        # their order, so cached rows hold the same bits as in a run never stopped (it closes when full)
-        replay = LoopState().cursors
-        for micro in range(st.micro):
-            if inputs.prefix is None or not inputs.prefix.caching:
-                break
-            kind, batch = draw(micro, replay)
-            with torch.no_grad():
-                inputs.prefix.warm(batch.input_ids, batch.attention_mask, keys=_cache_keys(kind, batch),
-                                   **_model_inputs(inputs, batch))
+        sampler.refill_prefix_cache(lm, st.micro)
 
     if cfg.grad_ckpt:
         lm.gradient_checkpointing(True)
     lm.train()
     bar = tqdm(total=total, initial=st.step, desc=cfg.desc, disable=not (cfg.progress and d.is_main),
                mininterval=1.0)
-    t0 = last_save = time.perf_counter()
+    clock = CheckpointClock(cfg, ckpt_dir, d)
+    t0 = time.perf_counter()
     while not st.done and st.step < total:
         lr = lr_at(st.step, total, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-
-        # --- accumulate micro-batches, each from the set `draw` picks, at that set's cursor
-        parts = {"loss": 0.0, "bce": 0.0, "lm": 0.0}
+        # accumulate micro-batches, each from the set the sampler picks, then one step on the gradients
+        # summed over ranks
+        loss = 0.0
         for _ in range(cfg.accum):
             if st.micro >= n_micro:
                 break
-            kind, batch = draw(st.micro, st.cursors)
+            kind, batch = sampler.draw(st.micro, st.cursors)
             h = _forward(lm, inputs, batch, loss_positions(batch), cache_tag=kind)
-            loss, p, _ = batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)
-            (loss / cfg.accum).backward()
-            parts["loss"] += float(loss.detach()) / cfg.accum
-            parts["bce"] += p["bce"] / cfg.accum
-            parts["lm"] += p["lm"] / cfg.accum
+            micro_loss, _, _ = batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)
+            (micro_loss / cfg.accum).backward()
+            loss += float(micro_loss.detach()) / cfg.accum
             st.micro += 1
-
-        # --- optimizer step on the gradients summed over ranks
         d.all_reduce_grads(params)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -291,52 +363,16 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
         opt.zero_grad(set_to_none=True)
         st.step += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
-        # --- evaluate on valid: keep the best parameters, stop after `patience` evaluations without gain
         last = st.step >= total
-        evaluated = inputs.valid is not None and ((cfg.eval_every and st.step % cfg.eval_every == 0) or last)
+        evaluated = select.due(st.step, last)
         if evaluated:
-            v = inputs.valid
-            scores = score(lm, v, inputs, d, cfg.eval_batch_size, cfg.progress, f"{cfg.desc} eval")
-            m = evaluate(v.users, scores, v.labels)
-            crit = selection_score(m, nan_as_zero=True)  # AUC/4 + UAUC/3, a NaN part counts 0
-            st.history.append({"step": st.step, "loss": parts["loss"], "auc": m["auc"], "uauc": m["uauc"],
-                               "criterion": crit, "seconds": round(time.perf_counter() - t0, 1)})
-            improved = crit > st.best_score
-            if improved:
-                st.best_score, st.best_step = crit, st.step
-            if inputs.valid_groups is None:
-                if improved:
-                    best = {n: p.detach().clone() for n, p in named.items()}
-            else:
-                best, improved = _select_per_group(st, best, named, scores, v, inputs.valid_groups, improved)
-                st.history[-1]["groups"] = {g: c for g, (c, _) in st.group_best.items()}
-            if cfg.stop == "any":  # the official counter: any of AUC, UAUC, criterion improving resets it
-                for key, value in (("best_auc", m["auc"]), ("best_uauc", m["uauc"])):
-                    if value == value and value > getattr(st, key):  # NaN never improves
-                        setattr(st, key, value)
-                        improved = True
-            if improved:
-                st.evals_since_best = 0
-            else:
-                st.evals_since_best += 1
-                st.done = (st.evals_since_best > cfg.patience if cfg.stop == "any"
-                           else st.evals_since_best >= cfg.patience)
-            if d.is_main:
-                log(f"[{cfg.desc}] step {st.step}/{total} loss {parts['loss']:.4f} valid auc {m['auc']:.4f} "
-                    f"uauc {m['uauc']:.4f} (best {st.best_score:.4f} @ {st.best_step})")
-
-        # --- checkpoint every ckpt_every steps or ckpt_minutes, after each evaluation and at the end
-        #     (when does not change what: a checkpoint holds parameters, optimizer, counters and RNG)
-        due = st.step % max(1, cfg.ckpt_every) == 0 or time.perf_counter() - last_save >= 60 * cfg.ckpt_minutes
-        if ckpt_dir is not None and d.is_main and (last or st.done or evaluated or due):
-            checkpoint.save(ckpt_dir, named, opt, st.__dict__, best)
-            last_save = time.perf_counter()
-        d.barrier()
+            best = select(lm, st, best, loss, total, t0)
+        clock.after_step(st, named, opt, best, force=last or st.done or evaluated)
     bar.close()
 
-    # --- leave the best evaluated parameters in the model
+    # leave the best evaluated parameters in the model
     if cfg.grad_ckpt:
         lm.gradient_checkpointing(False)
     if best is not None:
