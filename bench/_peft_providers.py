@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from thinkrec.model.lora import lora_modules, merge_lora
-from thinkrec.train.batches import cf_inputs, collate
+from thinkrec.batches import cf_inputs, collate
 
 
 # ------------------------------------------------------------------------------------------ the model

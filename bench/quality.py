@@ -68,7 +68,7 @@ def main():
     from thinkrec import hardware
     from thinkrec import precision as P
     from thinkrec.model import lowp
-    from thinkrec.train.batches import collate
+    from thinkrec.batches import collate
     from thinkrec.train.losses import batch_loss, loss_positions
 
     probe = hardware.probe(threads=torch.get_num_threads())

@@ -44,7 +44,7 @@ def _batches(lm, tok, mode, n_batches, batch_size, seed=0):
     import numpy as np
 
     from thinkrec.data.tokenize import PromptBuilder
-    from thinkrec.train.batches import collate
+    from thinkrec.batches import collate
 
     prep = ml1m_prepared()
     b = PromptBuilder(prep, tok, mode=mode, max_len=1024, placeholder_ids=lm.placeholder_token_ids)
@@ -149,7 +149,7 @@ def worker(args):
     from thinkrec import precision as P
     from thinkrec.model import ThinkRecLM, lowp
     from thinkrec.train import stages
-    from thinkrec.train.batches import cf_inputs
+    from thinkrec.batches import cf_inputs
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

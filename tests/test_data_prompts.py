@@ -265,7 +265,7 @@ def test_official_prompts_verbatim(tok, ph, history, shown):
 def test_official_empty_history_is_unknow_with_a_zero_item_slot(tok, ph):
     import torch
 
-    from thinkrec.train.batches import cf_vectors
+    from thinkrec.batches import cf_vectors
 
     prep = _tie_prepared()
     text = PromptBuilder(prep, tok, mode="text", style="official").text(0)

@@ -12,7 +12,7 @@ from tests.train_fixtures import NO, PAD, YES, USER_PH, ITEM_PH, sample_set, tin
 from tests.utils import TOL
 from thinkrec.model import LoRAConfig, ThinkRecLM
 from thinkrec.model.packed import Packing, packed_supported
-from thinkrec.train.batches import cf_inputs, collate
+from thinkrec.batches import cf_inputs, collate
 from thinkrec.train.losses import batch_loss, loss_positions
 
 pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions

@@ -12,8 +12,7 @@ import torch
 
 from tests.train_fixtures import PAD, YES, sample_set, tiny_lm
 from thinkrec.model.lora import LoRALinear
-from thinkrec.train.batches import cf_inputs, collate
-from thinkrec.train.losses import yes_logits, yes_positions
+from thinkrec.batches import cf_inputs, collate, yes_logits, yes_positions
 
 pytest.importorskip("peft")
 

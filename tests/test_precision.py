@@ -165,7 +165,7 @@ def test_int8_linear_matches_fp32_and_refuses_backward():
 
 
 def _scores(lm, ids, mask, w):
-    from thinkrec.train.losses import yes_logits
+    from thinkrec.batches import yes_logits
 
     with torch.no_grad():
         h = lm(ids, mask, expert_weights=w, select=(torch.arange(len(ids)), torch.full((len(ids),), ids.shape[1] - 1)))

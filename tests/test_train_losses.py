@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.train_fixtures import PAD, YES, sample_set, tiny_lm
-from thinkrec.train.batches import collate
+from thinkrec.batches import collate
 from thinkrec.train.losses import batch_loss
 
 

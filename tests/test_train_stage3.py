@@ -6,7 +6,7 @@ import torch
 from tests.train_fixtures import PAD, YES, sample_set, tiny_lm
 from thinkrec.train import stages
 from thinkrec.experts import one_hot_experts
-from thinkrec.train.batches import cf_inputs, collate
+from thinkrec.batches import cf_inputs, collate
 from thinkrec.train.losses import batch_loss
 
 

@@ -37,7 +37,7 @@ from safetensors.torch import save as st_save
 from thinkrec.data.errors import DataError
 from thinkrec.io import atomic_write_bytes, atomic_write_text, write_json
 from thinkrec.model.lora import expert_weights
-from thinkrec.train.batches import right_padded
+from thinkrec.batches import right_padded
 
 
 class ExportedScorer(torch.nn.Module):

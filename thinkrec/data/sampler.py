@@ -3,6 +3,8 @@
 Per epoch (seed + epoch drives one numpy Generator, so the order is deterministic): shuffle all indices,
 cut them into pools of `batch_size * pool_batches`, sort each pool by length, cut pools into batches,
 then shuffle the batch order. Padding per batch is then the spread of lengths inside a sorted pool slice.
+
+`subsample`: the seeded subsample of rows that training, selection and scoring take (--max-*-samples).
 """
 
 import numpy as np
@@ -47,3 +49,10 @@ class LengthBucketSampler(Sampler):
             return sum(-(-min(self.pool, n - s) // self.batch_size) for s in range(0, n, self.pool))
         return sum(min(self.pool, n - s) // self.batch_size for s in range(0, n, self.pool))
 
+
+def subsample(rows, n, seed: int) -> np.ndarray:
+    """At most n of `rows`, drawn without replacement by a seeded generator, kept in row order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if n is None or n <= 0 or n >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))

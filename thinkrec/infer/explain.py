@@ -19,7 +19,7 @@ from thinkrec.data.errors import DataError, json_lines, malformed
 from thinkrec.io import write_json, write_jsonl
 from thinkrec.model.generate import generate
 from thinkrec.text_metrics import explanation_metrics
-from thinkrec.train.batches import cf_vectors, right_padded
+from thinkrec.batches import cf_vectors, right_padded
 
 from .job import row_weights
 from .rows import Rows

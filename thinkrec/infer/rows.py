@@ -42,7 +42,7 @@ class Rows:
 
 def split_rows(prep, split: str, max_rows: int = 0, seed: int = 0, rows=None) -> Rows:
     """Rows of a data split (all, or `max_rows` of them drawn as train.py draws its test rows)."""
-    from thinkrec.train.data import subsample
+    from thinkrec.data.sampler import subsample
 
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {SPLITS}")

@@ -34,8 +34,7 @@ from thinkrec.io import (
     to_json,
     write_json,
 )
-from thinkrec.train.batches import cf_inputs, cf_vectors, collate
-from thinkrec.train.losses import yes_logits, yes_positions
+from thinkrec.batches import cf_inputs, cf_vectors, collate, yes_logits, yes_positions
 
 
 def plan_batches(lengths, batch_tokens: int = 8192, max_rows: int = 64) -> list:
@@ -91,8 +90,7 @@ def score_shared(lm, samples: list, cut: int, weights: torch.Tensor, user_emb=No
     cf = None if cf[0] is None else torch.cat(cf)
     h = extend(lm, cache, ids, lens, expert_weights=w[0], cf_embeds=cf,
                placeholder_mask=lm.placeholder_mask(ids) & (torch.arange(ids.shape[1]) < lens[:, None]), shared=True)
-    yes = lm.lm_head_weight[lm.yes_token_id].float()
-    return (h[torch.arange(len(samples)), lens - 1].float() @ yes).double().cpu().numpy()
+    return yes_logits(h, lm.lm_head_weight, lm.yes_token_id, lens - 1).double().cpu().numpy()  # last suffix token
 
 
 def _slot_vectors(sample, sel, user_emb, item_emb):

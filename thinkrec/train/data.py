@@ -70,11 +70,3 @@ def read_traces(path, prep, split: str = "train") -> dict:
                                  f"{int(prep.inter.label[row])}")
             out[row] = reason
     return out
-
-
-def subsample(rows, n, seed: int) -> np.ndarray:
-    """At most n of `rows`, drawn without replacement by a seeded generator, kept in row order."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if n is None or n <= 0 or n >= len(rows):
-        return rows
-    return np.sort(np.random.default_rng(seed).choice(rows, size=n, replace=False))

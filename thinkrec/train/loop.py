@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from thinkrec.batches import Batch, cf_inputs, collate, shard, yes_logits, yes_positions
 from thinkrec.data.sampler import LengthBucketSampler
 from thinkrec.metrics import evaluate, selection_score
 
 from . import checkpoint
-from .batches import Batch, cf_inputs, collate, shard
 from .data import SampleSet
 from .ddp import Dist
-from .losses import batch_loss, loss_positions, yes_logits, yes_positions
+from .losses import batch_loss, loss_positions
 from .prefix import FrozenPrefix
 
 

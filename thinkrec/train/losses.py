@@ -14,6 +14,7 @@ mean over the batch's answer tokens, as the Hugging Face loss of the official co
 
 import torch
 
+from thinkrec.batches import yes_positions
 from thinkrec_kernels import linear_cross_entropy, yes_head_bce
 
 PLAIN_WEIGHTS = (0.9, 0.1)  # (BCE, LM) for Yes/No samples
@@ -22,11 +23,6 @@ REASONING_WEIGHTS = (0.1, 0.9)  # for samples whose answer is a reasoning trace
 
 def loss_weights(reasoning: bool):
     return REASONING_WEIGHTS if reasoning else PLAIN_WEIGHTS
-
-
-def yes_positions(batch):
-    """(rows, cols) of each row's Yes position: the model's `select` for scoring."""
-    return torch.arange(len(batch.yes_col), device=batch.yes_col.device), batch.yes_col
 
 
 def loss_positions(batch):
@@ -53,12 +49,3 @@ def batch_loss(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, batch):
     lm = ce_sum / max(batch.n_tokens, 1)
     loss = c_bce * bce + c_lm * lm
     return loss, {"bce": float(bce.detach()), "lm": float(lm.detach())}, logits.detach()
-
-
-@torch.no_grad()
-def yes_logits(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, yes_col: torch.Tensor) -> torch.Tensor:
-    """Scores [B]: the Yes logit at each row's first answer position (one dot product per row).
-    h: [B, T, D], or [B, D] already at the Yes positions (forward with select=(arange(B), yes_col))."""
-    if h.dim() == 3:
-        h = h[torch.arange(h.shape[0], device=h.device), yes_col]
-    return h.float() @ lm_head[yes_id].float()

@@ -1,4 +1,6 @@
-"""Batches for training and scoring: prompt + answer, left-padded, with the positions the losses read.
+"""Batches for training and scoring, and the score both read: prompt + answer, left-padded, with the positions
+the losses read and the Yes logit. Training (thinkrec.train) and inference (thinkrec.infer) both import this
+module; neither imports the other.
 
 A sample (`thinkrec.data.tokenize.Sample`) is a prompt `p [P]` and an answer `a [A]` (" Yes"/" No", or a
 reasoning trace). The model reads `x = p + a[:-1]` (the last answer token predicts nothing, so it is not
@@ -127,3 +129,16 @@ def cf_inputs(batch: Batch, user_emb: torch.Tensor, item_emb: torch.Tensor):
     """CF vectors [P, d] for the batch's placeholder slots (user or item embedding by kind), or None."""
     return cf_vectors(batch.ph_kind, batch.ph_index, user_emb, item_emb)
 
+
+def yes_positions(batch):
+    """(rows, cols) of each row's Yes position: the model's `select` for scoring."""
+    return torch.arange(len(batch.yes_col), device=batch.yes_col.device), batch.yes_col
+
+
+@torch.no_grad()
+def yes_logits(h: torch.Tensor, lm_head: torch.Tensor, yes_id: int, yes_col: torch.Tensor) -> torch.Tensor:
+    """Scores [B]: the Yes logit at each row's first answer position (one dot product per row).
+    h: [B, T, D], or [B, D] already at the Yes positions (forward with select=(arange(B), yes_col))."""
+    if h.dim() == 3:
+        h = h[torch.arange(h.shape[0], device=h.device), yes_col]
+    return h.float() @ lm_head[yes_id].float()
