@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .packed import _linear, _rope, _sdpa
+from .packed import _linear, _sdpa, decoder_layer
 
 
 @dataclass
@@ -159,46 +159,30 @@ def _attend_shared(q, K0, V0, k, v, scale):
 
 
 def _layer_extend(layer, h, st: _Step, cos, sin, w, K, V, kv_only: bool = False):
-    """One decoder layer on the N new tokens h [N, D] -> [N, D]; K, V: this layer's cache tensors (per row:
-    the new keys/values are written into them). kv_only (per row): write the keys and values, skip the rest
-    (the last layer of a prefix whose own outputs nobody reads); h comes back unchanged."""
-    attn, mlp = layer.self_attn, layer.mlp
-    d = attn.head_dim
+    """One decoder layer on the N new tokens h [N, D] -> [N, D] (packed.decoder_layer with cached attention);
+    K, V: this layer's cache tensors (per row: the new keys/values are written into them). kv_only (per row):
+    write the keys and values, skip the rest (the last layer of a prefix whose own outputs nobody reads); h
+    comes back unchanged."""
+    scale = layer.self_attn.scaling
 
-    def lin(mod, x):
-        return _linear(mod, x, w, None)
-
-    x = layer.input_layernorm(h)
-    k = lin(attn.k_proj, x).view(len(x), -1, d)
-    v = lin(attn.v_proj, x).view(len(x), -1, d)
-    if hasattr(attn, "k_norm"):  # Qwen3: per-head RMSNorm before RoPE
-        k = attn.k_norm(k)
-    k = _rope(k, cos, sin)
-    if kv_only:
-        K[st.row, :, st.pos] = k.to(K.dtype)
-        V[st.row, :, st.pos] = v.to(V.dtype)
-        return h
-    q = lin(attn.q_proj, x).view(len(x), -1, d)
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q)
-    q = _rope(q, cos, sin)
-    Q = st.grid(q)
-    if st.shared and st.L:
-        o = _attend_shared(Q, K[0, :, :st.L], V[0, :, :st.L], st.grid(k), st.grid(v), attn.scaling)
-    elif st.shared:  # empty prefix: the rows alone
-        o = _sdpa(Q, st.grid(k), st.grid(v), is_causal=True, scale=attn.scaling)
-    else:
-        K[st.row, :, st.pos] = k.to(K.dtype)
-        V[st.row, :, st.pos] = v.to(V.dtype)
-        if st.fresh:  # the new tokens sit at 0..S-1 of each row: plain causal attention (fused kernels)
-            o = _sdpa(Q, K[:, :, :st.S].to(Q.dtype), V[:, :, :st.S].to(Q.dtype), is_causal=True,
-                      scale=attn.scaling)
+    def attend(q, k, v):
+        if kv_only or not st.shared:
+            K[st.row, :, st.pos] = k.to(K.dtype)
+            V[st.row, :, st.pos] = v.to(V.dtype)
+        if kv_only:
+            return None
+        Q = st.grid(q)
+        if st.shared and st.L:
+            o = _attend_shared(Q, K[0, :, :st.L], V[0, :, :st.L], st.grid(k), st.grid(v), scale)
+        elif st.shared:  # empty prefix: the rows alone
+            o = _sdpa(Q, st.grid(k), st.grid(v), is_causal=True, scale=scale)
+        elif st.fresh:  # the new tokens sit at 0..S-1 of each row: plain causal attention (fused kernels)
+            o = _sdpa(Q, K[:, :, :st.S].to(Q.dtype), V[:, :, :st.S].to(Q.dtype), is_causal=True, scale=scale)
         else:
-            o = _attend_rows(Q, K[:, :, :st.L], V[:, :, :st.L], st.start, attn.scaling)
-    o = o[st.row, :, st.col].reshape(len(x), -1)
-    h = h + lin(attn.o_proj, o)
-    x = layer.post_attention_layernorm(h)
-    return h + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x)) * lin(mlp.up_proj, x))
+            o = _attend_rows(Q, K[:, :, :st.L], V[:, :, :st.L], st.start, scale)
+        return o[st.row, :, st.col].reshape(len(q), -1)
+
+    return decoder_layer(layer, h, cos, sin, attend, lambda mod, x: _linear(mod, x, w, None), kv_only=kv_only)
 
 
 def _in_precision(fn):

@@ -122,31 +122,54 @@ def _linear(mod, x, w, merged):
     return mod(x, w) if isinstance(mod, LoRALinear) else mod(x)
 
 
+def decoder_layer(layer, h, cos, sin, attend, lin, keep=None, lin_kept=None, kv_only: bool = False):
+    """One Llama-family decoder layer on tokens h [N, D] (RoPE cos, sin [N, d]): the one layer function of the
+    padding-free forward (`layer_forward`) and the KV-cached one (thinkrec/model/cached.py), which differ only
+    in `attend`:
+
+        attend(q [Nq, H, d] or None, k [N, Hkv, d], v [N, Hkv, d]) -> o [Nq, H * d] (None with kv_only)
+
+    lin(mod, x): a linear layer with the tokens' adapter weights; keep: token indices whose queries, attention
+    output, o_proj and MLP are computed (the rest only give keys and values), with lin_kept their linear;
+    kv_only: keys and values only (attend stores them), h comes back unchanged. -> [N, D] or [len(keep), D]."""
+    attn, mlp = layer.self_attn, layer.mlp
+    d = attn.head_dim
+    lq = lin if keep is None else lin_kept
+    x = layer.input_layernorm(h)
+    q = None
+    if not kv_only:
+        xq = x if keep is None else x[keep]
+        q = lq(attn.q_proj, xq).view(len(xq), -1, d)
+    k = lin(attn.k_proj, x).view(len(x), -1, d)  # keys and values: every token
+    v = lin(attn.v_proj, x).view(len(x), -1, d)
+    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
+        q, k = (None if q is None else attn.q_norm(q)), attn.k_norm(k)
+    if q is not None:
+        q = _rope(q, *((cos, sin) if keep is None else (cos[keep], sin[keep])))
+    k = _rope(k, cos, sin)
+    o = attend(q, k, v)
+    if kv_only:
+        return h
+    if keep is not None:
+        h = h[keep]
+    h = h + lq(attn.o_proj, o)
+    # the Llama-family MLP, down(act(gate(x)) * up(x)), written out so LoRA on its linears gets w too
+    x = layer.post_attention_layernorm(h)
+    return h + lq(mlp.down_proj, mlp.act_fn(lq(mlp.gate_proj, x)) * lq(mlp.up_proj, x))
+
+
 def layer_forward(layer, h, pk: Packing, cos, sin, keep=None, w_tok=None, merged=None):
     """One decoder layer on packed tokens h [N, D] -> [N, D], or [len(keep), D] for the kept tokens only.
     w_tok: per-token adapter weights [N, E], [E] or None (global)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    d = attn.head_dim
+    attn = layer.self_attn
     w_kept = w_tok if (keep is None or w_tok is None or w_tok.dim() == 1) else w_tok[keep]
 
-    def lin(mod, x, w=w_kept):
-        return _linear(mod, x, w, merged)
-
-    x = layer.input_layernorm(h)
-    xq = x if keep is None else x[keep]
-    q = lin(attn.q_proj, xq).view(len(xq), -1, d)
-    k = lin(attn.k_proj, x, w_tok).view(len(x), -1, d)  # keys and values: every token
-    v = lin(attn.v_proj, x, w_tok).view(len(x), -1, d)
-    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    qcos, qsin = (cos, sin) if keep is None else (cos[keep], sin[keep])
-    q, k = _rope(q, qcos, qsin), _rope(k, cos, sin)
-    p = attn.attention_dropout if attn.training else 0.0
-    K, V = _to_grid(k, pk), _to_grid(v, pk)
-    if keep is None:
-        o = _sdpa(_to_grid(q, pk), K, V, is_causal=True, dropout_p=p, scale=attn.scaling)
-        o = o.transpose(1, 2).reshape(pk.B * pk.L, -1)[pk.slot]
-    else:
+    def attend(q, k, v):
+        p = attn.attention_dropout if attn.training else 0.0
+        K, V = _to_grid(k, pk), _to_grid(v, pk)
+        if keep is None:
+            o = _sdpa(_to_grid(q, pk), K, V, is_causal=True, dropout_p=p, scale=attn.scaling)
+            return o.transpose(1, 2).reshape(pk.B * pk.L, -1)[pk.slot]
         # kept queries, grouped per row into [B, Q, ...]; query j of row b sees keys 0..pos_j
         krow, kpos = pk.row[keep], pk.pos[keep]
         counts = torch.bincount(krow, minlength=pk.B)
@@ -156,12 +179,10 @@ def layer_forward(layer, h, pk: Packing, cos, sin, keep=None, w_tok=None, merged
         qpos = torch.zeros(pk.B * nq, dtype=torch.long, device=h.device).index_copy(0, qslot, kpos)
         mask = torch.arange(pk.L, device=h.device)[None, :] <= qpos[:, None]  # [B * nq, L]; empty slots see key 0
         o = _sdpa(Q, K, V, attn_mask=mask.view(pk.B, 1, nq, pk.L), dropout_p=p, scale=attn.scaling)
-        o = o.transpose(1, 2).reshape(pk.B * nq, -1)[qslot]
-        h = h[keep]
-    h = h + lin(attn.o_proj, o)
-    # the Llama-family MLP, down(act(gate(x)) * up(x)), written out so LoRA on its linears gets w too
-    x = layer.post_attention_layernorm(h)
-    return h + lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x)) * lin(mlp.up_proj, x))
+        return o.transpose(1, 2).reshape(pk.B * nq, -1)[qslot]
+
+    return decoder_layer(layer, h, cos, sin, attend, lambda mod, x: _linear(mod, x, w_tok, merged), keep,
+                         lambda mod, x: _linear(mod, x, w_kept, merged))
 
 
 def run_layers(layers, h, pk: Packing, cos, sin, w_tok=None, keep=None, grad_ckpt: bool = False, merged=None):
