@@ -23,27 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thinkrec.data import DataError
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prompts import TITLE_STYLES
-from thinkrec.infer import RunError, load_run, read_input, score_rows, split_rows
+from thinkrec.errors import USER_ERRORS
+from thinkrec.infer import load_run, read_input, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
 from thinkrec.infer.run import run_arg, train_args
-from thinkrec.io import ArtifactError, RunLock, RunLockedError, to_json
-from thinkrec.model import ModelLoadError
-from thinkrec.model.adapters import AdapterFileError
+from thinkrec.io import RunLock, to_json
+from thinkrec.precision import PRECISIONS
+from thinkrec.recipe import RECIPES
 from thinkrec.stages import STAGES
-from thinkrec.precision import PRECISIONS, PrecisionError
-from thinkrec.recipe import RECIPES, RecipeError
 from thinkrec.runtime import quiet_progress, tune_malloc
-
-USER_ERRORS = (DataError, RunError, ArtifactError, ModelLoadError, AdapterFileError, RunLockedError,
-               FileNotFoundError, PrecisionError, RecipeError)
-
-
-class UsageError(ValueError):
-    pass
-
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,41 +36,31 @@ from thinkrec import stages
 from thinkrec.cf import CFConfig, train_cf
 from thinkrec.cf import likerate
 from thinkrec.cf.train import export_scores, load_embeddings
-from thinkrec.data import DataError, load_prepared, prepare
+from thinkrec.data import load_prepared, prepare
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import TITLE_STYLES, TWO_SLOTS, load_keywords, with_titles
 from thinkrec.data.tokenize import DEFAULT_MAX_LEN, QUICK_MAX_LEN, PromptBuilder, default_max_len
-from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, GroupError, build_groups, load_groups, small_groups, table_router,
+from thinkrec.errors import USER_ERRORS, UsageError
+from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, build_groups, load_groups, small_groups, table_router,
                               train_table)
 from thinkrec.infer import LoadedRun, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
 from thinkrec.infer.run import stage_gate
-from thinkrec.io import ArtifactError, RunLock, RunLockedError, clean_stale_temps, read_json, to_json, write_json
+from thinkrec.io import RunLock, clean_stale_temps, read_json, to_json, write_json
 from thinkrec.metrics import evaluate
-from thinkrec.model import LoRAConfig, ModelLoadError, ThinkRecLM, load_adapters, resolve_model, save_adapters
+from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters, resolve_model, save_adapters
 from thinkrec.model import lowp
-from thinkrec.model.adapters import AdapterFileError
 from thinkrec.model.projector import CF_INPUTS, CF_SLOTS, cf_token_tables, token_report
-from thinkrec.precision import TRAIN_PRECISIONS, PrecisionError
-from thinkrec.recipe import RECIPES, RecipeError
+from thinkrec.precision import TRAIN_PRECISIONS
+from thinkrec.recipe import RECIPES
 from thinkrec.rundir import RunDir, config_of
 from thinkrec.runtime import quiet_progress, tune_malloc
 from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_from_env, is_done, read_traces,
                             setup, stage_dir, subsample, train_stage)
-from thinkrec.train.checkpoint import CheckpointError
 from thinkrec.train.ddp import shutdown
 from thinkrec.train.loop import derive_seed
 from thinkrec.train.stages import EXPERT_LAYERS
-
-
-class UsageError(ValueError):
-    """An argument or input that cannot work, found before the long work starts."""
-
-
-# errors about the user's input or files: their message is the whole story (a traceback is for bugs)
-USER_ERRORS = (UsageError, GroupError, DataError, ModelLoadError, ArtifactError, RunLockedError, CheckpointError,
-               AdapterFileError, PrecisionError, RecipeError)
 
 
 def _number(kind, low, inclusive=True):

@@ -272,3 +272,29 @@ def test_run_config_is_typed_and_older_runs_read_back_as_values(tmp_path):
     new.config_path.write_text("{not json")
     with pytest.raises(ArtifactError, match="config.json"):
         new.config()
+
+
+def test_every_error_about_the_users_side_is_one_type():
+    """Each CLI prints a UserError (or a missing path) on one line and exits 2: every error class the project
+    raises for bad input, files, runs or machines must be one, or a CLI would show a traceback for it."""
+    from thinkrec.data import DataError
+    from thinkrec.errors import USER_ERRORS, UsageError, UserError
+    from thinkrec.experiments.runs import ExperimentError
+    from thinkrec.experts import GroupError
+    from thinkrec.hardware import PrecisionError
+    from thinkrec.infer import RunError
+    from thinkrec.io import ArtifactError, RunLockedError
+    from thinkrec.model.adapters import AdapterFileError
+    from thinkrec.model.load import ModelLoadError
+    from thinkrec.reasoning.teacher import TeacherError
+    from thinkrec.recipe import RecipeError
+    from thinkrec.train.checkpoint import CheckpointError
+
+    for cls in (DataError, ExperimentError, GroupError, PrecisionError, RunError, ArtifactError, RunLockedError,
+                AdapterFileError, ModelLoadError, TeacherError, RecipeError, CheckpointError, UsageError):
+        assert issubclass(cls, UserError), cls
+    assert issubclass(DataError, ValueError) and issubclass(ModelLoadError, RuntimeError)  # old bases kept
+    assert isinstance(FileNotFoundError("x"), USER_ERRORS) and not isinstance(KeyError("x"), USER_ERRORS)
+    import infer
+    import train
+    assert train.USER_ERRORS is infer.USER_ERRORS is USER_ERRORS and train.UsageError is UsageError

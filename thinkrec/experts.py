@@ -50,6 +50,7 @@ from safetensors.torch import save as st_save
 
 from thinkrec.cf.train import load_embeddings
 from thinkrec.data.prepared import SPLITS, load_prepared
+from thinkrec.errors import UserError
 from thinkrec.io import atomic_write_bytes, read_safetensors, require_keys, to_json, write_json
 
 ROUTE_GLOBAL, ROUTE_SINGLE, ROUTE_MIXTURE = 0, 1, 2
@@ -87,7 +88,7 @@ CLUSTER_METHODS = ("spherical", "kmeans", "ward")
 CLUSTER_USERS = ("train", "all")
 
 
-class GroupError(ValueError):
+class GroupError(UserError, ValueError):
     """No grouping satisfies the request (e.g. no N whose groups all reach the minimum share)."""
 
 
@@ -457,11 +458,10 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     import sys
 
-    from thinkrec.data import DataError
-    from thinkrec.io import ArtifactError
+    from thinkrec.errors import USER_ERRORS
 
     try:
         main()
-    except (DataError, ArtifactError, FileNotFoundError, GroupError) as e:  # the user's input or files: no traceback
+    except USER_ERRORS as e:  # the user's input or files: no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

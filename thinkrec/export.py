@@ -150,11 +150,10 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from thinkrec.infer import RunError
-    from thinkrec.io import ArtifactError
+    from thinkrec.errors import USER_ERRORS
 
     try:
         main()
-    except (DataError, RunError, ArtifactError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"python -m thinkrec.export: error: {e}", file=sys.stderr)
         sys.exit(2)

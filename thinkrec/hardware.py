@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from thinkrec.errors import UserError
 from thinkrec.io import cache_dir, read_json, write_json
 
 BF16_MIN_SPEEDUP = 1.5  # auto picks bf16 on a native-bf16 CPU when its best bf16 GEMM rate is this much fp32's
@@ -34,7 +35,7 @@ BF16_MIN_SPEEDUP = 1.5  # auto picks bf16 on a native-bf16 CPU when its best bf1
 _clock = time.perf_counter  # tests make it slow or noisy
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError, ValueError):
     """A precision this device or this job cannot run."""
 
 

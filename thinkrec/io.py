@@ -29,16 +29,18 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
+from thinkrec.errors import UserError
+
 TMP_SUFFIX = ".tmp"
 LOCK_NAME = ".lock"
 _LEGACY_TEMPS = {".interactions.tmp.npz"}  # save_prepared's fixed temporary name before atomic_file
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """A run artifact is missing its content or cannot be parsed; the message says what to delete."""
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live process holds the run directory."""
 
 

@@ -34,6 +34,8 @@ Why ours differs, point by point, is in docs/data.md's recipe table.
 
 from dataclasses import asdict, dataclass
 
+from thinkrec.errors import UserError
+
 RECIPES = ("ours", "official")
 
 
@@ -91,7 +93,7 @@ def get(name: str) -> Recipe:
 RUN_FILE = "recipe.json"  # RUN/recipe.json: the recipe a run was started with
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that does not match the run it is asked for."""
 
 

@@ -54,11 +54,10 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     import sys
 
-    from thinkrec.data import DataError
-    from thinkrec.io import ArtifactError
+    from thinkrec.errors import USER_ERRORS
 
     try:
         main()
-    except (DataError, ArtifactError, FileNotFoundError) as e:  # the user's input or files: no traceback
+    except USER_ERRORS as e:  # the user's input or files: no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

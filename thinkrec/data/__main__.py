@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from thinkrec.errors import USER_ERRORS
 from thinkrec.recipe import RECIPES
 from thinkrec.recipe import get as get_recipe
 
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
             rec = get_recipe(args.recipe)
             print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords, args.history or rec.history,
                               args.titles or rec.titles, rec.prompts))
-    except (DataError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+from thinkrec.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data file is missing, malformed, or gives an empty/inconsistent log."""
 
 

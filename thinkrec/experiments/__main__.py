@@ -96,11 +96,10 @@ def main(argv=None, log=None) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from thinkrec.data import DataError
-    from thinkrec.io import ArtifactError
+    from thinkrec.errors import USER_ERRORS
 
     try:
         main()
-    except (ExperimentError, DataError, ArtifactError) as e:
+    except USER_ERRORS as e:
         print(f"python -m thinkrec.experiments: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from thinkrec.errors import UserError
 import thinkrec
 from thinkrec.cf.train import GRIDS, CFConfig, predict, save, search, split_metrics
 from thinkrec.data import load_prepared, prepare
@@ -57,7 +58,7 @@ TRAIN = ROOT / "train.py"
 PER_SETTING = ("traces", "cf_model", "experts", "last_stage")  # train.py flags that differ between settings
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(UserError, RuntimeError):
     """A run that cannot go on: a mismatch with what a directory holds, a failed subprocess."""
 
 

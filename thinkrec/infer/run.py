@@ -17,6 +17,7 @@ from thinkrec.cf.train import export_scores, load_embeddings
 from thinkrec.data import load_prepared
 from thinkrec.data.prompts import TWO_SLOTS, load_keywords, with_titles
 from thinkrec.data.tokenize import PromptBuilder, default_max_len
+from thinkrec.errors import UserError
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
 from thinkrec.model import LoRAConfig, ThinkRecLM, load_adapters
 from thinkrec.model.adapters import read_adapters
@@ -30,7 +31,7 @@ from thinkrec.stages import get as get_stage
 STAGE_ORDER = STAGES[::-1]  # the last stage first: a run scores with the last one it finished
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """The run directory cannot be scored (nothing trained yet, missing pieces)."""
 
 

@@ -25,8 +25,10 @@ def main(argv=None) -> int:
     cv.add_argument("--cache", default=None, help="cache directory (default: $THINKREC_CACHE or ~/.cache/thinkrec)")
     args = ap.parse_args(argv)
 
-    from .adapters import AdapterFileError, export_peft
-    from .load import ModelLoadError, resolve_model
+    from thinkrec.errors import USER_ERRORS
+
+    from .adapters import export_peft
+    from .load import resolve_model
 
     try:
         if args.cmd == "export":
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
                 print(d)
         else:
             print(resolve_model(args.model, args.cache)[0])
-    except (AdapterFileError, ModelLoadError) as e:  # expected user errors: the message, no traceback
+    except USER_ERRORS as e:  # the user's input or files: the message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
+from thinkrec.errors import UserError
 from thinkrec.io import atomic_write_bytes, read_json, read_safetensors, write_json
 
 from .lora import adapter_names
@@ -27,7 +28,7 @@ from .lora import adapter_names
 WEIGHTS, CONFIG = "adapters.safetensors", "adapters.json"
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(UserError, ValueError):
     pass
 
 

