@@ -238,3 +238,14 @@ def test_headline_averages_seeds_and_reads_every_llm_row_beside_mf_and_the_floor
     assert set(out["intervals"]["ThinkRec"]["vs"]) == {"MF", "like-rate"}
     saved = json.loads((tmp_path / "results" / "headline.json").read_text())
     assert saved["rows"] == 5 and "| ThinkRec |" in (tmp_path / "results" / "headline.md").read_text()
+    # the same table from the runs named by hand (a run directory, or its scores.jsonl), one LLM row alone too
+    from thinkrec.experiments import headline
+
+    runs = {("tiny", 0), ("tiny-seed1", 1)}
+    by_hand = headline.main([f"{label}@{seed}={tmp_path / 'runs' / d / name / ('infer/scores.jsonl' if seed else '')}"
+                             for label, name in headline.HEADLINE for d, seed in sorted(runs)]
+                            + ["--results", str(tmp_path / "by-hand"), "--scale", "tiny"])
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731  (NaN == NaN)
+    assert same(by_hand["methods"], out["methods"]) and same(by_hand["intervals"], out["intervals"])
+    alone = headline.main([f"CoLLM-style@0={tmp_path / 'runs' / 'tiny' / 'collm'}", "--results", str(tmp_path / "one")])
+    assert list(alone["methods"]) == ["MF", "like-rate", "CoLLM-style"] and set(alone["intervals"]["CoLLM-style"]["vs"]) == {"MF", "like-rate"}

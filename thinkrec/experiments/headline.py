@@ -2,6 +2,8 @@
 25% test sample, as seed means with paired bootstrap intervals over users.
 
     python -m thinkrec.experiments headline --seeds 0,1,2                   # the scale's budget, 3 seeds
+    python -m thinkrec.experiments.headline "CoLLM-style@0=runs/x" "ThinkRec@0=runs/y/scores.jsonl" --results DIR
+                                                      # the same table from runs (or score files) made by hand
 
 Each seed is its own set of runs (seed 0 in RUNS/<scale>/, seed k in RUNS/<scale>-seed<k>/: data, CF model,
 traces and the two LLM runs, train.py --seed k), every run scoring the official sample whole (train.py
@@ -17,6 +19,7 @@ come from one bootstrap over users in which every resample averages the seeds (t
 `averages`). Nothing here picks anything: settings are chosen on valid rows before the test is scored.
 """
 
+import argparse
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,7 +65,11 @@ def run(cfg: Config, seeds, results: Path, log) -> dict:
 
 
 def _scores(run: Path) -> list:
-    return read_jsonl(run / "infer" / "scores.jsonl", f"delete {run}/metrics.json to test the run again")
+    """The scored rows of a run directory (RUN/infer/scores.jsonl) or of a scores.jsonl file."""
+    path = Path(run)
+    if path.is_dir():
+        return read_jsonl(path / "infer" / "scores.jsonl", f"delete {path}/metrics.json to test the run again")
+    return read_jsonl(path, "score the rows again (python infer.py ... --out DIR)")
 
 
 def summarize(scored: dict, scale: str, seeds: list) -> dict:
@@ -77,10 +84,11 @@ def summarize(scored: dict, scale: str, seeds: list) -> dict:
                                   f"{scored[next(iter(recs))]}: the headline needs every run on the same rows")
     users, labels = [x["user_id"] for x in first], [x["label"] for x in first]
     sets, averages = {"like-rate": [x["like_rate_score"] for x in first]}, {}
+    first_label = next(iter(recs))[0]
     for (label, seed), r in recs.items():
         sets[f"{label}@{seed}"] = [x["score"] for x in r]
         averages.setdefault(label, []).append(f"{label}@{seed}")
-        if label == HEADLINE[0][0]:  # each seed's CF model, read from the first method's runs
+        if label == first_label:  # each seed's CF model, read from the first method's runs
             sets[f"MF@{seed}"] = [x["mf_score"] for x in r]
             averages.setdefault("MF", []).append(f"MF@{seed}")
     point = {k: evaluate(users, v, labels) for k, v in sets.items()}
@@ -90,14 +98,15 @@ def summarize(scored: dict, scale: str, seeds: list) -> dict:
         methods[name]["per_seed"] = [{"seed": int(k.split("@")[1]), **{m: point[k][m] for m in ("auc", "uauc")}}
                                      for k in members]
     b = bootstrap(users, sets, labels, averages=averages)
+    llm = [name for name in averages if name != "MF"]  # the LLM rows, in the order given
     intervals = {}
-    for label, _ in HEADLINE:
+    for label in llm:
         intervals[label] = {**b["intervals"][label],
                             "vs": {floor: b["differences"][label][floor] for floor in FLOORS}}
     for floor in FLOORS:
         intervals[floor] = b["intervals"][floor]
     return {"population": POPULATION, "rows": len(rows), "scale": scale, "seeds": seeds,
-            "methods": {k: methods[k] for k in (*FLOORS, *(label for label, _ in HEADLINE))},
+            "methods": {k: methods[k] for k in (*FLOORS, *llm)},
             "intervals": intervals, "resamples": b["n"], "users": b["users"]}
 
 
@@ -131,3 +140,37 @@ def write(out: dict, results: Path) -> list:
     write_json(results / "headline.json", out)
     atomic_write_text(results / "headline.md", markdown(out))
     return [results / "headline.json", results / "headline.md", results / "headline.png"]
+
+
+def main(argv=None) -> dict:
+    """The headline files from runs or score files made by hand (the same rows each): LABEL@SEED=PATH."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("scored", nargs="+", help="LABEL@SEED=PATH: a run directory (RUN/infer/scores.jsonl) or a "
+                                             "scores.jsonl file; the first label's rows give MF")
+    p.add_argument("--results", required=True, type=Path, help="where headline.{json,md,png} go")
+    p.add_argument("--scale", default="custom", help="what the runs' budget was, as the page should say")
+    a = p.parse_args(argv)
+    scored = {}
+    for spec in a.scored:
+        key, eq, path = spec.partition("=")
+        label, at, seed = key.rpartition("@")
+        if not (eq and at and label and seed.isdigit()):
+            p.error(f"{spec!r}: expected LABEL@SEED=PATH, e.g. CoLLM-style@0=runs/collm")
+        scored[(label, int(seed))] = Path(path)
+    out = summarize(scored, a.scale, sorted({s for _, s in scored}))
+    for path in write(out, a.results):
+        print(path)
+    print(markdown(out))
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from thinkrec.errors import USER_ERRORS
+
+    try:
+        main()
+    except USER_ERRORS as e:
+        print(f"python -m thinkrec.experiments.headline: error: {e}", file=sys.stderr)
+        sys.exit(2)
