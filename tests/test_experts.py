@@ -120,7 +120,7 @@ def test_cli_writes_groups_and_report(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from thinkrec.data.prepared import Interactions, Prepared, save_prepared
-    from thinkrec.experts import main
+    from thinkrec.experts.__main__ import main
 
     x, truth = _blobs(n_per=(12, 9), dim=5)
     n = len(x)
@@ -216,7 +216,8 @@ def test_gate_thresholds_at_their_boundaries():
 
     cents = np.array([[1.0, 0.0], [0.0, 1.0]])
     u = np.array([[1.0, 0.4]])
-    from thinkrec.experts import GroupConfig, _cosine
+    from thinkrec.experts import GroupConfig
+    from thinkrec.experts.gate import _cosine
 
     z = _cosine(u, cents)[0][0] / GroupConfig.tau  # the gate's own softmax, in the same arithmetic
     p = np.exp(z - z.max())
