@@ -32,9 +32,12 @@ run read the prompts, answers and history the run trained with. What each point 
 Why ours differs, point by point, is in docs/data.md's recipe table.
 """
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from thinkrec.errors import UserError
+from thinkrec.io import write_json
 
 RECIPES = ("ours", "official")
 
@@ -99,9 +102,6 @@ class RecipeError(UserError, ValueError):
 
 def stored(run_dir) -> str | None:
     """The recipe name RUN/recipe.json records, or None (a run from before recipes: "ours")."""
-    import json
-    from pathlib import Path
-
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return None
@@ -123,9 +123,5 @@ def for_run(run_dir, requested: str | None) -> Recipe:
 
 def record(run_dir, recipe: Recipe) -> None:
     """Write RUN/recipe.json (the name and every point) when missing."""
-    from pathlib import Path
-
-    from thinkrec.io import write_json
-
     if stored(run_dir) is None:
         write_json(Path(run_dir) / RUN_FILE, recipe.to_dict())

@@ -20,6 +20,7 @@ import numpy as np
 
 from thinkrec.data.errors import DataError, json_lines, malformed
 from thinkrec.data.prepared import SPLITS
+from thinkrec.data.sampler import subsample
 
 
 @dataclass
@@ -42,8 +43,6 @@ class Rows:
 
 def split_rows(prep, split: str, max_rows: int = 0, seed: int = 0, rows=None) -> Rows:
     """Rows of a data split (all, or `max_rows` of them drawn as train.py draws its test rows)."""
-    from thinkrec.data.sampler import subsample
-
     if split not in SPLITS:
         raise DataError(f"--split {split!r}: choose one of {SPLITS}")
     idx = np.flatnonzero(prep.inter.split == SPLITS.index(split)) if rows is None else np.asarray(rows)

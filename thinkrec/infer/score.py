@@ -35,6 +35,7 @@ from thinkrec.io import (
     write_json,
 )
 from thinkrec.batches import cf_inputs, cf_vectors, collate, yes_logits, yes_positions
+from thinkrec.model.cached import extend, prefill
 
 
 def plan_batches(lengths, batch_tokens: int = 8192, max_rows: int = 64) -> list:
@@ -74,7 +75,6 @@ def score_shared(lm, samples: list, cut: int, weights: torch.Tensor, user_emb=No
     """Yes logits [B] float64 of samples sharing input_ids[:cut] (tokens, CF slots) and adapter weights [E]:
     the prefix runs once into a KV cache, the B suffixes run batched against it (cached.extend, shared
     mode). Equal to scoring each sample alone (score_samples) up to float rounding."""
-    from thinkrec.model.cached import extend, prefill
 
     s0 = samples[0]
     w = weights.reshape(1, -1)
