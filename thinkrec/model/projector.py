@@ -57,10 +57,11 @@ class CFProjector(nn.Module):
         self.register_buffer("in_mean", torch.zeros(cf_dim))
         self.register_buffer("in_std", torch.ones(cf_dim))
         self.register_buffer("out_norm", torch.zeros(()))  # > 0: every output rescaled to this norm
+        self.held = False  # out_norm > 0, as a Python bool (no data-dependent branch in a traced forward)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_held())
 
-    @property
-    def held(self) -> bool:
-        return bool(self.out_norm > 0)
+    def _sync_held(self) -> None:
+        self.held = bool(self.out_norm > 0)
 
     def forward(self, cf: torch.Tensor) -> torch.Tensor:
         if cf.shape[-1] != self.cf_dim:
@@ -88,6 +89,7 @@ class CFProjector(nn.Module):
     def hold_norm(self, norm: float) -> None:
         """From now on every output has norm `norm` (0: free again)."""
         self.out_norm.fill_(norm)
+        self._sync_held()
 
 
 @torch.no_grad()
