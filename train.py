@@ -72,6 +72,18 @@ def _number(kind, low, inclusive=True):
     return parse
 
 
+def _stage_rows(text) -> dict:
+    """--stage-rows "stage2=2048,stage3=512" -> {"stage2": 2048, "stage3": 512}."""
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, n = part.partition("=")
+        if not eq or name not in STAGES or not n.isdigit():
+            raise argparse.ArgumentTypeError(f"{part!r}: expected STAGE=N with STAGE one of {', '.join(STAGES)} "
+                                             f"and N >= 0 rows (0 = all)")
+        out[name] = int(n)
+    return out
+
+
 def _experts(text):
     if text == "auto":
         return text
@@ -93,6 +105,9 @@ def parse(argv=None):
                    "business; item for csv: pass --noun movie for the paper's ML-1M split)")
     p.add_argument("--run-dir", default=None, help="where every artifact goes (default runs/<dataset>)")
     p.add_argument("--max-train-samples", type=_number(int, 0), default=64, help="training rows per stage (0 = all)")
+    p.add_argument("--stage-rows", type=_stage_rows, default=None, metavar="STAGE=N,...",
+                   help="training rows of some stages instead of --max-train-samples, e.g. stage2=2048 (the CF "
+                        "projector learns from more rows than 512: docs/results.md)")
     p.add_argument("--max-eval-samples", type=_number(int, 0), default=48, help="valid rows scored per evaluation (0 = all)")
     p.add_argument("--max-test-samples", type=_number(int, 0), default=160, help="test rows scored at the end (0 = all)")
     p.add_argument("--test-rows", default="split", choices=["split", "official"],
@@ -361,7 +376,7 @@ class Pipeline:
 class Rows:
     """The rows the stages train and select on, the traces, and the floors on the valid rows."""
 
-    train: np.ndarray
+    train: dict  # stage -> its training rows
     valid: np.ndarray
     traces: dict  # data row -> reasoning trace
     truncation: dict  # truncation_counts per split
@@ -416,16 +431,20 @@ def build_model(p: Pipeline) -> None:
 def choose_rows(p: Pipeline) -> Rows:
     args, prep, rec = p.args, p.prep, p.rec
     by_split = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
-    train_rows = subsample(by_split["train"], args.max_train_samples, args.seed)
+    # each stage's rows: its own --stage-rows count, else --max-train-samples (the same draw for equal counts)
+    train_rows = {st: subsample(by_split["train"], (args.stage_rows or {}).get(st, args.max_train_samples), args.seed)
+                  for st in stages.STAGES}
     # validation: a seeded subsample of valid (ours), or of the official 25% sample (official recipe)
     valid_pool = official_sample(prep, args.data_dir, "valid") if rec.valid == "official" else by_split["valid"]
     valid_rows = subsample(valid_pool, args.max_eval_samples, args.seed + 1)
     trace_path = Path(args.traces) if args.traces else RunDir(p.run).traces
     traces = read_traces(trace_path, prep) if trace_path.exists() else {}
-    p.log(f"recipe {rec.name}; train rows {len(train_rows)}, valid rows {len(valid_rows)}"
+    p.log(f"recipe {rec.name}; train rows {', '.join(f'{k} {len(v)}' for k, v in train_rows.items())}, "
+          f"valid rows {len(valid_rows)}"
           f"{' (of the official 25% valid sample)' if rec.valid == 'official' else ''}, reasoning traces {len(traces)}")
+    every_train_row = np.unique(np.concatenate(list(train_rows.values())))
     truncation = {"max_len": args.max_len, **{name: truncation_counts(p.builder("ids"), rows) for name, rows in
-                                              (("train", train_rows), ("valid", valid_rows))}}
+                                              (("train", every_train_row), ("valid", valid_rows))}}
     p.log(truncation_line(truncation, "the stage-2/3 prompt"))
     if not len(valid_rows):
         raise UsageError("no valid rows to select on (--max-eval-samples 0 takes all)")
@@ -492,7 +511,7 @@ def stage_inputs(p: Pipeline, st: stages.Stage, rows: Rows, prefix) -> StageInpu
     return StageInputs(
         # selection scores valid rows with the paper's C.3 prompt, what the evaluation scores (the official
         # code does so too); a stage without CF tokens (stage 1) with C.3 minus its id slots
-        plain=SampleSet(p.builder(*train_mode), rows.train),
+        plain=SampleSet(p.builder(*train_mode), rows.train[st.name]),
         valid=SampleSet(p.builder("reason", st.cf_tokens), rows.valid),
         # reasoning samples: the C.3 prompt (ours) or the stage's own (official)
         reasoning=SampleSet(p.builder("reason", mode == "ids") if p.rec.reason_prompt == "reason"

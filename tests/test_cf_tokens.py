@@ -56,7 +56,8 @@ def test_levers_train_and_infer_agree_and_are_recorded(tmp_path):
     from tests.test_train_cli import train_tiny_run
 
     run = train_tiny_run(tmp_path, "--cf-inputs", "emb+bias", "--cf-scale", "held", "--cf-slots", "two",
-                         "--train-prompt", "c3", "--stage2-lr", "1e-2", "--test-rows", "official")
+                         "--train-prompt", "c3", "--stage2-lr", "1e-2", "--test-rows", "official",
+                         "--stage-rows", "stage2=5")
     cfg = json.loads((run / "stage3" / "adapters.json").read_text())
     assert cfg["projector"]["inputs"] == "emb+bias" and cfg["projector"]["cf_dim"] == 9  # --cf-dim 8 + bias
     assert cfg["projector"]["slots"] == "two"
@@ -67,10 +68,14 @@ def test_levers_train_and_infer_agree_and_are_recorded(tmp_path):
     assert tokens["end"]["items"]["mean_norm"] == pytest.approx(tokens["start"]["items"]["mean_norm"], rel=1e-3)
     assert saved["args"]["train_prompt"] == "c3" and saved["args"]["cf_scale"] == "held"
     assert saved["args"]["cf_slots"] == "two"
+    # --stage-rows stage2=5: one batch of 5 in stage 2, the other stages' 12 rows in 3 batches
+    assert [saved["stages"][st]["steps"] for st in ("stage1", "stage2", "stage3")] == [3, 1, 3]
     # RUN/config.json: the same record, typed, written when the run started
     from thinkrec.rundir import RunDir
     cfg = RunDir(run).config()
     assert cfg == saved["args"] and cfg["stage2_lr"] == 1e-2 and cfg["traces"] is None and "resume" not in cfg
+    assert cfg["stage_rows"] == {"stage2": 5}
+
     # --test-rows official: the end scores the official 25% sample of the 20 test rows, and only it
     assert saved["test_rows"] == saved["test_official_sample"]["rows"] == 5
     assert {"cf", "like_rate"} <= saved["valid_baselines"].keys()
@@ -146,3 +151,12 @@ def test_stage1_adapters_load_into_a_model_whose_tokens_have_other_inputs(tmp_pa
         load_adapters(wider, tmp_path)
     load_adapters(wider, tmp_path, projector=False)
     assert all(torch.equal(v, wider.projector.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("bad", ["stage9=3", "stage2", "stage2=-1", "stage2=many"])
+def test_stage_rows_errors_name_the_argument(bad, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--stage-rows", bad])
+    assert e.value.code == 2 and "--stage-rows" in capsys.readouterr().err
