@@ -72,16 +72,21 @@ def _number(kind, low, inclusive=True):
     return parse
 
 
-def _stage_rows(text) -> dict:
-    """--stage-rows "stage2=2048,stage3=512" -> {"stage2": 2048, "stage3": 512}."""
+def stage_rows(text: str | None) -> dict:
+    """--stage-rows "stage3=512,stage2=2048" -> {"stage2": 2048, "stage3": 512} ({} for None)."""
     out = {}
-    for part in filter(None, (x.strip() for x in text.split(","))):
+    for part in filter(None, (x.strip() for x in (text or "").split(","))):
         name, eq, n = part.partition("=")
         if not eq or name not in STAGES or not n.isdigit():
             raise argparse.ArgumentTypeError(f"{part!r}: expected STAGE=N with STAGE one of {', '.join(STAGES)} "
                                              f"and N >= 0 rows (0 = all)")
         out[name] = int(n)
-    return out
+    return {st: out[st] for st in STAGES if st in out}
+
+
+def _stage_rows(text: str) -> str:
+    """The argument checked and written the one way (stage order), as the run records it."""
+    return ",".join(f"{k}={v}" for k, v in stage_rows(text).items())
 
 
 def _experts(text):
@@ -432,8 +437,8 @@ def choose_rows(p: Pipeline) -> Rows:
     args, prep, rec = p.args, p.prep, p.rec
     by_split = {s: np.flatnonzero(prep.inter.split == i) for i, s in enumerate(("train", "valid", "test"))}
     # each stage's rows: its own --stage-rows count, else --max-train-samples (the same draw for equal counts)
-    train_rows = {st: subsample(by_split["train"], (args.stage_rows or {}).get(st, args.max_train_samples), args.seed)
-                  for st in stages.STAGES}
+    own = stage_rows(args.stage_rows)
+    train_rows = {st: subsample(by_split["train"], own.get(st, args.max_train_samples), args.seed) for st in stages.STAGES}
     # validation: a seeded subsample of valid (ours), or of the official 25% sample (official recipe)
     valid_pool = official_sample(prep, args.data_dir, "valid") if rec.valid == "official" else by_split["valid"]
     valid_rows = subsample(valid_pool, args.max_eval_samples, args.seed + 1)

@@ -74,7 +74,7 @@ def test_levers_train_and_infer_agree_and_are_recorded(tmp_path):
     from thinkrec.rundir import RunDir
     cfg = RunDir(run).config()
     assert cfg == saved["args"] and cfg["stage2_lr"] == 1e-2 and cfg["traces"] is None and "resume" not in cfg
-    assert cfg["stage_rows"] == {"stage2": 5}
+    assert cfg["stage_rows"] == "stage2=5"
 
     # --test-rows official: the end scores the official 25% sample of the 20 test rows, and only it
     assert saved["test_rows"] == saved["test_official_sample"]["rows"] == 5
