@@ -17,6 +17,7 @@ pytest.importorskip("matplotlib")
 from thinkrec.experiments import STUDIES, ExperimentError
 from thinkrec.experiments.__main__ import main
 from thinkrec.experiments.report import FIG_PX
+from thinkrec.experiments.plan import SCALES
 
 PLAIN = ("tallrec", "collm", "wo-think")  # the settings trained without traces
 PNGS = ["table2.png"] + [f"{s}_{m}.png" for s in ("ablation", "experts", "grouping")
@@ -249,3 +250,14 @@ def test_headline_averages_seeds_and_reads_every_llm_row_beside_mf_and_the_floor
     assert same(by_hand["methods"], out["methods"]) and same(by_hand["intervals"], out["intervals"])
     alone = headline.main([f"CoLLM-style@0={tmp_path / 'runs' / 'tiny' / 'collm'}", "--results", str(tmp_path / "one")])
     assert list(alone["methods"]) == ["MF", "like-rate", "CoLLM-style"] and set(alone["intervals"]["CoLLM-style"]["vs"]) == {"MF", "like-rate"}
+
+
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_every_scale_is_flags_train_py_accepts(scale):
+    """A scale is a set of train.py flags: each must parse (a typo or a bad value would fail hours later)."""
+    import train
+    from thinkrec.experiments.runs import flags
+
+    args = train.parse(["--dataset", "csv", "--data-dir", "d", *flags(SCALES[scale].train)])
+    for key, value in SCALES[scale].train.items():
+        assert getattr(args, key) == value, key

@@ -44,8 +44,9 @@ def parse(argv=None):
     p.add_argument("--traces", default=None, help="a traces JSON Lines file to train on instead of synthesising")
     # Budget
     p.add_argument("--scale", default="cpu-small", choices=list(SCALES),
-                   help="cpu-small: `all` in about 3.5 hours on 2 CPU cores; paper: the paper's setting (a GPU); "
-                        "tiny: the tests' toy runs")
+                   help="cpu-small: `all` in about 3.5 hours on 2 CPU cores; cpu-medium: the CF-token levers and "
+                        "2,048 stage-2 rows, about 2.5 hours a run (use it with `headline`); paper: the paper's "
+                        "setting (a GPU); tiny: the tests' toy runs")
     p.add_argument("--max-train-samples", type=int, default=None, help="over the scale's (train.py; 0 = all)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="over the scale's (train.py; 0 = all)")
     p.add_argument("--max-test-samples", type=int, default=None, help="over the scale's (train.py; 0 = all)")

@@ -67,6 +67,11 @@ class Scale:
 # avx512_bf16 CPU, measured on the grouping study): stages 1-2 9-12 min, stage 3 6 min, test 2 min: ~2.3
 # hours. --max-train-samples 256 halves the training part. lr 1e-3: at 1e-4 (official) 64 steps barely move
 # the Yes logit (docs/architecture.md, bench/quality.py).
+# cpu-medium: the CF-token levers (standardised [P_u, b_u] / [Q_i, c_i] tokens held at a token's norm, on the
+# user and the target only, trained on the C.3 prompt) and 2,048 stage-2 rows, the rest as cpu-small but 256
+# valid rows evaluated every 64 steps. Measured on 2 cores at fp32 (docs/results.md, 2026-12-07, a busy
+# machine): stage 1 512 rows ~39 min, stage 2 2,048 rows ~53 min (4 evaluations included), stage 3 512 rows
+# and scoring the 1,833 official test rows (shared prefixes) well under an hour: about 2.5 hours a run.
 # paper: the paper's setting, for a GPU: every row, the official recipe (batch 1, 800 iterations per epoch,
 # 50 epochs with early stopping after 15 evaluations without gain, the official 25% validation sample and
 # per-stage learning rates), the full CF grid of appendix A.2, 2,000 traces.
@@ -75,6 +80,11 @@ SCALES = {
     "cpu-small": Scale(
         train={"max_train_samples": 512, "max_eval_samples": 128, "max_test_samples": 256, "epochs": 1.0,
                "batch_size": 8, "lr": 1e-3, "precision": "auto"},
+        synth={"n": 32, "max_tokens": 192, "max_rounds": 3}),
+    "cpu-medium": Scale(
+        train={"max_train_samples": 512, "stage_rows": "stage2=2048", "max_eval_samples": 256, "eval_every": 64,
+               "max_test_samples": 256, "epochs": 1.0, "batch_size": 8, "lr": 1e-3, "precision": "auto",
+               "cf_inputs": "emb+bias", "cf_scale": "held", "cf_slots": "two", "train_prompt": "c3"},
         synth={"n": 32, "max_tokens": 192, "max_rounds": 3}),
     "paper": Scale(
         train={"recipe": "official", "max_train_samples": 0, "max_eval_samples": 0, "max_test_samples": 0,

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from thinkrec.errors import UserError
 import thinkrec
 from thinkrec.cf.train import GRIDS, CFConfig, predict, save, search, split_metrics
 from thinkrec.data import load_prepared, prepare
+from thinkrec.errors import UserError
 from thinkrec.infer.rows import official_sample
 from thinkrec.io import atomic_write_bytes, read_json, write_json
 from thinkrec.metrics import evaluate
