@@ -19,7 +19,7 @@ How the peers behave (peft 0.21, transformers 5.x):
   batches of that user's rows. peft's "linear" combination is NOT the mixture sum_e w_e B_e A_e: it builds
   A' = sum_e sqrt(w_e * s_e) A_e and B' = sum_e sqrt(w_e * s_e) B_e (s_e = alpha / r of adapter e, the
   new adapter gets lora_alpha = r, so its own scaling is 1), whose product has the cross terms B_i A_j.
-  ThinkRec's LoRALinear with combination="linear" computes the same s * (sum sqrt(w) B)(sum sqrt(w) A).
+  ThinkRec's LoRALinear with mix="linear" computes the same s * (sum sqrt(w) B)(sum sqrt(w) A).
   `generate` derives position ids from the attention mask (cumsum - 1), so left padding does not shift
   positions; the score is the first step's raw logits (`output_logits`), not the processed `scores`.
 - mixed batch: peft's `forward(..., adapter_names=[one name per row])` runs, in every LoRA layer, the base

@@ -22,7 +22,7 @@ Providers (same rows, same adapters):
 - `ours`: thinkrec.infer's scorer, fp32: rows sharing a prompt prefix run it once into a KV cache and
   their suffixes batched against it; the other rows in length-bucketed batches under a token budget mixing
   routes; the padding-free forward with per-row weights, the Yes logit only (`ours-unshared`: without the
-  prefix sharing). Its "linear" mixture mode (peft's combination) is what the score check against
+  prefix sharing). Its "linear" mixture mode (peft's mix) is what the score check against
   `official` uses; it costs the same.
 Before timing, scores are checked: official vs ours-linear, peft-mixed vs ours on one-route rows, ours
 shared vs ours unshared. Ranking: 100 candidates for one user, shared prefix (thinkrec.infer.rank) vs
@@ -189,7 +189,7 @@ def main():
 
     def set_mix(mode):
         for mod in lm.lora_layers().values():
-            mod.combination = mode
+            mod.mix = mode
 
     def ours(share=True):
         """infer.py's scorer: rows agreeing up to the target (one user, one history) share one prefix run."""

@@ -93,7 +93,7 @@ def test_linear_mode_matches_peft_formula(path, dtype, shape):
     x, A, B, w = _make(*shape, dtype=dtype, seed=3)
     with torch.no_grad():
         w.clamp_(min=0.05)  # d sqrt(w)/dw is infinite at 0, for the reference as for us
-    _check_against_reference(lora_mix, ref.lora_mix_linear, [x, A, B, w], dtype, f"{path} linear", mode="linear")
+    _check_against_reference(lora_mix, ref.lora_mix_linear, [x, A, B, w], dtype, f"{path} linear", mix="linear")
 
 
 @pytest.mark.parametrize("path", ["torch", "triton"], indirect=True)
@@ -152,8 +152,8 @@ def test_bad_shapes_are_named():
         lora_mix(x, A, B, w[:, :1], 1.0)
     with pytest.raises(ValueError, match="does not match A"):
         lora_mix(x, A, B[:, :, :2], w, 1.0)
-    with pytest.raises(ValueError, match="mode="):
-        lora_mix(x, A, B, w, 1.0, mode="cat")
+    with pytest.raises(ValueError, match="mix="):
+        lora_mix(x, A, B, w, 1.0, mix="cat")
     with pytest.raises(ValueError, match="weight must be"):
         lora_linear(x, torch.zeros(8, 15, device=DEV), None, A, B, w, 1.0)
 

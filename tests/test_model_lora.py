@@ -182,7 +182,7 @@ def test_merge_lora_model_matches_lora_forward():
 
 def test_merge_linear_combination_matches_its_forward():
     layer = make_layer(11, 6, 3, r=2)
-    layer.combination = "linear"  # peft's cross-term mix, the official code's behaviour
+    layer.mix = "linear"  # peft's cross-term mix, the official code's behaviour
     w = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
     x = torch.randn(4, 11, dtype=torch.float64)
     A, B = layer.stacked()

@@ -1,5 +1,5 @@
 """bench/_peft_providers.py, the benchmark's peft peers, against ThinkRec's own scorer on a tiny random Llama:
-the official per-user add_weighted_adapter + generate path equals our "linear" combination, peft's mixed
+the official per-user add_weighted_adapter + generate path equals our "linear" mix, peft's mixed
 batches equal our exact mixture on one-hot rows (and "linear" on mixtures), padding changes nothing, and
 the peft copy's base weights are lm's bit for bit."""
 
@@ -46,12 +46,12 @@ def setup():
     return lm, pm, samples, users, weights, user_emb, item_emb
 
 
-def _ours(lm, samples, users, weights, user_emb, item_emb, combination):
+def _ours(lm, samples, users, weights, user_emb, item_emb, mix):
     """Our scorer: one padded batch of all rows, per-row weights, Yes logit at the prompt's last position."""
     layers = list(lm.lora_layers().values())
-    old = layers[0].combination
+    old = layers[0].mix
     for m in layers:
-        m.combination = combination
+        m.mix = mix
     try:
         b = collate(samples, users, PAD)
         cf = cf_inputs(b, user_emb, item_emb)
@@ -61,7 +61,7 @@ def _ours(lm, samples, users, weights, user_emb, item_emb, combination):
         return yes_logits(h, lm.lm_head_weight, YES, b.yes_col).double().numpy()
     finally:
         for m in layers:
-            m.combination = old
+            m.mix = old
 
 
 def _is_mixture(weights):

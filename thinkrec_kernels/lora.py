@@ -15,7 +15,7 @@ Backward with upstream g [M, N] (gb = g @ B_cat is the "shrink" of g against B):
     dB_cat = g.T @ h                   dx = (scale * gb * w_rep) @ A_cat
     dA_cat = (scale * gb * w_rep).T @ x        dw[m, e] = scale * sum_i xa[m, e, i] * gb[m, e, i]
 
-mode="linear" is peft's "linear" adapter combination (cross terms B_i A_j included):
+mix="linear" is peft's "linear" adapter combination (cross terms B_i A_j included):
 h[m, e, i] = scale * sqrt(w[m, e]) * sum_e' sqrt(w[m, e']) xa[m, e', i]; the same shrink/expand kernels
 run around that mix, which is computed in PyTorch on the small [M, J] tensor and differentiated by autograd
 (its gradient in w is infinite at w = 0, as for the reference).
@@ -43,7 +43,7 @@ import triton.language as tl
 from thinkrec_kernels._amp import compute_dtype, no_autocast
 from thinkrec_kernels._dispatch import use_triton
 
-_MODES = ("delta", "linear")
+MIXES = ("delta", "linear")
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -277,16 +277,16 @@ def _linear_mix(xa, w, scale, r):
     return (scale * sw * xam).reshape(M, E * r)
 
 
-def mix_forward(ops, x2, A, B, w2, scale, mode, out=None):
+def mix_forward(ops, x2, A, B, w2, scale, mix, out=None):
     """delta (or out + delta) for 2-D x2 [M, K], w2 [M, E]; returns (result, xa) with xa [M, J] saved."""
     r = A.shape[1]
     xa = ops.shrink(x2, A, "A", r)  # [M, J]
-    if mode == "delta":
+    if mix == "delta":
         return ops.expand(xa, w2, scale, B, "B", r, out=out), xa
     return ops.expand(_linear_mix(xa, w2, scale, r), None, 1.0, B, "B", r, out=out), xa
 
 
-def mix_backward(ops, g, x2, A, B, w2, xa, scale, mode, need, dx_out=None):
+def mix_backward(ops, g, x2, A, B, w2, xa, scale, mix, need, dx_out=None):
     """Gradients (dx [M, K], dA, dB, dw [M, E]) of mix_forward for upstream g [M, N]; None where not needed.
 
     need: (dx, dA, dB, dw) booleans. dx_out, when given, receives dx by accumulation (lora_linear).
@@ -295,7 +295,7 @@ def mix_backward(ops, g, x2, A, B, w2, xa, scale, mode, need, dx_out=None):
     N = B.shape[1]
     M = x2.shape[0]
     gb = ops.shrink(g, B, "B", r)  # [M, J] = g @ B_cat
-    if mode == "delta":
+    if mix == "delta":
         wh, s, h, dxa = w2, scale, xa, gb  # h = scale * w_rep * xa, dxa = scale * w_rep * gb
         dw = None
         if need[3]:
@@ -316,11 +316,11 @@ def mix_backward(ops, g, x2, A, B, w2, xa, scale, mode, need, dx_out=None):
 
 class LoRAMixFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, A, B, w2, scale, mode, ops):
+    def forward(ctx, x2, A, B, w2, scale, mix, ops):
         with no_autocast(x2):
-            delta, xa = mix_forward(ops, x2, A, B, w2, scale, mode)
+            delta, xa = mix_forward(ops, x2, A, B, w2, scale, mix)
         ctx.save_for_backward(x2, A, B, w2, xa)
-        ctx.scale, ctx.mode, ctx.ops = scale, mode, ops
+        ctx.scale, ctx.mix, ctx.ops = scale, mix, ops
         return delta
 
     @staticmethod
@@ -328,7 +328,7 @@ class LoRAMixFunction(torch.autograd.Function):
         x2, A, B, w2, xa = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
         with no_autocast(g):  # a backward called inside autocast must not re-cast g or the saved tensors
-            dx, dA, dB, dw = mix_backward(ctx.ops, g.contiguous(), x2, A, B, w2, xa, ctx.scale, ctx.mode, need)
+            dx, dA, dB, dw = mix_backward(ctx.ops, g.contiguous(), x2, A, B, w2, xa, ctx.scale, ctx.mix, need)
         return dx, dA, dB, dw, None, None, None
 
 
@@ -339,13 +339,13 @@ class LoRALinearFunction(torch.autograd.Function):
     the 10 MB the GEMM moves anyway) but means matching cuBLAS on the K x N product, nearly all the FLOPs."""
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, A, B, w2, scale, mode, ops):
+    def forward(ctx, x2, weight, bias, A, B, w2, scale, mix, ops):
         with no_autocast(x2):  # under autocast the addmm would run in bf16 and the kernels in x's dtype
             # y = bias + x @ weight.T (one cuBLAS/MKL GEMM), then y += LoRA delta in place
             y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T
-            y, xa = mix_forward(ops, x2, A, B, w2, scale, mode, out=y)
+            y, xa = mix_forward(ops, x2, A, B, w2, scale, mix, out=y)
         ctx.save_for_backward(x2, weight, A, B, w2, xa)
-        ctx.scale, ctx.mode, ctx.ops, ctx.has_bias = scale, mode, ops, bias is not None
+        ctx.scale, ctx.mix, ctx.ops, ctx.has_bias = scale, mix, ops, bias is not None
         return y
 
     @staticmethod
@@ -355,7 +355,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_wt, need_b, need_A, need_B, need_w = ctx.needs_input_grad[:6]
         with no_autocast(g):
             dx_base = g @ weight if need_x else None  # [M, K]; the LoRA part is accumulated into it
-            dx, dA, dB, dw = mix_backward(ctx.ops, g, x2, A, B, w2, xa, ctx.scale, ctx.mode,
+            dx, dA, dB, dw = mix_backward(ctx.ops, g, x2, A, B, w2, xa, ctx.scale, ctx.mix,
                                           (need_x, need_A, need_B, need_w), dx_out=dx_base)
             dweight = g.T @ x2 if need_wt else None
             dbias = g.sum(0) if (need_b and ctx.has_bias) else None
@@ -363,10 +363,10 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 # ------------------------------------------------------------------------------------------------ public
-def check_args(x, A, B, w, mode, where="lora_mix"):
+def check_args(x, A, B, w, mix, where="lora_mix"):
     """Validate shapes; returns (E, r, K, N)."""
-    if mode not in _MODES:
-        raise ValueError(f"thinkrec_kernels/lora.py {where}: mode={mode!r} is not one of {_MODES}")
+    if mix not in MIXES:
+        raise ValueError(f"thinkrec_kernels/lora.py {where}: mix={mix!r} is not one of {MIXES}")
     if A.dim() != 3 or B.dim() != 3:
         raise ValueError(f"thinkrec_kernels/lora.py {where}: A must be [E, r, K] and B [E, N, r]; "
                          f"got A {tuple(A.shape)}, B {tuple(B.shape)}")
@@ -389,15 +389,15 @@ def _rows(x, K):
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def lora_mix(x, A, B, w, scale, *, mode="delta"):
-    """delta [..., N] = scale * sum_e w[..., e] * B_e @ A_e @ x (mode="delta", exact mixture), or peft's
-    "linear" combination scale * (sum_e sqrt(w_e) B_e) @ (sum_e sqrt(w_e) A_e) @ x (mode="linear").
+def lora_mix(x, A, B, w, scale, *, mix="delta"):
+    """delta [..., N] = scale * sum_e w[..., e] * B_e @ A_e @ x (mix="delta", exact mixture), or peft's
+    "linear" combination scale * (sum_e sqrt(w_e) B_e) @ (sum_e sqrt(w_e) A_e) @ x (mix="linear").
 
     x: [..., K], A: [E, r, K], B: [E, N, r], w: [..., E] (one-hot, dense or zero rows). Differentiable in
-    x, A, B and w (linear mode: w > 0). Triton on CUDA tensors, dense PyTorch GEMMs on CPU and for fp64.
+    x, A, B and w (linear mix: w > 0). Triton on CUDA tensors, dense PyTorch GEMMs on CPU and for fp64.
     Computes and returns in x's dtype, or in autocast's dtype when autocast is on (thinkrec_kernels/_amp.py).
     """
-    E, r, K, N = check_args(x, A, B, w, mode)
+    E, r, K, N = check_args(x, A, B, w, mix)
     lead = x.shape[:-1]
     # compute in x's dtype, or autocast's (fp32 adapters, fp32 x under bf16 autocast); no-op if equal
     dt = compute_dtype(x)
@@ -406,17 +406,17 @@ def lora_mix(x, A, B, w, scale, *, mode="delta"):
     if x2.shape[0] == 0:
         return x.new_zeros(*lead, N) + 0.0 * (A.sum() + B.sum() + w.sum())
     ops = _TritonOps if use_triton(x, A, B, w) else _TorchOps
-    delta = LoRAMixFunction.apply(x2, A, B, w.reshape(-1, E), float(scale), mode, ops)
+    delta = LoRAMixFunction.apply(x2, A, B, w.reshape(-1, E), float(scale), mix, ops)
     return delta.view(*lead, N)
 
 
-def lora_linear(x, weight, bias, A, B, w, scale, *, mode="delta"):
-    """F.linear(x, weight, bias) + lora_mix(x, A, B, w, scale, mode=mode), with the delta added in place.
+def lora_linear(x, weight, bias, A, B, w, scale, *, mix="delta"):
+    """F.linear(x, weight, bias) + lora_mix(x, A, B, w, scale, mix=mix), with the delta added in place.
 
     x: [..., K], weight: [N, K], bias: [N] or None, A: [E, r, K], B: [E, N, r], w: [..., E] -> [..., N].
     Differentiable in every tensor argument. Computes in x's dtype, or autocast's when it is on.
     """
-    E, r, K, N = check_args(x, A, B, w, mode, where="lora_linear")
+    E, r, K, N = check_args(x, A, B, w, mix, where="lora_linear")
     if tuple(weight.shape) != (N, K):
         raise ValueError(f"thinkrec_kernels/lora.py lora_linear: weight must be [N, K] = [{N}, {K}], "
                          f"got {tuple(weight.shape)}")
@@ -432,7 +432,7 @@ def lora_linear(x, weight, bias, A, B, w, scale, *, mode="delta"):
     if x2.shape[0] == 0:
         return torch.nn.functional.linear(x, weight, bias) + 0.0 * (A.sum() + B.sum() + w.sum())
     ops = _TritonOps if use_triton(*[t for t in (x, weight, bias, A, B, w) if t is not None]) else _TorchOps
-    y = LoRALinearFunction.apply(x2, weight, bias, A, B, w.reshape(-1, E), float(scale), mode, ops)
+    y = LoRALinearFunction.apply(x2, weight, bias, A, B, w.reshape(-1, E), float(scale), mix, ops)
     return y.view(*lead, N)
 
 

@@ -149,7 +149,7 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     proj = cfg.get("projector") or {}
     lm, tok = ThinkRecLM.from_pretrained(spec, n_experts=cfg["n_experts"], lora=lora, cf_dim=proj.get("cf_dim"),
                                          projector_mid=proj.get("mid", 2560), cf_inputs=proj.get("inputs", "emb"),
-                                         combination=mix, device=device, prompt_style=style)
+                                         mix=mix, device=device, prompt_style=style)
     load_adapters(lm, stage)
     if lm.projector is not None:
         lm.projector.slots = proj.get("slots", "all")

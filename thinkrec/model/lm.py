@@ -30,13 +30,13 @@ from .tokens import add_placeholder_tokens, answer_token_ids
 class ThinkRecLM(nn.Module):
     def __init__(self, llm: nn.Module, *, n_experts: int = 0, lora: LoRAConfig = None, cf_dim: int = None,
                  projector_mid: int = 2560, cf_inputs: str = "emb", yes_token_id: int = None, no_token_id: int = None,
-                 placeholder_token_ids: dict = None, base_model: str = "", combination: str = "delta"):
+                 placeholder_token_ids: dict = None, base_model: str = "", mix: str = "delta"):
         super().__init__()
         self.llm = llm
         self.lora_config = lora or LoRAConfig()
         self.n_experts = n_experts
         self.base_model = base_model
-        self.lora_paths = inject_lora(llm, self.lora_config, n_experts, combination)
+        self.lora_paths = inject_lora(llm, self.lora_config, n_experts, mix)
         hidden = llm.config.hidden_size
         self.projector = CFProjector(cf_dim, hidden, projector_mid, cf_inputs) if cf_dim else None
         self.yes_token_id, self.no_token_id = yes_token_id, no_token_id

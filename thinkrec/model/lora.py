@@ -80,11 +80,11 @@ class LoRALinear(nn.Module):
     `forward(x, w)`: w is [E] (all rows), [B, E] (one per sequence, broadcast over the T tokens of
     x [B, T, K] without copying) or [..., E] matching x's leading dims; None means the enclosing
     `expert_weights` block's weights, or the global adapter alone (w = e_0).
-    `combination` is "delta" (exact sum of deltas, default) or "linear" (peft's cross-term mix).
+    `mix` is "delta" (exact sum of deltas, default) or "linear" (peft's cross-term mix).
     """
 
     def __init__(self, base: nn.Linear, n_adapters: int, r: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, combination: str = "delta", dtype=torch.float32):
+                 dropout: float = 0.0, mix: str = "delta", dtype=torch.float32):
         super().__init__()
         if n_adapters < 1 or r < 1:
             raise ValueError(f"LoRALinear: n_adapters={n_adapters}, r={r} must be >= 1")
@@ -95,7 +95,7 @@ class LoRALinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.r, self.alpha, self.scale = r, alpha, alpha / r
-        self.combination = combination
+        self.mix = mix
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.int8 = None  # an int8 copy of the base layer (thinkrec.precision.quantize_frozen), forward only
         dev = base.weight.device
@@ -141,23 +141,23 @@ class LoRALinear(nn.Module):
         w = self._row_weights(x, w)
         A, B = self.stacked(x.dtype)
         if self.int8 is not None:  # --precision int8: int8 base GEMM, the LoRA delta in x's precision on top
-            return self.int8(x) + lora_mix(x, A, B, w, self.scale, mode=self.combination)
+            return self.int8(x) + lora_mix(x, A, B, w, self.scale, mix=self.mix)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             # no dropout: base GEMM and LoRA delta in one op, the delta added into y in place
-            return lora_linear(x, self.weight, self.bias, A, B, w, self.scale, mode=self.combination)
+            return lora_linear(x, self.weight, self.bias, A, B, w, self.scale, mix=self.mix)
         # dropout touches the LoRA input only (standard LoRA), so the base GEMM runs on the clean x
         return F.linear(x, self.weight, self.bias) + lora_mix(self.dropout(x), A, B, w, self.scale,
-                                                               mode=self.combination)
+                                                               mix=self.mix)
 
     @torch.no_grad()
     def delta_weight(self, w) -> torch.Tensor:
-        """[N, K] in the base weight's dtype: scale * sum_e w_e * B_e @ A_e (combination "delta"), or
-        scale * (sum_e sqrt(w_e) B_e) @ (sum_e sqrt(w_e) A_e) (combination "linear")."""
+        """[N, K] in the base weight's dtype: scale * sum_e w_e * B_e @ A_e (mix "delta"), or
+        scale * (sum_e sqrt(w_e) B_e) @ (sum_e sqrt(w_e) A_e) (mix "linear")."""
         w = torch.as_tensor(w, dtype=torch.float64).flatten()
         if w.numel() != self.n_adapters:
             raise ValueError(f"delta_weight: w has {w.numel()} weights, the layer has {self.n_adapters} adapters")
         acc = self.lora_A[0].dtype
-        if self.combination == "linear":
+        if self.mix == "linear":
             A, B = self.stacked()
             sw = w.sqrt().to(acc)
             mixed = torch.einsum("e,enr->nr", sw, B) @ torch.einsum("e,erk->rk", sw, A)
@@ -195,11 +195,11 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, adapters={self.n_adapters}, r={self.r}, "
-                f"alpha={self.alpha}, combination={self.combination}")
+                f"alpha={self.alpha}, mix={self.mix}")
 
 
 # ------------------------------------------------------------------------------------------- injection
-def inject_lora(model: nn.Module, cfg: LoRAConfig, n_experts: int, combination: str = "delta") -> list:
+def inject_lora(model: nn.Module, cfg: LoRAConfig, n_experts: int, mix: str = "delta") -> list:
     """Replace every nn.Linear whose name (last path component) is in cfg.target_modules with a
     LoRALinear holding 1 + n_experts adapters. Freezes all of `model`'s other parameters first.
     Returns the module paths replaced, in model order. Raises when no target module exists.
@@ -215,7 +215,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig, n_experts: int, combination: 
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(mod, 1 + n_experts, cfg.r, cfg.alpha, cfg.dropout, combination))
+        setattr(parent, child, LoRALinear(mod, 1 + n_experts, cfg.r, cfg.alpha, cfg.dropout, mix))
     return [name for name, _ in targets]
 
 
