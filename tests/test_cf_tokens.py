@@ -160,3 +160,24 @@ def test_stage_rows_errors_name_the_argument(bad, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse(["--stage-rows", bad])
     assert e.value.code == 2 and "--stage-rows" in capsys.readouterr().err
+
+
+def test_ours_carries_the_levers_and_older_runs_keep_the_points_they_started_with(tmp_path):
+    """The CF-token points of ours are the levers measured on valid rows; a run recorded before they changed
+    (RUN/recipe.json with the old points, or without cf_slots at all) resumes and scores with its own."""
+    from thinkrec import recipe as recipes
+
+    new = recipes.for_run(tmp_path / "new", None)
+    assert (new.cf_inputs, new.cf_scale, new.cf_slots, new.train_prompt) == ("emb+bias", "held", "two", "c3")
+    official = recipes.get("official")
+    assert (official.cf_inputs, official.cf_scale, official.cf_slots, official.train_prompt) == ("emb", "none", "all", "ids")
+    old = tmp_path / "old"
+    old.mkdir()
+    points = {k: v for k, v in recipes.OURS.to_dict().items() if k != "cf_slots"}
+    points.update(cf_inputs="emb", cf_scale="none", train_prompt="ids")
+    (old / recipes.RUN_FILE).write_text(json.dumps(points))
+    kept = recipes.for_run(old, None)
+    assert (kept.cf_inputs, kept.cf_scale, kept.cf_slots, kept.train_prompt) == ("emb", "none", "all", "ids")
+    assert recipes.for_run(tmp_path / "o", "official").stages == recipes.OFFICIAL.stages
+    recipes.record(tmp_path / "o", recipes.OFFICIAL)
+    assert recipes.for_run(tmp_path / "o", None) == recipes.OFFICIAL  # the schedules read back as Schedule

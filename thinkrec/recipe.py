@@ -20,20 +20,22 @@ run read the prompts, answers and history the run trained with. What each point 
                    criterion                                 than `patience` evals without a better AUC,
                                                              UAUC or criterion
     valid          a seeded subsample of valid              the official 25% sample (RandomState(2025))
-    cf_inputs      emb (the CF embeddings alone) in both, until emb+bias ([P_u, b_u] / [Q_i, c_i]) measures
-                   better on valid rows (docs/results.md); --cf-inputs switches it
-    cf_scale       none (raw inputs, default init) in both; --cf-scale token: standardised inputs, tokens starting
-                   at a token embedding's norm; --cf-scale held: the same, kept at that norm through training
-    cf_slots       all (a CF token on every history item, the user and the target) in both; --cf-slots two: the
-                   user and the target only (CoLLM's prompt)
-    train_prompt   ids (the stage-2 prompt; selection and test score C.3) in both; --train-prompt c3 trains
-                   stages 2-3 on the C.3 prompt
+    cf_inputs      emb+bias: [P_u, b_u] / [Q_i, c_i]        emb: the CF embeddings alone
+    cf_scale       held: standardised inputs, tokens at     none: raw inputs, default projector init
+                   a token embedding's norm throughout
+    cf_slots       two: CF tokens on the user and the       all: on every history item, the user and
+                   target only (CoLLM's prompt)             the target
+    train_prompt   c3: stages 2-3 train on the C.3 prompt   ids: on the stage-2 prompt (selection and test
+                   that selection and test score            score C.3)
+    The four CF-token points of ours were chosen together on 256 valid rows of the paper's ML-1M split
+    (docs/results.md, "The CF tokens reach the LLM"); each has its flag (--cf-inputs, --cf-scale, --cf-slots,
+    --train-prompt).
 
 Why ours differs, point by point, is in docs/data.md's recipe table.
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from thinkrec.errors import UserError
@@ -64,7 +66,7 @@ class Recipe:
     cluster_users: str  # "train" | "all"
     stop: str  # thinkrec.train.loop: "criterion" | "any" (AUC, UAUC or the criterion)
     valid: str  # "subsample" | "official" (the 25% sample)
-    cf_inputs: str = "emb"  # thinkrec.model.projector.CF_INPUTS
+    cf_inputs: str = "emb"  # thinkrec.model.projector.CF_INPUTS (the defaults of these four are the official code's)
     cf_scale: str = "none"  # "token" (projector.fit_inputs before stage 2) | "held" (and hold_norm) | "none"
     cf_slots: str = "all"  # thinkrec.model.projector.CF_SLOTS: "all" (the paper's) | "two" (user and target)
     train_prompt: str = "ids"  # stages 2-3 plain samples: "ids" | "c3" (the scoring prompt)
@@ -76,7 +78,8 @@ class Recipe:
 
 
 OURS = Recipe("ours", prompts="ours", history="strict", titles="full", stage3_prompt="ids", reason_prompt="reason",
-              stage3_select="joint", cluster="spherical", cluster_users="train", stop="criterion", valid="subsample")
+              stage3_select="joint", cluster="spherical", cluster_users="train", stop="criterion", valid="subsample",
+              cf_inputs="emb+bias", cf_scale="held", cf_slots="two", train_prompt="c3")
 
 # the official configs: stage 1 (and 2) init 1e-4 -> min 8e-5 from warmup 1e-5; stage 3 init 1e-5 -> min 8e-5
 # (so the rate rises after warmup) from warmup 1e-6
@@ -118,7 +121,29 @@ def for_run(run_dir, requested: str | None) -> Recipe:
     if requested is not None and before is not None and requested != before:
         raise RecipeError(f"{run_dir} was started with --recipe {before}; pass --recipe {before} or use another "
                           f"--run-dir")
-    return get(requested or before or "ours")
+    if before is None:
+        return get(requested or "ours")
+    return recorded(run_dir)
+
+
+def recorded(run_dir) -> Recipe:
+    """The recipe RUN/recipe.json holds, point by point: a run keeps the points it started with when a later
+    version changes a recipe's defaults. A point the file lacks (a run from before that point existed) takes the
+    dataclass default, which is what every run did then; a required point the file lacks, the named recipe's."""
+    path = Path(run_dir) / RUN_FILE
+    saved = json.loads(path.read_text())
+    base = get(saved["name"])
+    points = {}
+    for f in fields(Recipe):
+        if f.name in saved:
+            points[f.name] = saved[f.name]
+        elif f.default is not MISSING:
+            points[f.name] = f.default
+        else:
+            points[f.name] = getattr(base, f.name)
+    if points["stages"] is not None:
+        points["stages"] = {k: v if isinstance(v, Schedule) else Schedule(**v) for k, v in points["stages"].items()}
+    return Recipe(**points)
 
 
 def record(run_dir, recipe: Recipe) -> None:
