@@ -196,9 +196,10 @@ def test_rank_with_shared_prefix_equals_scoring_each_candidate(run, tmp_path, ca
     assert len(items) > 3
     shared = rank_items(loaded, user, items, chunk=3)
     builder, hist = loaded.builder("reason"), user_history(loaded.prep, user)
+    ue, ie = loaded.token_tables()  # what the run's CF tokens are projected from ([P_u, b_u] / [Q_i, c_i])
     alone = np.array([score_samples(loaded.lm, [builder.sample_for(user, int(i), hist)],
-                                    row_weights(loaded, np.array([user])), loaded.cf["user_emb"],
-                                    loaded.cf["item_emb"], loaded.tok.pad_token_id)[0] for i in items])
+                                    row_weights(loaded, np.array([user])), ue, ie, loaded.tok.pad_token_id)[0]
+                      for i in items])
     np.testing.assert_allclose(shared, alone, atol=2e-5, rtol=0)
     top = infer.main(_argv(run, tmp_path / "out", "--rank", "--user", loaded.prep.users[user], "--top", "3"))
     assert [x["rank"] for x in top] == [1, 2, 3]

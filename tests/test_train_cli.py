@@ -129,8 +129,9 @@ def test_selection_scores_valid_rows_with_the_c3_prompt(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "score", recording)
     train_tiny_run(tmp_path)
     by_stage = {desc.split()[0]: (mode, ids, max_len) for desc, mode, ids, max_len in seen}
-    assert by_stage == {"stage1": ("reason", False, 809), "stage2": ("reason", True, 809),
-                        "stage3": ("reason", True, 809)}
+    # ours puts CF tokens on the user and the target only (TWO_SLOTS); --recipe official on every item
+    assert by_stage == {"stage1": ("reason", False, 809), "stage2": ("reason", "two", 809),
+                        "stage3": ("reason", "two", 809)}
 
 
 def test_stage3_group_selection_tracks_each_group(tmp_path):
