@@ -95,9 +95,8 @@ def _experts(text):
     return _number(int, 1)(text)
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Data
+def _data_args(p) -> None:
+    """Data, rows and prompts: what each stage reads."""
     p.add_argument("--recipe", default=None, choices=RECIPES,
                    help="ours (default), or official: the authors' released code reproduced (verbatim prompts and "
                         "answers, their history rule, titles, grouping, stage-3 prompt and selection, schedule, "
@@ -131,7 +130,10 @@ def parse(argv=None):
     p.add_argument("--traces", default=None, help="reasoning traces JSON Lines (default RUN/reasoning/traces.jsonl "
                    "when it exists; without traces every sample is a plain Yes/No one)")
     p.add_argument("--keywords", default=None, help="item keywords JSON Lines (default RUN/data/keywords.jsonl if any)")
-    # Model
+
+
+def _model_args(p) -> None:
+    """The LLM, the CF model, groups and CF tokens, and which stages run."""
     p.add_argument("--model", default=None, help="HF id, local dir or .gguf (default SmolLM2-135M-Instruct, offline)")
     p.add_argument("--experts", type=_experts, default=2,
                    help="number of user groups / LoRA experts N, or 'auto': N in 2..10 by silhouette")
@@ -167,7 +169,10 @@ def parse(argv=None):
     p.add_argument("--prefix-cache-mb", type=_number(float, 0), default=4096,
                    help="stage 3 keeps the frozen layers' output per sample up to this many MB, so epochs after "
                         "the first run only the trainable layers (0 = recompute every step)")
-    # Optimisation
+
+
+def _schedule_args(p) -> None:
+    """Optimisation, evaluation, precision and how the run is driven."""
     p.add_argument("--epochs", type=_number(float, 0, inclusive=False), default=LoopConfig.epochs, help="passes over the training rows per stage")
     p.add_argument("--batch-size", type=_number(int, 1), default=LoopConfig.batch_size, help="rows per micro-batch (all ranks together)")
     p.add_argument("--accum", type=_number(int, 1), default=LoopConfig.accum, help="micro-batches per optimizer step")
@@ -198,11 +203,19 @@ def parse(argv=None):
                    help="save a mid-stage checkpoint at least this often (also every 10 steps and at each evaluation)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from RUN/<stage>/ckpt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _data_args(p.add_argument_group("data, rows and prompts"))
+    _model_args(p.add_argument_group("model, CF tokens and stages"))
+    _schedule_args(p.add_argument_group("schedule, precision and running"))
     args = p.parse_args(argv)
     args.run_dir = Path(args.run_dir or f"runs/{args.dataset}")
     if args.max_len is None:
         args.max_len = default_max_len(args.dataset)
     return args
+
 
 
 def apply_recipe(args) -> recipes.Recipe:
