@@ -25,7 +25,7 @@ import torch
 
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prompts import TITLE_STYLES
-from thinkrec.errors import USER_ERRORS
+from thinkrec.errors import run_cli
 from thinkrec.infer import load_run, read_input, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
 from thinkrec.infer.run import run_arg, train_args
@@ -151,8 +151,4 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tune_malloc()  # large activations reuse freed heap blocks instead of fresh pages (thinkrec/runtime.py)
-    try:
-        main()
-    except USER_ERRORS as e:
-        print(f"infer.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("infer.py", main)

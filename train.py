@@ -21,7 +21,6 @@ work, with one line and exit status 2.
 import argparse
 import contextlib
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import TITLE_STYLES, TWO_SLOTS, load_keywords, with_titles
 from thinkrec.data.tokenize import DEFAULT_MAX_LEN, QUICK_MAX_LEN, PromptBuilder, default_max_len
-from thinkrec.errors import USER_ERRORS, UsageError
+from thinkrec.errors import UsageError, run_cli
 from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, build_groups, load_groups, small_groups, table_router,
                               train_table)
 from thinkrec.infer import LoadedRun, score_rows, split_rows
@@ -640,8 +639,4 @@ def summary(metrics: dict, args, prep) -> str:
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tune_malloc()  # large activations reuse freed heap blocks instead of fresh pages (thinkrec/runtime.py)
-    try:
-        main()
-    except USER_ERRORS as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("train.py", main)

@@ -292,7 +292,7 @@ def test_cli_prepare_and_prompt(tmp_path, capsys):
                           '(evaluation: Yes) with description: Animation; "Matrix, The (1999)" (evaluation: No) '
                           'with description: Sci-Fi. Leverage')
     assert out.rstrip().endswith("#Answer: Yes")
-    assert main(["prompt", "--run-dir", str(tmp_path / "run"), "--split", "test", "--row", "5"]) == 1
+    assert main(["prompt", "--run-dir", str(tmp_path / "run"), "--split", "test", "--row", "5"]) == 2
     assert "has 1 rows" in capsys.readouterr().err
 
 

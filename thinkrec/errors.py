@@ -16,3 +16,22 @@ class UsageError(UserError, ValueError):
 
 # what every CLI reports as one line: ours, and a path the user named that does not exist
 USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def report(prog: str, error: BaseException) -> int:
+    """Print a user error as the one line every CLI prints, `PROG: error: MESSAGE`; returns the exit status, 2."""
+    import sys
+
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+def run_cli(prog: str, main, argv=None) -> None:
+    """A CLI's entry point: main(argv); a user error (USER_ERRORS) ends the process with `report`'s line and
+    status 2, anything else keeps its traceback."""
+    import sys
+
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        sys.exit(report(prog, e))

@@ -150,10 +150,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    from thinkrec.errors import USER_ERRORS
+    from thinkrec.errors import run_cli
 
-    try:
-        main()
-    except USER_ERRORS as e:
-        print(f"python -m thinkrec.export: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("python -m thinkrec.export", main)

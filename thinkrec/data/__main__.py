@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from thinkrec.errors import USER_ERRORS
+from thinkrec.errors import USER_ERRORS, report
 from thinkrec.recipe import RECIPES
 from thinkrec.recipe import get as get_recipe
 
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
             print(prompt_text(args.run, args.split, args.row, args.mode, args.keywords, args.history or rec.history,
                               args.titles or rec.titles, rec.prompts))
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report("python -m thinkrec.data", e)
     return 0
 
 

@@ -14,7 +14,6 @@ to RUNS/<scale>/ and are kept: a rerun computes only what is missing, so a kille
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from .plan import SCALES, STUDIES
@@ -96,11 +95,7 @@ def main(argv=None, log=None) -> dict:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from thinkrec.errors import USER_ERRORS
+    from thinkrec.errors import run_cli
 
-    try:
-        main()
-    except USER_ERRORS as e:
-        print(f"python -m thinkrec.experiments: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_cli("python -m thinkrec.experiments", main)

@@ -165,12 +165,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
+    from thinkrec.errors import run_cli
 
-    from thinkrec.errors import USER_ERRORS
-
-    try:
-        main()
-    except USER_ERRORS as e:
-        print(f"python -m thinkrec.experiments.headline: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("python -m thinkrec.experiments.headline", main)

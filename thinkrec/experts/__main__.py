@@ -40,12 +40,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
+    from thinkrec.errors import run_cli
 
-    from thinkrec.errors import USER_ERRORS
-
-    try:
-        main()
-    except USER_ERRORS as e:  # the user's input or files: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli("python -m thinkrec.experts", main)

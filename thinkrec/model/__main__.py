@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     cv.add_argument("--cache", default=None, help="cache directory (default: $THINKREC_CACHE or ~/.cache/thinkrec)")
     args = ap.parse_args(argv)
 
-    from thinkrec.errors import USER_ERRORS
+    from thinkrec.errors import USER_ERRORS, report
 
     from .adapters import export_peft
     from .load import resolve_model
@@ -37,8 +37,7 @@ def main(argv=None) -> int:
         else:
             print(resolve_model(args.model, args.cache)[0])
     except USER_ERRORS as e:  # the user's input or files: the message, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report("python -m thinkrec.model", e)
     return 0
 
 

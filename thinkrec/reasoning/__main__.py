@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         print(__doc__, file=sys.stderr)
         print("usage: python -m thinkrec.reasoning {synth,keywords} ...", file=sys.stderr)
         return 2
-    from thinkrec.errors import USER_ERRORS
+    from thinkrec.errors import USER_ERRORS, report
 
     try:
         if argv[0] == "synth":
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
 
             keywords_main(argv[1:])
     except (*USER_ERRORS, ValueError, OSError) as e:  # ours, and what a teacher's server or a file system says
-        print(f"python -m thinkrec.reasoning {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+        return report(f"python -m thinkrec.reasoning {argv[0]}", e)
     return 0
 
 
