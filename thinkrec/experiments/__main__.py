@@ -44,7 +44,7 @@ def parse(argv=None):
     # Budget
     p.add_argument("--scale", default="cpu-small", choices=list(SCALES),
                    help="cpu-small: `all` in about 3.5 hours on 2 CPU cores; cpu-medium: the CF-token levers and "
-                        "2,048 stage-2 rows, about 2.5 hours a run (use it with `headline`); paper: the paper's "
+                        "2,048 stage-2 rows, about 2 hours a run (use it with `headline`); paper: the paper's "
                         "setting (a GPU); tiny: the tests' toy runs")
     p.add_argument("--max-train-samples", type=int, default=None, help="over the scale's (train.py; 0 = all)")
     p.add_argument("--max-eval-samples", type=int, default=None, help="over the scale's (train.py; 0 = all)")

@@ -54,32 +54,18 @@ class Scale:
     cf_epochs: int = 100  # CF max epochs (early stopping on valid AUC, patience 5)
 
 
-# cpu-small: 512 training rows per stage, SmolLM2-135M at --precision auto. Measured on 2 CPU cores at fp32
-# (docs/results.md, 2026-12-02): a step of batch 8 takes 12-14 s in stages 1-2 (what its ~1.6 TFLOP says at
-# ~120 GFLOP/s) and ~8 s in stage 3 (backward through the last 8 layers only); scoring 256 test rows 3 min;
-# 32 local-teacher trace samples 13.5 min. `all` trains 13 stages (stage 1 twice, stage 2 four times,
-# stage 3 seven times) and tests 10 runs:
-#   stages 1-2   6 x 14-17 min (64 steps + 128 valid rows)   ~95 min
-#   stage 3      7 x 9.5 min                                  ~67 min
-#   test        10 x 3-5 min                                  ~35 min
-#   traces, CF search                                         ~16 min
-# = about 3.5 hours (planned: 2; the plan's 1.5-3 s a step was 5x too low). Where auto picks bf16 (an
-# avx512_bf16 CPU, measured on the grouping study): stages 1-2 9-12 min, stage 3 6 min, test 2 min: ~2.3
-# hours. --max-train-samples 256 halves the training part. lr 1e-3: at 1e-4 (official) 64 steps barely move
-# the Yes logit (docs/architecture.md, bench/quality.py).
-# cpu-medium: the CF-token levers (standardised [P_u, b_u] / [Q_i, c_i] tokens held at a token's norm, on the
-# user and the target only, trained on the C.3 prompt) and 2,048 stage-2 rows, the rest as cpu-small but 256
-# valid rows evaluated every 64 steps. Measured on 2 cores at fp32 (docs/results.md, 2026-12-07, a busy
-# machine): stage 1 512 rows ~39 min, stage 2 2,048 rows ~53 min (4 evaluations included), stage 3 512 rows
-# and scoring the 1,833 official test rows (shared prefixes) well under an hour: about 2.5 hours a run.
+# The scales (what each costs on 2 CPU cores, measured: docs/experiments.md, "Scales and what they cost"):
+# cpu-small: 512 training rows per stage, SmolLM2-135M at --precision auto, the official CF-token points;
+# cpu-medium: ours (the CF-token levers), 2,048 stage-2 rows, 256 valid rows evaluated every 64 steps;
 # paper: the paper's setting, for a GPU: every row, the official recipe (batch 1, 800 iterations per epoch,
 # 50 epochs with early stopping after 15 evaluations without gain, the official 25% validation sample and
-# per-stage learning rates), the full CF grid of appendix A.2, 2,000 traces.
+# per-stage learning rates), the full CF grid of appendix A.2, 2,000 traces;
 # tiny: the tests' toy model and data (seconds per run).
 SCALES = {
     "cpu-small": Scale(
         train={"max_train_samples": 512, "max_eval_samples": 128, "max_test_samples": 256, "epochs": 1.0,
-               "batch_size": 8, "lr": 1e-3, "precision": "auto"},
+               "batch_size": 8, "lr": 1e-3, "precision": "auto", "recipe": "ours", "cf_inputs": "emb",
+               "cf_scale": "none", "cf_slots": "all", "train_prompt": "ids"},
         synth={"n": 32, "max_tokens": 192, "max_rounds": 3}),
     "cpu-medium": Scale(
         train={"max_train_samples": 512, "stage_rows": "stage2=2048", "max_eval_samples": 256, "eval_every": 64,
