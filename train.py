@@ -38,7 +38,7 @@ from thinkrec.cf.train import export_scores, load_embeddings
 from thinkrec.data import load_prepared, prepare
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
-from thinkrec.data.prompts import TITLE_STYLES, TWO_SLOTS, load_keywords, with_titles
+from thinkrec.data.prompts import TITLE_STYLES, load_keywords, slotted, with_titles
 from thinkrec.data.tokenize import DEFAULT_MAX_LEN, QUICK_MAX_LEN, PromptBuilder, default_max_len
 from thinkrec.errors import UsageError, run_cli
 from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, build_groups, load_groups, small_groups, table_router,
@@ -378,8 +378,7 @@ class Pipeline:
         reasoning samples (`traces`, whose answers are up to 409 tokens) get 409 more, as infer.py scores
         test rows (thinkrec.infer.LoadedRun.builder)."""
         a = self.args
-        if a.cf_slots == "two" and mode != "text" and with_ids is not False:
-            with_ids = TWO_SLOTS  # CF tokens on the user and the target only
+        with_ids = slotted(mode, with_ids, a.cf_slots)  # --cf-slots two: ids on the user and the target only
         key = (mode, with_ids, traces or mode == "reason")
         if key not in self.builders:
             self.builders[key] = PromptBuilder(
@@ -436,10 +435,8 @@ def build_model(p: Pipeline) -> None:
     torch.manual_seed(derive_seed(args.seed, "model"))  # LoRA A and the projector, whichever phases ran before
     p.lm, p.tok = ThinkRecLM.from_pretrained(args.model, n_experts=n_experts, lora=LoRAConfig(),
                                              cf_dim=p.user_emb.shape[1], cf_inputs=args.cf_inputs,
-                                             device=p.d.device, prompt_style=p.rec.prompts)
+                                             cf_slots=args.cf_slots, device=p.d.device, prompt_style=p.rec.prompts)
     p.prec = run_precision(args, p.d)
-    if p.lm.projector is not None:
-        p.lm.projector.slots = args.cf_slots
     lowp.apply(p.lm, p.prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
     kw_path = Path(args.keywords) if args.keywords else RunDir(p.run).keywords
     p.keywords = load_keywords(kw_path, p.prep.items) if kw_path.exists() else None

@@ -103,35 +103,42 @@ class RecipeError(UserError, ValueError):
     """A recipe that does not match the run it is asked for."""
 
 
-def stored(run_dir) -> str | None:
-    """The recipe name RUN/recipe.json records, or None (a run from before recipes: "ours")."""
+def _saved(run_dir) -> dict | None:
+    """RUN/recipe.json as written (the name and every point), or None when the run has none."""
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return None
     try:
-        return str(json.loads(path.read_text())["name"])
+        saved = json.loads(path.read_text())
+        if saved["name"] not in RECIPES:
+            raise KeyError(saved["name"])
+        return saved
     except (json.JSONDecodeError, KeyError, TypeError):
         raise RecipeError(f"{path}: unreadable; it should hold {{\"name\": one of {RECIPES}}}") from None
 
 
+def stored(run_dir) -> str | None:
+    """The recipe name RUN/recipe.json records, or None (a run from before recipes: "ours")."""
+    saved = _saved(run_dir)
+    return None if saved is None else saved["name"]
+
+
 def for_run(run_dir, requested: str | None) -> Recipe:
-    """The recipe of a job on RUN: the one it was started with (a resumed run and infer.py keep it), else
-    `requested` (or ours). Asking for another than the run's own stops: a run's stages must share one."""
-    before = stored(run_dir)
-    if requested is not None and before is not None and requested != before:
-        raise RecipeError(f"{run_dir} was started with --recipe {before}; pass --recipe {before} or use another "
-                          f"--run-dir")
-    if before is None:
+    """The recipe of a job on RUN: the one it was started with, point by point (a resumed run and infer.py keep
+    it), else `requested` (or ours). Asking for another than the run's own stops: a run's stages must share one."""
+    saved = _saved(run_dir)
+    if saved is None:
         return get(requested or "ours")
-    return recorded(run_dir)
+    if requested is not None and requested != saved["name"]:
+        raise RecipeError(f"{run_dir} was started with --recipe {saved['name']}; pass --recipe {saved['name']} or "
+                          f"use another --run-dir")
+    return _recorded(saved)
 
 
-def recorded(run_dir) -> Recipe:
-    """The recipe RUN/recipe.json holds, point by point: a run keeps the points it started with when a later
-    version changes a recipe's defaults. A point the file lacks (a run from before that point existed) takes the
-    dataclass default, which is what every run did then; a required point the file lacks, the named recipe's."""
-    path = Path(run_dir) / RUN_FILE
-    saved = json.loads(path.read_text())
+def _recorded(saved: dict) -> Recipe:
+    """The recipe a RUN/recipe.json holds: a run keeps the points it started with when a later version changes a
+    recipe's defaults. A point the file lacks (a run from before that point existed) takes the dataclass default,
+    which is what every run did then; a required point the file lacks, the named recipe's."""
     base = get(saved["name"])
     points = {}
     for f in fields(Recipe):
@@ -142,7 +149,7 @@ def recorded(run_dir) -> Recipe:
         else:
             points[f.name] = getattr(base, f.name)
     if points["stages"] is not None:
-        points["stages"] = {k: v if isinstance(v, Schedule) else Schedule(**v) for k, v in points["stages"].items()}
+        points["stages"] = {k: Schedule(**v) for k, v in points["stages"].items()}
     return Recipe(**points)
 
 

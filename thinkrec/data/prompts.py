@@ -155,6 +155,12 @@ def _uses_ids(mode: str, with_ids) -> bool:
     return (mode != "text") if with_ids is None else bool(with_ids)
 
 
+def slotted(mode: str, with_ids, slots: str):
+    """with_ids for a run whose CF tokens sit on `slots` ("all" or "two"): under "two" a prompt with ids carries
+    them on the user and the target only (TWO_SLOTS); train.py and a loaded run build their prompts through it."""
+    return TWO_SLOTS if slots == "two" and mode != "text" and with_ids is not False else with_ids
+
+
 def _history_ids(mode: str, with_ids) -> bool:
     """Whether the history items carry id slots too (every slot, the paper's prompt; not with TWO_SLOTS)."""
     return _uses_ids(mode, with_ids) and with_ids != TWO_SLOTS

@@ -15,7 +15,7 @@ import numpy as np
 from thinkrec import recipe as recipes
 from thinkrec.cf.train import export_scores, load_embeddings
 from thinkrec.data import load_prepared
-from thinkrec.data.prompts import TWO_SLOTS, load_keywords, with_titles
+from thinkrec.data.prompts import load_keywords, slotted, with_titles
 from thinkrec.data.tokenize import PromptBuilder, default_max_len
 from thinkrec.errors import UserError
 from thinkrec.experts import ROUTE_GLOBAL, ROUTE_MIXTURE, ROUTE_SINGLE, load_groups
@@ -97,8 +97,8 @@ class LoadedRun:
         max_len = self.max_len + (409 if mode == "reason" else 0)  # as train.py builds its reasoning prompts
         # a stage without CF tokens (stage 1) never trained the projector: no id slots, as its validation scored
         ids = None if mode != "text" and get_stage(self.stage.name).cf_tokens else False
-        if ids is None and self.lm.projector is not None and self.lm.projector.slots == "two":
-            ids = TWO_SLOTS  # the run's CF tokens sit on the user and the target only (train.py --cf-slots two)
+        if self.lm.projector is not None:  # the slots the run's CF tokens sit on (train.py --cf-slots)
+            ids = slotted(mode, ids, self.lm.projector.slots)
         return PromptBuilder(prep or self.prep, self.tok, mode=mode, max_len=max_len, keywords=self.keywords,
                              with_ids=ids, style=self.style,
                              placeholder_ids=self.lm.placeholder_token_ids, history_rule=self.history)
@@ -149,10 +149,8 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     proj = cfg.get("projector") or {}
     lm, tok = ThinkRecLM.from_pretrained(spec, n_experts=cfg["n_experts"], lora=lora, cf_dim=proj.get("cf_dim"),
                                          projector_mid=proj.get("mid", 2560), cf_inputs=proj.get("inputs", "emb"),
-                                         mix=mix, device=device, prompt_style=style)
+                                         cf_slots=proj.get("slots", "all"), mix=mix, device=device, prompt_style=style)
     load_adapters(lm, stage)
-    if lm.projector is not None:
-        lm.projector.slots = proj.get("slots", "all")
     lm.set_trainable(layers=[], adapters=[], projector=False)
     lm.eval()
     apply_precision(lm, prec)

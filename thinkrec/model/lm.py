@@ -29,7 +29,8 @@ from .tokens import add_placeholder_tokens, answer_token_ids
 
 class ThinkRecLM(nn.Module):
     def __init__(self, llm: nn.Module, *, n_experts: int = 0, lora: LoRAConfig = None, cf_dim: int = None,
-                 projector_mid: int = 2560, cf_inputs: str = "emb", yes_token_id: int = None, no_token_id: int = None,
+                 projector_mid: int = 2560, cf_inputs: str = "emb", cf_slots: str = "all",
+                 yes_token_id: int = None, no_token_id: int = None,
                  placeholder_token_ids: dict = None, base_model: str = "", mix: str = "delta"):
         super().__init__()
         self.llm = llm
@@ -38,7 +39,7 @@ class ThinkRecLM(nn.Module):
         self.base_model = base_model
         self.lora_paths = inject_lora(llm, self.lora_config, n_experts, mix)
         hidden = llm.config.hidden_size
-        self.projector = CFProjector(cf_dim, hidden, projector_mid, cf_inputs) if cf_dim else None
+        self.projector = CFProjector(cf_dim, hidden, projector_mid, cf_inputs, cf_slots) if cf_dim else None
         self.yes_token_id, self.no_token_id = yes_token_id, no_token_id
         self.placeholder_token_ids = dict(placeholder_token_ids or {})
         self.register_buffer("_ph_ids", torch.tensor(sorted(self.placeholder_token_ids.values()), dtype=torch.long),

@@ -47,12 +47,14 @@ def cf_token_tables(cf: dict, inputs: str = "emb") -> tuple[torch.Tensor, torch.
 
 
 class CFProjector(nn.Module):
-    def __init__(self, cf_dim: int, hidden: int, mid: int = 2560, inputs: str = "emb"):
+    def __init__(self, cf_dim: int, hidden: int, mid: int = 2560, inputs: str = "emb", slots: str = "all"):
         super().__init__()
         if inputs not in CF_INPUTS:
             raise ValueError(f"CF token inputs {inputs!r}: expected one of {CF_INPUTS}")
+        if slots not in CF_SLOTS:
+            raise ValueError(f"CF token slots {slots!r}: expected one of {CF_SLOTS}")
         self.cf_dim, self.hidden, self.mid, self.inputs = cf_dim, hidden, mid, inputs
-        self.slots = "all"  # which prompt items carry a CF token: "all" (the paper's) or "two" (user and target)
+        self.slots = slots  # which prompt items carry a CF token: "all" (the paper's) or "two" (user and target)
         self.net = nn.Sequential(nn.Linear(cf_dim, mid), nn.ReLU(), nn.Linear(mid, hidden))
         self.register_buffer("in_mean", torch.zeros(cf_dim))
         self.register_buffer("in_std", torch.ones(cf_dim))
