@@ -159,7 +159,7 @@ def main():
     from thinkrec.cf.train import load_embeddings
     from thinkrec.infer import LoadedRun, ScoreJob, run_job
     from thinkrec.infer.rank import rank_items, read_candidates, user_history
-    from thinkrec.infer.score import plan_units, score_samples
+    from thinkrec.scoring import plan_units, score_samples
     from thinkrec.model import ThinkRecLM
 
     if a.threads:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_exported_program_equals_the_scorer_with_mixtures():
     from thinkrec.export import ExportedScorer
     from thinkrec.batches import right_padded
-    from thinkrec.infer.score import score_samples
+    from thinkrec.scoring import score_samples
 
     lm = tiny_lm(layers=2, n_experts=2, cf_dim=5)
     lm.eval()

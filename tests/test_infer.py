@@ -159,7 +159,7 @@ def test_rows_sharing_a_prefix_score_as_if_alone(run, tmp_path):
     """Rows of one user with one history (as rows rated in the same second have) run their prefix once; the
     scores equal scoring every row alone."""
     from thinkrec.infer import read_input
-    from thinkrec.infer.score import ScoreJob, plan_units
+    from thinkrec.scoring import ScoreJob, plan_units
 
     path = tmp_path / "rows.jsonl"
     hist = [{"item_id": "1", "label": 1}, {"item_id": "7", "label": 0}]

@@ -5,7 +5,9 @@ infer.py at the repo root."""
 from .job import row_weights, score_rows
 from .rows import Rows, read_input, split_rows
 from .run import LoadedRun, RunError, load_run, route_names
-from .score import ScoreJob, ScoreLog, plan_batches, run_job, score_samples
+from thinkrec.scoring import ScoreJob, plan_batches, run_job, score_samples
+
+from .score import ScoreLog
 
 __all__ = ["row_weights", "score_rows", "Rows", "read_input", "split_rows", "LoadedRun", "RunError", "load_run",
            "route_names", "ScoreJob", "ScoreLog", "plan_batches", "run_job", "score_samples"]

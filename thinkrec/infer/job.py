@@ -19,10 +19,11 @@ import torch
 from thinkrec.cf import likerate
 from thinkrec.io import write_json
 from thinkrec.metrics import evaluate
+from thinkrec.scoring import ScoreJob, run_job
 
 from .rows import Rows
 from .run import LoadedRun, route_names
-from .score import ScoreJob, ScoreLog, run_job
+from .score import ScoreLog
 
 
 def _extended(loaded: LoadedRun, rows: Rows):

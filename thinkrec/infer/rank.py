@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from thinkrec.data import DataError
+from thinkrec.data.errors import text_lines
 from thinkrec.io import atomic_file, to_json
+from thinkrec.scoring import score_shared
 
 from .job import row_weights
 from .run import LoadedRun
-from .score import score_shared
 
 
 def user_history(prep, user: int, hist_len: int = 10) -> list:
@@ -51,7 +52,8 @@ def rank_items(loaded: LoadedRun, user: int, items, mode: str = "reason", histor
 
 
 def read_candidates(spec: str, loaded: LoadedRun, user: int) -> np.ndarray:
-    """Item indices: 'all' = every item the user has no row for; else a file with one raw item id per line."""
+    """Item indices: 'all' = every item the user has no row for; else a file with one raw item id per line
+    (UTF-8; a BOM and CRLF accepted, blank lines skipped, as in every reader)."""
     prep = loaded.prep
     if spec == "all":
         seen = np.zeros(prep.n_items, bool)
@@ -62,10 +64,8 @@ def read_candidates(spec: str, loaded: LoadedRun, user: int) -> np.ndarray:
         raise DataError(f"--candidates {spec}: no such file (or 'all')")
     index = {it["raw_id"]: it["item"] for it in prep.items}
     out = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in text_lines(path):
         raw = line.strip()
-        if not raw:
-            continue
         if raw not in index:
             raise DataError(f"{path}:{line_no}: unknown item id {raw!r}")
         out.append(index[raw])

@@ -23,6 +23,7 @@ the criterion beat its best; the best parameters are restored.
 
 import hashlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,9 +32,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thinkrec.batches import Batch, cf_inputs, collate, shard, yes_logits, yes_positions
+from thinkrec.batches import Batch, cf_inputs, collate, shard
 from thinkrec.data.sampler import LengthBucketSampler
 from thinkrec.metrics import evaluate, selection_score
+from thinkrec.scoring import ScoreJob, plan_batches, run_job
 
 from . import checkpoint
 from .data import SampleSet
@@ -144,26 +146,18 @@ def _forward(lm, inputs: StageInputs, batch: Batch, select=None, cache_tag: str 
     return inputs.prefix(batch.input_ids, batch.attention_mask, select=select, keys=keys, **kw)
 
 
-@torch.no_grad()
 def score(lm, sset: SampleSet, inputs: StageInputs, d: Dist = Dist(), batch_size: int = 16, progress=False,
           desc="score") -> np.ndarray:
-    """Yes logits [len(sset)] for every sample (eval mode, no grad), batched by length; ranks split the
-    batches and the scores are summed across ranks (each row is scored by exactly one rank)."""
-    was_training = lm.training
-    lm.eval()
-    order = np.argsort(sset.lengths, kind="stable")
-    out = torch.zeros(len(sset), dtype=torch.float64)
-    starts = list(range(0, len(order), batch_size))[d.rank::d.world]
-    for s in tqdm(starts, desc=desc, disable=not (progress and d.is_main), leave=False):
-        idx = order[s:s + batch_size].tolist()
-        batch = collate([sset.sample(i) for i in idx], sset.users[idx], inputs.pad_id).to(d.device)
-        # (the model runs in its own precision, lm.precision); scoring rows stay out of the prefix cache:
-        # it fills in training order alone
-        h = _forward(lm, inputs, batch, yes_positions(batch))
-        out[idx] = yes_logits(h, lm.lm_head_weight, lm.yes_token_id, batch.yes_col).double().cpu()
-    lm.train(was_training)
-    return d.all_reduce_sum(out).numpy()
-
+    """Yes logits [len(sset)] for every sample, through infer.py's scorer (thinkrec.scoring) in batches of
+    `batch_size` rows in length order; ranks split the batches and the scores are summed across ranks (each
+    row is scored by exactly one rank). Scoring rows stay out of the prefix cache: it fills in training order
+    alone."""
+    weights = None if inputs.route is None else inputs.route(torch.as_tensor(sset.users))
+    job = ScoreJob(sset.sample, sset.lengths, weights, inputs.user_emb, inputs.item_emb, inputs.pad_id)
+    units = [(b, None) for b in plan_batches(sset.lengths, sys.maxsize, batch_size)][d.rank::d.world]
+    out = run_job(lm, job, units=units, forward=inputs.prefix, progress=progress and d.is_main, device=d.device,
+                  desc=desc)
+    return d.all_reduce_sum(torch.from_numpy(np.nan_to_num(out, nan=0.0))).numpy()
 
 
 def adapter_of(name: str):
@@ -329,7 +323,11 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
     st, best = LoopState(), None
     if ckpt_dir is not None and resume and checkpoint.exists(ckpt_dir):
         raw, best = checkpoint.load(ckpt_dir, named, opt)
-        st = LoopState(**raw)
+        try:
+            st = LoopState(**raw)
+        except TypeError as e:  # a renamed or extra key: a damaged or foreign ckpt.json
+            raise checkpoint.CheckpointError(f"{ckpt_dir} holds a loop state this code cannot read ({e}); delete "
+                                             f"{ckpt_dir}/ to restart the stage") from None
         log(f"[{cfg.desc}] resumed at step {st.step}/{total} from {ckpt_dir}")
         sampler.refill_prefix_cache(lm, st.micro)
 
