@@ -169,7 +169,7 @@ def test_sixteen_threads_get_their_own_replies_and_exact_counts():
 
 # ------------------------------------------------------------------------------------------- factory
 @pytest.mark.parametrize("spec, model, match", [
-    ("http://127.0.0.1:8000/v1", None, "needs --model"),
+    ("http://127.0.0.1:8000/v1", None, "needs --teacher-model"),
     ("127.0.0.1:8000/v1", "m", "'local'.*http"),
     ("gpt-4o", None, "is not understood"),
     ("ftp://host/v1", "m", "is not understood"),

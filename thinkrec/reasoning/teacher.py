@@ -8,7 +8,8 @@ reasoning becomes training data.
 
 Both teachers return a `Reply` parsed the same way (`parse_reply`):
   content    the answer, with any <think>...</think> block removed.
-  reasoning  the server's `reasoning_content` (or `reasoning`), filled by vLLM / SGLang reasoning parsers;
+  reasoning  the server's `reasoning_content` (or `reasoning`; a field that is not a string is ignored), filled
+             by vLLM / SGLang reasoning parsers;
              else the text of the <think> block in the content; a content holding "</think>" without the
              opening tag counts too (QwQ and DeepSeek-R1 templates put <think> in the prompt, so the model
              only writes the closing tag); else the answer itself (a model that does not think aloud gives
@@ -21,9 +22,11 @@ dependency. One `requests.Session` per thread keeps connections alive without sh
 threads. Transient failures are retried with exponential backoff and full jitter,
 uniform(0, min(max_backoff, backoff * 2**attempt)) seconds: HTTP 429 (its Retry-After seconds honoured,
 capped at max_backoff), 5xx, timeouts, connection errors, a body that is not JSON, JSON without
-choices or message. Any other 4xx (bad request, bad key, wrong URL or model) cannot get better by
-waiting and fails at once. API keys (several rotate round-robin, one per HTTP attempt, so a retry after a
-429 goes out under the next key) are never logged and are masked in every error text.
+choices or message, a message content that is not a string. Any other 4xx (bad request, bad key, wrong
+URL or model) cannot get better by waiting and fails at once. API keys (several rotate round-robin, one
+per HTTP attempt, so a retry after a 429 goes out under the next key) are never logged and are masked in
+every error text, which is one line. Usage counts that are not numbers >= 0 count 0; a finish_reason that
+is not a string is None.
 
 `LocalTeacher` runs a transformers model in-process (the embedded default SmolLM2-135M-Instruct, any
 Hugging Face id or directory), one call at a time under a lock: a CPU or single GPU gains nothing from
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 
 import requests
 
-from thinkrec.errors import UserError
+from thinkrec.errors import UsageError, UserError
 
 ERROR_CHARS = 300  # how much of a server's error message goes into a TeacherError
 
@@ -96,14 +99,23 @@ def split_think(text: str) -> tuple:
     return head.strip(), tail.strip()
 
 
+def _count(value) -> int:
+    """A usage count from a server: a non-negative int, 0 for anything that is not a number >= 0."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError, OverflowError):  # a list, "x", NaN, infinity
+        return 0
+
+
 def parse_reply(content: str | None, reasoning_field: str | None = None, usage: dict | None = None,
                 finish_reason: str | None = None) -> Reply:
     """A Reply from a message's content and its reasoning_content (either may be None)."""
     think, answer = split_think(content or "")
-    reasoning = (reasoning_field or "").strip() or think or answer
+    reasoning = (reasoning_field if isinstance(reasoning_field, str) else "").strip() or think or answer
     usage = usage if isinstance(usage, dict) else {}
-    counts = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
-    return Reply(content=answer, reasoning=reasoning, usage=counts, finish_reason=finish_reason)
+    counts = {k: _count(usage.get(k)) for k in ("prompt_tokens", "completion_tokens")}
+    return Reply(content=answer, reasoning=reasoning, usage=counts,
+                 finish_reason=finish_reason if isinstance(finish_reason, str) else None)
 
 
 # ---------------------------------------------------------------------------------------- HTTP teacher
@@ -117,18 +129,23 @@ class _Retryable(Exception):
 
 def _server_message(resp) -> str:
     """The server's error text: OpenAI's {"error": {"message": ...}}, {"error": "..."}, {"detail": ...},
-    else the raw body; first ERROR_CHARS characters."""
+    else the raw body; on one line, first ERROR_CHARS characters."""
     try:
         body = resp.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
         body = None
     if isinstance(body, dict):
         err = body.get("error", body.get("detail", body.get("message")))
         if isinstance(err, dict):
             err = err.get("message", err)
         if err is not None:
-            return str(err)[:ERROR_CHARS]
-    return resp.text.strip()[:ERROR_CHARS]
+            return _one_line(str(err))[:ERROR_CHARS]
+    return _one_line(resp.text)[:ERROR_CHARS]
+
+
+def _one_line(text: str) -> str:
+    """`text` with every run of whitespace (newlines too) as one space: a server's message, an exception's."""
+    return " ".join(text.split())
 
 
 def _retry_after(resp, cap: float) -> float | None:
@@ -200,15 +217,20 @@ class HTTPTeacher:
                                f"check the URL, --model and the API key")
         try:
             data = resp.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
             raise _Retryable(f"reply is not JSON: {resp.text[:100]!r}") from None
         choices = data.get("choices") if isinstance(data, dict) else None
         first = choices[0] if isinstance(choices, list) and choices else None
         message = first.get("message") if isinstance(first, dict) else None
         if not isinstance(message, dict):
             raise _Retryable(f"reply has no choices[0].message: {json.dumps(data)[:ERROR_CHARS]}")
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        return parse_reply(message.get("content"), reasoning, data.get("usage"), first.get("finish_reason"))
+        content = message.get("content")
+        if content is not None and not isinstance(content, str):
+            raise _Retryable(f"reply's choices[0].message.content is not a string: "
+                             f"{json.dumps(content)[:ERROR_CHARS]}")
+        reasoning = next((r for r in (message.get("reasoning_content"), message.get("reasoning"))
+                          if isinstance(r, str) and r), None)
+        return parse_reply(content, reasoning, data.get("usage"), first.get("finish_reason"))
 
     def chat(self, messages: list, max_tokens: int) -> Reply:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
@@ -220,14 +242,14 @@ class HTTPTeacher:
             except _Retryable as e:
                 if attempt == self.retries:
                     self.stats.add(failures=1)
-                    raise TeacherError(self._mask(f"{self.name}: {e.reason}; gave up after {attempt} retries"),
-                                       attempt) from None
+                    raise TeacherError(_one_line(self._mask(f"{self.name}: {e.reason}; gave up after {attempt} "
+                                                            f"retries")), attempt) from None
                 self.stats.add(retries=1)
                 cap = min(self.max_backoff, self.backoff * 2 ** attempt)
                 self._sleep(e.wait if e.wait is not None else random.uniform(0, cap))
             except TeacherError as e:
                 self.stats.add(failures=1)
-                raise TeacherError(self._mask(f"{self.name}: {e}"), attempt) from None
+                raise TeacherError(_one_line(self._mask(f"{self.name}: {e}")), attempt) from None
             else:
                 self.stats.add(**reply.usage)
                 return reply
@@ -310,10 +332,10 @@ def make_teacher(spec: str, model: str | None = None, *, api_key_env: str = "THI
         return LocalTeacher(local_model, temperature=0.0 if temperature is None else temperature, seed=seed)
     if spec.startswith(("http://", "https://")):
         if not model:
-            raise ValueError(f"teacher {spec} needs --model: the model name the server serves "
-                             f"(e.g. --model Qwen/QwQ-32B; GET {spec.rstrip('/')}/models lists them)")
+            raise UsageError(f"teacher {spec} needs --teacher-model: the model name the server serves "
+                             f"(e.g. --teacher-model Qwen/QwQ-32B; GET {spec.rstrip('/')}/models lists them)")
         return HTTPTeacher(spec, model, api_keys_from_env(api_key_env), timeout=timeout, retries=retries,
                            temperature=0.6 if temperature is None else temperature, seed=seed)
-    raise ValueError(f"teacher {spec!r} is not understood: give 'local' (the default SmolLM2-135M-Instruct), "
+    raise UsageError(f"--teacher {spec!r} is not understood: give 'local' (the default SmolLM2-135M-Instruct), "
                      f"'local:MODEL' (a Hugging Face id or model directory) or the http(s):// URL of an "
                      f"OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1)")
