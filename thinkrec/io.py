@@ -20,6 +20,7 @@ import math
 import os
 import shlex
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -166,14 +167,31 @@ class AppendLog:
             with open(self.path, "r+b") as f:
                 f.truncate(cut)
         rows = []
-        for n, line in enumerate(data[:cut].decode("utf-8").splitlines(), 1):
+        # split on b"\n" only, as append writes them: str.splitlines would also cut at U+2028, U+0085, ... that
+        # to_json keeps raw inside strings (ensure_ascii=False)
+        for n, line in enumerate(data[:cut].split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
-            except ValueError as e:
+                rows.append(json.loads(line.decode("utf-8")))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
                 raise _damaged(self.path, f"line {n} is not valid JSON", e, self.recompute) from None
         return rows
+
+    def ints(self, key: str, kind: str | None = None) -> set:
+        """{record[key]} of the complete records (of those whose "kind" is `kind`, when given): the integers a
+        resumed job skips; a record without an integer `key` is an ArtifactError naming the file."""
+        out = set()
+        for n, r in enumerate(self.read(), 1):
+            if not isinstance(r, dict):
+                raise _damaged(self.path, f"record {n} is not an object", repr(r)[:60], self.recompute)
+            if kind is not None and r.get("kind") != kind:
+                continue
+            v = r.get(key)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise _damaged(self.path, f"record {n} has no integer {key!r}", repr(v)[:60], self.recompute)
+            out.add(v)
+        return out
 
     def append(self, obj) -> None:
         line = (to_json(obj) + "\n").encode("utf-8")
@@ -257,11 +275,13 @@ def load_npz(path, recompute: str) -> dict:
 
     path = Path(path)
     _check_exists(path, recompute)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
-        raise _damaged(path, "unreadable npz", e, recompute) from None
+    with open(path, "rb") as f:  # opened here: an OSError below is the file's content (a seek a header sends
+        try:                      # before the start), not a permission
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, struct.error, OSError,
+                NotImplementedError, RuntimeError) as e:  # a flipped compression method / encryption flag in a header
+            raise _damaged(path, "unreadable npz", e, recompute) from None
 
 
 def require_keys(path, found, wanted, recompute: str) -> None:

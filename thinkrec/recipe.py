@@ -34,12 +34,11 @@ run read the prompts, answers and history the run trained with. What each point 
 Why ours differs, point by point, is in docs/data.md's recipe table.
 """
 
-import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from thinkrec.errors import UserError
-from thinkrec.io import write_json
+from thinkrec.io import read_json, write_json
 
 RECIPES = ("ours", "official")
 
@@ -108,13 +107,27 @@ def _saved(run_dir) -> dict | None:
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
         return None
-    try:
-        saved = json.loads(path.read_text())
-        if saved["name"] not in RECIPES:
-            raise KeyError(saved["name"])
-        return saved
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise RecipeError(f"{path}: unreadable; it should hold {{\"name\": one of {RECIPES}}}") from None
+    redo = f"delete {path} and rerun train.py --resume with the run's --recipe to write it again"
+    saved = read_json(path, redo)  # ArtifactError (a UserError) when not UTF-8 JSON
+    if not isinstance(saved, dict) or saved.get("name") not in RECIPES:
+        raise RecipeError(f"{path}: unreadable; it should hold {{\"name\": one of {RECIPES}}}; {redo}")
+    bad = [f.name for f in fields(Recipe) if f.name in saved and not _fits(f, saved[f.name])]
+    if bad:
+        raise RecipeError(f"{path}: {bad} not of the recipe's types (text, a whole number, stages of "
+                          f"{{\"lr\", \"min_lr\", \"warmup_lr\"}}); {redo}")
+    return saved
+
+
+def _fits(f, value) -> bool:
+    """Whether a recipe.json value can be point `f` (a Recipe field) as _recorded builds it."""
+    if f.name == "stages":
+        keys = {g.name for g in fields(Schedule)}
+        return value is None or isinstance(value, dict) and all(
+            isinstance(v, dict) and v.keys() == keys and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values()) for v in value.values())
+    if f.type is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, f.type) if isinstance(f.type, type) else True
 
 
 def stored(run_dir) -> str | None:

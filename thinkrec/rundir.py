@@ -13,10 +13,9 @@ asks RunDir for the path instead of joining it by hand.
     RUN/precision.json, RUN/recipe.json   what the run trains at, and with
 """
 
-import json
 from pathlib import Path
 
-from thinkrec.io import read_json, write_json
+from thinkrec.io import ArtifactError, read_json, write_json
 
 from thinkrec.stages import STAGES  # noqa: F401  (the stage names, in order: thinkrec/stages.py)
 # train.py arguments that say how a run was driven, not what it computes: never recorded
@@ -97,13 +96,19 @@ class RunDir:
 
     def config(self) -> dict:
         """The arguments the run was trained with, typed: RUN/config.json, or for a run made before it the
-        strings of RUN/metrics.json's "args" read back as values; {} when neither exists (nothing trained)."""
+        strings of RUN/metrics.json's "args" read back as values; {} when neither exists (nothing trained).
+        A damaged one (not JSON, not an object of arguments) is an ArtifactError naming it: no run is scored or
+        resumed with defaults in place of its arguments."""
+        redo = "run train.py --resume with the run's arguments to write it again"
         if self.config_path.is_file():
-            return read_json(self.config_path, "run train.py --resume with the run's arguments to write it again")
+            cfg = read_json(self.config_path, redo)
+            if not isinstance(cfg, dict):
+                raise ArtifactError(f"{self.config_path} is damaged (not a JSON object of arguments); {redo}")
+            return cfg
         if self.metrics.is_file():
-            try:
-                old = json.loads(self.metrics.read_text(encoding="utf-8")).get("args", {})
-            except (ValueError, AttributeError):
-                return {}
+            m = read_json(self.metrics, redo)
+            old = m.get("args", {}) if isinstance(m, dict) else None
+            if not isinstance(old, dict):
+                raise ArtifactError(f"{self.metrics} is damaged (no \"args\" object of arguments); {redo}")
             return {k: _legacy_value(v) for k, v in old.items()}
         return {}

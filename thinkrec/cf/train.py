@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from thinkrec.data.history import build_histories
 from thinkrec.data.prepared import SPLITS, Interactions, Prepared, load_prepared
-from thinkrec.io import atomic_write_bytes, read_safetensors, require_keys, to_json, write_json
+from thinkrec.io import ArtifactError, atomic_write_bytes, read_safetensors, require_keys, to_json, write_json
 from thinkrec.metrics import evaluate, selection_score
 
 from .lightgcn import LightGCN, normalized_adjacency
@@ -277,6 +277,18 @@ def load_embeddings(run_dir, name: str, need=("user_emb", "item_emb")) -> dict:
     redo = f"delete it to retrain the CF model {name}"
     tensors = read_safetensors(path, redo)
     require_keys(path, tensors, need, redo)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    rows = {who: (shapes.get(f"{who}_emb") or (None,))[0] for who in ("user", "item")}  # None: not in the file
+    fits = (all(v.dtype == torch.float32 for v in tensors.values())
+            and all(len(shapes.get(f"{who}_emb", (0, 0))) == 2 for who in rows)
+            and len({shapes[k][1] for k in ("user_emb", "item_emb") if k in shapes}) <= 1
+            and all(n is None or shapes.get(f"{who}_bias", (n,)) == (n,) for who, n in rows.items())
+            and shapes.get("global_bias", (1,)) == (1,))
+    if not fits:
+        raise ArtifactError(f"{path} is not a CF export (float32 user_emb [users, D], item_emb [items, D], user_bias "
+                            f"[users], item_bias [items], global_bias [1]; it holds "
+                            f"{ {k: (str(v.dtype).removeprefix('torch.'), shapes[k]) for k, v in tensors.items()} }); "
+                            f"{redo}")
     return tensors
 
 

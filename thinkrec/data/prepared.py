@@ -84,4 +84,30 @@ def load_prepared(run_dir) -> Prepared:
     users = read_json(data_dir / "users.json", redo)
     items = read_jsonl(data_dir / "items.jsonl", redo)
     stats = read_json(data_dir / "stats.json", redo)
+    _check_contract(data_dir, inter, users, items, stats, redo)
     return Prepared(inter, users, items, stats)
+
+
+def _check_contract(data_dir, inter, users, items, stats, redo) -> None:
+    """ArtifactError naming the file(s) when well-formed files break the contract above (a flipped key, a cut
+    column), so no later stage fails on them with a KeyError or IndexError."""
+    from thinkrec.io import ArtifactError
+
+    cols = {k: getattr(inter, k) for k in _COLUMNS}
+    n = len(inter.user) if inter.user.ndim == 1 else -1
+    if any(c.ndim != 1 or len(c) != n for c in cols.values()):
+        files, why = ["interactions.npz"], f"columns of other shapes: { {k: c.shape for k, c in cols.items()} }"
+    elif not isinstance(users, list):
+        files, why = ["users.json"], "not a list of user ids"
+    elif not all(isinstance(it, dict) and it.get("item") == i and "raw_id" in it for i, it in enumerate(items)):
+        files, why = ["items.jsonl"], "not one {\"item\": <its line's index>, \"raw_id\", ...} per line"
+    elif not isinstance(stats, dict):
+        files, why = ["stats.json"], "not a JSON object"
+    elif n and not (0 <= inter.user.min() and inter.user.max() < len(users)):
+        files, why = ["interactions.npz", "users.json"], f"user indices outside the {len(users)} users"
+    elif n and not (0 <= inter.item.min() and inter.item.max() < len(items)):
+        files, why = ["interactions.npz", "items.jsonl"], f"item indices outside the {len(items)} items"
+    else:
+        return
+    named = " and ".join(str(Path(data_dir) / f) for f in files)
+    raise ArtifactError(f"{named} {'do' if len(files) > 1 else 'does'} not fit the prepared data ({why}); {redo}")

@@ -73,11 +73,21 @@ def read_adapters(directory, recompute: str | None = None):
         if not (d / f).is_file():
             raise AdapterFileError(f"{d / f} is missing; an adapter directory holds "
                                    f"{CONFIG} and {WEIGHTS} (written by save_adapters)")
-    recompute = recompute or f"delete {d}/ and rerun the stage that wrote it"
+    recompute = recompute or _redo(d)
     cfg = read_json(d / CONFIG, recompute)
     if not isinstance(cfg, dict) or cfg.get("format") != "thinkrec-lora":
-        raise AdapterFileError(f"{d / CONFIG} is not a thinkrec-lora config")
+        raise AdapterFileError(f"{d / CONFIG} is not a thinkrec-lora config; {recompute}")
+    missing = [k for k in _KEYS if k not in cfg]
+    if missing:
+        raise AdapterFileError(f"{d / CONFIG} lacks {missing}; {recompute}")
     return cfg, read_safetensors(d / WEIGHTS, recompute)
+
+
+_KEYS = ("r", "alpha", "dropout", "target_modules", "n_experts", "adapters", "modules", "base_model")  # what is read
+
+
+def _redo(directory) -> str:
+    return f"delete {Path(directory)}/ and rerun the stage that wrote it"
 
 
 def load_adapters(lm, directory, projector: bool = True) -> dict:
@@ -86,11 +96,12 @@ def load_adapters(lm, directory, projector: bool = True) -> dict:
     projector as it is and ignores the saved one (stage 1's, which never trained: a run may give its tokens
     other inputs than the run stage 1 came from)."""
     cfg, tensors = read_adapters(directory)
-    where = f"adapters in {directory}"
+    d, redo = Path(directory), _redo(directory)
     mine = _config(lm)
     for key in ("r", "alpha", "n_experts", "target_modules"):
         if cfg[key] != mine[key]:
-            raise AdapterFileError(f"{where}: saved {key}={cfg[key]!r} but the model has {key}={mine[key]!r}")
+            raise AdapterFileError(f"{d / CONFIG}: saved {key}={cfg[key]!r} but the model has {key}={mine[key]!r}; "
+                                   f"{redo}")
     want = _tensors(lm)
     if not projector:
         want = {k: v for k, v in want.items() if not k.startswith("projector.")}
@@ -101,11 +112,11 @@ def load_adapters(lm, directory, projector: bool = True) -> dict:
         tensors = {**{k: f(want[k]) for k, f in neutral.items() if k not in tensors}, **tensors}
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
-        raise AdapterFileError(f"{where}: tensor names differ; missing {missing[:4]} ({len(missing)} in all), "
-                               f"unexpected {extra[:4]} ({len(extra)} in all)")
+        raise AdapterFileError(f"{d / WEIGHTS}: tensor names differ; missing {missing[:4]} ({len(missing)} in all), "
+                               f"unexpected {extra[:4]} ({len(extra)} in all); {redo}")
     bad = [(k, tuple(tensors[k].shape), tuple(v.shape)) for k, v in want.items() if tensors[k].shape != v.shape]
     if bad:
-        raise AdapterFileError(f"{where}: shapes differ (name, saved, model): {bad[:4]}")
+        raise AdapterFileError(f"{d / WEIGHTS}: shapes differ (name, saved, model): {bad[:4]}; {redo}")
     with torch.no_grad():
         names = adapter_names(lm.n_experts)
         for path, mod in lm.lora_layers().items():

@@ -73,7 +73,7 @@ def synthesize_facts(prep, rows, out, *, noun: str, history: str = "strict", his
     appending to `out` as synthesize does (resumable: rows finished before are skipped)."""
     t0 = time.perf_counter()
     traces, failures = AppendLog(out), AppendLog(failures_path(out))
-    done = {int(r["row"]) for r in traces.read()} | {int(r["row"]) for r in failures.read() if r.get("kind") == "wrong"}
+    done = traces.ints("row") | failures.ints("row", kind="wrong")
     todo = [r for r in np.asarray(rows).tolist() if r not in done]
     inter = prep.inter
     train = inter.of_split("train")

@@ -105,8 +105,7 @@ def synthesize(prep, rows, teacher, out, *, keywords=None, noun=None, history: s
                max_rounds: int = 6, max_tokens: int = 1024, progress: bool = True, log=print) -> dict:
     """Run the reflect loop on every row not finished before; returns the summary (also logged)."""
     traces, failures = AppendLog(out), AppendLog(failures_path(out))
-    done = {int(r["row"]) for r in traces.read()}
-    wrong = {int(r["row"]) for r in failures.read() if r.get("kind") == "wrong"}
+    done, wrong = traces.ints("row"), failures.ints("row", kind="wrong")
     todo = [r for r in np.asarray(rows).tolist() if r not in done and r not in wrong]
     if len(todo) < len(rows):
         log(f"continuing {out}: {len(rows) - len(todo)} of {len(rows)} samples finished before")

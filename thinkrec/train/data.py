@@ -48,25 +48,29 @@ class SampleSet:
 
 
 def read_traces(path, prep, split: str = "train") -> dict:
-    """{row: reason text} of `split` from a trace file; rows whose label disagrees with the data are errors."""
+    """{row: reason text} of `split` from a trace file; rows whose label disagrees with the data are errors.
+    A bad line (not UTF-8, not JSON, not a trace, not a row of the data) is a DataError naming file and line."""
     path = Path(path)
+    redo = ("fix or delete that line, or delete the file and synthesize the traces again "
+            "(python -m thinkrec.reasoning synth)")
     out = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # JSON Lines: one record per b"\n"-ended line, UTF-8
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
                 row, label, reason = int(obj["row"]), int(obj["label"]), str(obj["reason"])
                 sp = obj.get("split", "train")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise malformed(path, line_no, f"expected {{\"split\", \"row\", \"label\", \"reason\"}} ({e})") from None
+            except (KeyError, TypeError, ValueError, OverflowError) as e:  # ValueError: JSON, UTF-8, int("x")
+                raise malformed(path, line_no, f"expected {{\"split\", \"row\", \"label\", \"reason\"}} "
+                                               f"({' '.join(str(e).split())[:160]}); {redo}") from None
             if sp != split:
                 continue
             if not 0 <= row < len(prep.inter) or prep.inter.split[row] != SPLITS.index(split):
-                raise malformed(path, line_no, f"row {row} is not a {split} row of the prepared data")
+                raise malformed(path, line_no, f"row {row} is not a {split} row of the prepared data; {redo}")
             if prep.inter.label[row] != label:
                 raise malformed(path, line_no, f"row {row} has label {label} but the data says "
-                                 f"{int(prep.inter.label[row])}")
+                                 f"{int(prep.inter.label[row])}; {redo}")
             out[row] = reason
     return out
