@@ -25,12 +25,10 @@ def malformed(path, line: int, why: str) -> DataError:
     return DataError(f"{path}:{line}: {why}")
 
 
-def json_lines(path):
-    """(line number, parsed value) of every non-blank line of a JSON Lines file; a line that is not UTF-8 or not
-    JSON is a DataError naming the file and line. A UTF-8 byte order mark and CRLF line ends are accepted, as
-    the CSV readers accept them."""
-    import json
-
+def text_lines(path):
+    """(line number, text) of every non-blank line of a UTF-8 text file; a line that is not UTF-8 is a DataError
+    naming the file and line. A UTF-8 byte order mark and CRLF line ends are accepted, as the CSV readers
+    accept them."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             try:
@@ -38,9 +36,17 @@ def json_lines(path):
             except UnicodeDecodeError as e:
                 raise malformed(path, line_no, f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
                                                f"save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise malformed(path, line_no, f"not JSON ({e.msg} at column {e.colno})") from None
+            if line.strip():
+                yield line_no, line
+
+
+def json_lines(path):
+    """(line number, parsed value) of every non-blank line of a JSON Lines file (read as `text_lines`); a line
+    that is not JSON is a DataError naming the file and line."""
+    import json
+
+    for line_no, line in text_lines(path):
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise malformed(path, line_no, f"not JSON ({e.msg} at column {e.colno})") from None

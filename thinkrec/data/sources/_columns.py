@@ -100,6 +100,24 @@ def id_column(path, line_of, name: str, values) -> np.ndarray:
     return np.array([str(v) for v in values])
 
 
+def id_value(path, line: int, name: str, value) -> str:
+    """One id of a metadata line, as id_column takes a column's: a non-empty string, or a JSON integer as its
+    digits; anything else is an error naming the line."""
+    if value is None or value == "":
+        raise malformed(path, line, f"{name} is missing or empty; every line needs one")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise malformed(path, line, f"{name} = {value!r} is not a string")
+    return str(value)
+
+
+def text_value(value) -> str:
+    """A free-text metadata field as one line: a list's parts joined by spaces, whitespace runs collapsed,
+    missing = ""."""
+    if isinstance(value, list):
+        value = " ".join(str(v) for v in value)
+    return " ".join(str("" if value is None else value).split())
+
+
 def datetime_column(path, line_of, name: str, values, form: str = "YYYY-MM-DD HH:MM:SS") -> np.ndarray:
     """[n] date strings (ISO 8601 as numpy reads them, taken as UTC) -> [n] int64 unix seconds.
 

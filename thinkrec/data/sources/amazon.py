@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import DataError, malformed, missing_file
 from ..raw import RawLog
-from ._columns import float_column, id_column, int64_column
+from ._columns import float_column, id_column, id_value, int64_column, text_value
 from ._read import jsonl_columns, read_jsonl
 
 URL = "https://nijianmo.github.io/amazon/index.html (files Books.json.gz and meta_Books.json.gz)"
@@ -37,23 +37,20 @@ def _reviews(path):
             int64_column(path, line_of, "unixReviewTime (unix seconds)", stamps))
 
 
-def _text(value) -> str:
-    if isinstance(value, list):
-        value = " ".join(str(v) for v in value)
-    return " ".join(str(value or "").split())
-
-
 def _meta(path, wanted: set) -> dict:
     items = {}
     for line_no, obj in read_jsonl(path):
-        asin = obj.get("asin") if isinstance(obj, dict) else None
-        if asin is None:
-            raise malformed(path, line_no, "metadata line without an asin")
+        asin = id_value(path, line_no, "asin", obj.get("asin") if isinstance(obj, dict) else None)
         if asin not in wanted:
             continue
-        cats = [c for c in obj.get("category") or [] if c and c != "Books"]
-        items[asin] = {"title": _text(obj.get("title")) or asin, "description": ", ".join(cats),
-                       "text": _text(obj.get("description"))[:2000]}
+        cats = obj.get("category")
+        cats = [cats] if isinstance(cats, str) else [] if cats is None else cats
+        if not isinstance(cats, list):
+            raise malformed(path, line_no, f"category = {cats!r} is not a list of strings")
+        cats = [text_value(c) for c in cats]
+        items[asin] = {"title": text_value(obj.get("title")) or asin,
+                       "description": ", ".join(c for c in cats if c and c != "Books"),
+                       "text": text_value(obj.get("description"))[:2000]}
     return items
 
 

@@ -7,9 +7,9 @@ number and a date that is empty or outside years 1..9999 are errors naming the l
 
 from pathlib import Path
 
-from ..errors import DataError, malformed, missing_file
+from ..errors import DataError, missing_file
 from ..raw import RawLog
-from ._columns import datetime_column, float_column, id_column
+from ._columns import datetime_column, float_column, id_column, id_value, text_value
 from ._read import jsonl_columns, read_jsonl
 
 URL = "https://www.yelp.com/dataset (the JSON download)"
@@ -39,12 +39,9 @@ def _reviews(path):
 def _business(path, wanted: set) -> dict:
     items = {}
     for line_no, obj in read_jsonl(path):
-        bid = obj.get("business_id") if isinstance(obj, dict) else None
-        if bid is None:
-            raise malformed(path, line_no, "business line without a business_id")
+        bid = id_value(path, line_no, "business_id", obj.get("business_id") if isinstance(obj, dict) else None)
         if bid in wanted:
-            items[bid] = {"title": " ".join(str(obj.get("name") or bid).split()),
-                          "description": obj.get("categories") or ""}
+            items[bid] = {"title": text_value(obj.get("name")) or bid, "description": text_value(obj.get("categories"))}
     return items
 
 
