@@ -25,7 +25,7 @@ import torch
 
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prompts import TITLE_STYLES
-from thinkrec.errors import run_cli
+from thinkrec.errors import number, run_cli
 from thinkrec.infer import load_run, read_input, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
 from thinkrec.infer.run import run_arg, train_args
@@ -45,7 +45,7 @@ def parse(argv=None):
                         "split chooses the samples for reasoning traces, as the official recipe does)")
     # what to score
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    p.add_argument("--max-rows", type=int, default=None,
+    p.add_argument("--max-rows", type=number(int, 0), default=None,
                    help="rows of the split (0 = all; default: the rows train.py scored, --max-test-samples)")
     p.add_argument("--rows", default=None, choices=["split", "official"],
                    help="the whole split or its official 25%% sample (default: for the test split, what train.py "
@@ -67,27 +67,27 @@ def parse(argv=None):
     p.add_argument("--mix", default="delta", choices=["delta", "linear"],
                    help="mixture of experts: sum_e w_e B_e A_e (exact), or peft's linear combination")
     # how
-    p.add_argument("--batch-tokens", type=int, default=8192, help="rows x longest prompt per batch")
-    p.add_argument("--batch-size", type=int, default=64, help="most rows per batch")
+    p.add_argument("--batch-tokens", type=number(int, 1), default=8192, help="rows x longest prompt per batch")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="most rows per batch")
     p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="fp32 | bf16 | int8 (CPU: frozen linears as int8 GEMMs, LoRA deltas fp32) | auto "
                         "(default: the precision the run trained in, RUN/precision.json; fp32 for older runs)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of continuing OUT/scores.partial.jsonl")
     p.add_argument("--no-progress", action="store_true")
     # ranking
     p.add_argument("--rank", action="store_true", help="rank candidate items for one user (--user)")
     p.add_argument("--user", default=None, help="raw user id to rank for")
     p.add_argument("--candidates", default="all", help="'all' items the user has not rated, or a file of item ids")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=number(int, 1), default=10)
     # explanations
-    p.add_argument("--explain", type=int, default=0, help="generate the model's reasoning for this many rows")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (official: 0.4 with sampling)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="official 1.2")
-    p.add_argument("--no-repeat-ngram", type=int, default=0, help="official 2")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--explain", type=number(int, 0), default=0, help="generate the model's reasoning for this many rows")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=512)
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy (official: 0.4 with sampling)")
+    p.add_argument("--top-p", type=number(float, 0, inclusive=False), default=1.0)
+    p.add_argument("--repetition-penalty", type=number(float, 0, inclusive=False), default=1.0, help="official 1.2")
+    p.add_argument("--no-repeat-ngram", type=number(int, 0), default=0, help="official 2")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="sampling seed")
     p.add_argument("--references", default=None, help="JSON Lines {row, reason} of reference explanations "
                    "(default RUN/reasoning/traces.jsonl when present)")
     p.add_argument("--bleurt-checkpoint", default=None, help="a local BLEURT checkpoint directory")

@@ -40,7 +40,7 @@ from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import TITLE_STYLES, load_keywords, slotted, with_titles
 from thinkrec.data.tokenize import DEFAULT_MAX_LEN, QUICK_MAX_LEN, PromptBuilder, default_max_len
-from thinkrec.errors import UsageError, run_cli
+from thinkrec.errors import UsageError, number, run_cli
 from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, build_groups, load_groups, small_groups, table_router,
                               train_table)
 from thinkrec.infer import LoadedRun, score_rows, split_rows
@@ -60,15 +60,6 @@ from thinkrec.train import (STAGES, LoopConfig, SampleSet, StageInputs, init_fro
 from thinkrec.train.ddp import shutdown
 from thinkrec.train.loop import derive_seed
 from thinkrec.train.stages import EXPERT_LAYERS
-
-
-def _number(kind, low, inclusive=True):
-    def parse(text):
-        value = kind(text)
-        if value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
-        return value
-    return parse
 
 
 def stage_rows(text: str | None) -> dict:
@@ -91,7 +82,7 @@ def _stage_rows(text: str) -> str:
 def _experts(text):
     if text == "auto":
         return text
-    return _number(int, 1)(text)
+    return number(int, 1)(text)
 
 
 def _data_args(p) -> None:
@@ -107,16 +98,16 @@ def _data_args(p) -> None:
     p.add_argument("--noun", default=None, help="what the prompts call an item (default: movie for ml1m/ml100k, book, "
                    "business; item for csv: pass --noun movie for the paper's ML-1M split)")
     p.add_argument("--run-dir", default=None, help="where every artifact goes (default runs/<dataset>)")
-    p.add_argument("--max-train-samples", type=_number(int, 0), default=64, help="training rows per stage (0 = all)")
+    p.add_argument("--max-train-samples", type=number(int, 0), default=64, help="training rows per stage (0 = all)")
     p.add_argument("--stage-rows", type=_stage_rows, default=None, metavar="STAGE=N,...",
                    help="training rows of some stages instead of --max-train-samples, e.g. stage2=2048 (the CF "
                         "projector learns from more rows than 512: docs/results.md)")
-    p.add_argument("--max-eval-samples", type=_number(int, 0), default=48, help="valid rows scored per evaluation (0 = all)")
-    p.add_argument("--max-test-samples", type=_number(int, 0), default=160, help="test rows scored at the end (0 = all)")
+    p.add_argument("--max-eval-samples", type=number(int, 0), default=48, help="valid rows scored per evaluation (0 = all)")
+    p.add_argument("--max-test-samples", type=number(int, 0), default=160, help="test rows scored at the end (0 = all)")
     p.add_argument("--test-rows", default="split", choices=["split", "official"],
                    help="which test rows the end scores: the test split, or the official evaluation's 25%% sample of "
                         "it (1,833 rows on the paper's ML-1M split); --max-test-samples caps either")
-    p.add_argument("--max-len", type=_number(int, 16), default=None,
+    p.add_argument("--max-len", type=number(int, 16), default=None,
                    help="tokens per sample; older history items are dropped beyond it (the run says how many rows "
                         f"lose some). Default {DEFAULT_MAX_LEN}, which keeps every ML-1M prompt whole (the longest, "
                         f"with ids, is 443 tokens); {QUICK_MAX_LEN} for the quick offline ml100k default")
@@ -139,11 +130,11 @@ def _model_args(p) -> None:
     p.add_argument("--cluster", default=None, choices=CLUSTER_METHODS,
                    help="user grouping: spherical k-means of the training users (cosine, as the gate routes; ours), "
                         "raw-L2 k-means, or standard-scaled Ward (the official recipe clusters all users so)")
-    p.add_argument("--min-group-share", type=_number(float, 0), default=GroupConfig.min_share,
+    p.add_argument("--min-group-share", type=number(float, 0), default=GroupConfig.min_share,
                    help="stop before training when a group holds fewer of the training users than this")
     p.add_argument("--allow-small-groups", action="store_true", help="train experts on small groups anyway")
     p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
-    p.add_argument("--cf-dim", type=_number(int, 1), default=256, help="CF embedding size (official 256)")
+    p.add_argument("--cf-dim", type=number(int, 1), default=256, help="CF embedding size (official 256)")
     p.add_argument("--cf-inputs", default=None, choices=CF_INPUTS,
                    help="what the CF tokens carry: emb+bias ([P_u, b_u] / [Q_i, c_i]: the CF model's biases too) or "
                         "emb (the embeddings alone, the official code's)")
@@ -157,7 +148,7 @@ def _model_args(p) -> None:
     p.add_argument("--train-prompt", default=None, choices=["ids", "c3"],
                    help="prompt of stages 2-3's plain samples: c3 (the recommendation prompt that selection and "
                         "test score) or ids (the stage-2 prompt)")
-    p.add_argument("--expert-layers", type=_number(int, 1), default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
+    p.add_argument("--expert-layers", type=number(int, 1), default=EXPERT_LAYERS, help="stage 3 trains the LoRA of this many last layers")
     p.add_argument("--stage3-select", default=None, choices=["joint", "group"],
                    help="stage 3 model selection: one criterion over all valid rows (joint), or each expert keeps "
                         "the parameters that were best on its own group's valid rows (group, the official way)")
@@ -165,40 +156,40 @@ def _model_args(p) -> None:
                    help="stop after this stage and test with its adapters: stage1 (a TALLRec-style run: LoRA on "
                         "prompts without ids), stage2 (CoLLM-style: plus the CF projector), stage3 (ThinkRec's "
                         "experts); before stage 3 every user has the global adapter")
-    p.add_argument("--prefix-cache-mb", type=_number(float, 0), default=4096,
+    p.add_argument("--prefix-cache-mb", type=number(float, 0), default=4096,
                    help="stage 3 keeps the frozen layers' output per sample up to this many MB, so epochs after "
                         "the first run only the trainable layers (0 = recompute every step)")
 
 
 def _schedule_args(p) -> None:
     """Optimisation, evaluation, precision and how the run is driven."""
-    p.add_argument("--epochs", type=_number(float, 0, inclusive=False), default=LoopConfig.epochs, help="passes over the training rows per stage")
-    p.add_argument("--batch-size", type=_number(int, 1), default=LoopConfig.batch_size, help="rows per micro-batch (all ranks together)")
-    p.add_argument("--accum", type=_number(int, 1), default=LoopConfig.accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=_number(float, 0, inclusive=False), default=None,
+    p.add_argument("--epochs", type=number(float, 0, inclusive=False), default=LoopConfig.epochs, help="passes over the training rows per stage")
+    p.add_argument("--batch-size", type=number(int, 1), default=LoopConfig.batch_size, help="rows per micro-batch (all ranks together)")
+    p.add_argument("--accum", type=number(int, 1), default=LoopConfig.accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=number(float, 0, inclusive=False), default=None,
                    help=f"AdamW peak learning rate of stages 1 and 2 (default {LoopConfig.lr}, as the official configs)")
-    p.add_argument("--stage2-lr", type=_number(float, 0, inclusive=False), default=None,
+    p.add_argument("--stage2-lr", type=number(float, 0, inclusive=False), default=None,
                    help="stage 2 (the CF projector alone) learning rate (default --lr; CoLLM trains its projector at "
                         "1e-3 on ML-1M)")
-    p.add_argument("--stage3-lr", type=_number(float, 0, inclusive=False), default=None,
+    p.add_argument("--stage3-lr", type=number(float, 0, inclusive=False), default=None,
                    help="stage 3 learning rate (default --lr; the official recipe 1e-5, rising to 8e-5)")
-    p.add_argument("--iters-per-epoch", type=_number(int, 0), default=None,
+    p.add_argument("--iters-per-epoch", type=number(int, 0), default=None,
                    help="micro-batches per epoch: 0 = one pass over the training rows (ours), the official 800")
-    p.add_argument("--weight-decay", type=_number(float, 0), default=LoopConfig.weight_decay)
-    p.add_argument("--warmup", type=_number(int, 0), default=LoopConfig.warmup, help="warmup steps (capped at 10%% of a stage's steps)")
-    p.add_argument("--eval-every", type=_number(int, 0), default=None,
+    p.add_argument("--weight-decay", type=number(float, 0), default=LoopConfig.weight_decay)
+    p.add_argument("--warmup", type=number(int, 0), default=LoopConfig.warmup, help="warmup steps (capped at 10%% of a stage's steps)")
+    p.add_argument("--eval-every", type=number(int, 0), default=None,
                    help="optimizer steps between valid evaluations (0 = at the end; default 0, the official recipe "
                         "once per epoch)")
-    p.add_argument("--patience", type=_number(int, 1), default=LoopConfig.patience, help="evaluations without improvement before stopping")
+    p.add_argument("--patience", type=number(int, 1), default=LoopConfig.patience, help="evaluations without improvement before stopping")
     p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, ~30%% slower)")
     p.add_argument("--precision", default=None, choices=TRAIN_PRECISIONS,
                    help="arithmetic of the frozen LLM: bf16 (frozen weights bf16, LoRA and optimizer fp32), fp32, or "
                         "auto (bf16 on CUDA, and on a CPU with native bf16 whose once-measured bf16 GEMMs are >= 1.5x "
                         "fp32; the decision is cached per machine). Default: the "
                         "precision the run started with (RUN/precision.json), else auto")
-    p.add_argument("--seed", type=int, default=LoopConfig.seed)
-    p.add_argument("--threads", type=_number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--ckpt-minutes", type=_number(float, 0, inclusive=False), default=LoopConfig.ckpt_minutes,
+    p.add_argument("--seed", type=number(int, 0), default=LoopConfig.seed)
+    p.add_argument("--threads", type=number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--ckpt-minutes", type=number(float, 0, inclusive=False), default=LoopConfig.ckpt_minutes,
                    help="save a mid-stage checkpoint at least this often (also every 10 steps and at each evaluation)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from RUN/<stage>/ckpt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -14,8 +14,25 @@ class UsageError(UserError, ValueError):
     """An argument or input that cannot work, found before the long work starts."""
 
 
-# what every CLI reports as one line: ours, and a path the user named that does not exist
-USER_ERRORS = (UserError, FileNotFoundError)
+# what every CLI reports as one line: ours, and a path the user named that does not exist or is of the wrong kind
+# (the OS error's message names it)
+USER_ERRORS = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def number(kind, low, inclusive=True):
+    """An argparse type: a finite `kind` (int or float) >= low (> low when not inclusive)."""
+    import argparse
+    import math
+
+    def parse(text):
+        value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number")
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low}")
+        return value
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'"
+    return parse
 
 
 def report(prog: str, error: BaseException) -> int:

@@ -16,6 +16,8 @@ import argparse
 import os
 from pathlib import Path
 
+from thinkrec.errors import number
+
 from .plan import SCALES, STUDIES
 from .runs import ROOT, Config, ExperimentError, Log
 
@@ -52,7 +54,7 @@ def parse(argv=None):
     p.add_argument("--epochs", type=float, default=None, help="over the scale's (train.py)")
     p.add_argument("--lr", type=float, default=None, help="over the scale's (train.py)")
     p.add_argument("--precision", default=None, help="over the scale's (train.py: auto, fp32, bf16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--seeds", default="0,1,2", help="headline only: comma-separated seeds, one set of runs each")
     return p.parse_args(argv)
 
@@ -86,8 +88,8 @@ def main(argv=None, log=None) -> dict:
         from .headline import run as run_headline
 
         try:
-            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-        except ValueError:
+            seeds = [number(int, 0)(s) for s in a.seeds.split(",") if s.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
             raise ExperimentError(f"--seeds {a.seeds!r}: comma-separated integers, e.g. 0,1,2") from None
         return run_headline(config(a), seeds, Path(a.results).resolve(), Log(log))
     studies = list(STUDIES) if a.study == "all" else [a.study]

@@ -129,7 +129,8 @@ def cf_model(cfg: Config, prep, kind: str, log) -> dict:
     torch.set_num_threads(CFConfig.threads)  # tiny models: one thread avoids spin-waits on a busy box
     t = time.monotonic()
     try:
-        model, best, _, data = search(kind, prep, grid, seed=cfg.seed, max_epochs=cfg.budget.cf_epochs)
+        model, best, _, data = search(kind, prep, grid, seed=cfg.seed, max_epochs=cfg.budget.cf_epochs,
+                                      progress=sys.stderr.isatty())  # bars on a terminal, none in a log
     finally:
         torch.set_num_threads(threads)
     sample = official_sample(prep, cfg.data, "test")

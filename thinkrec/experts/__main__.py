@@ -3,6 +3,8 @@
 import argparse
 from dataclasses import fields
 
+from thinkrec.errors import number
+
 from .config import CLUSTER_METHODS, CLUSTER_USERS, GroupConfig
 from .build import build_groups
 
@@ -15,21 +17,21 @@ def main(argv=None) -> dict:
     p.add_argument("--cf-model", dest="model", default=GroupConfig.model,
                    help="CF model whose user embeddings are grouped (mf|lightgcn|sasrec)")
     # Grouping
-    p.add_argument("--groups", type=int, default=GroupConfig.groups,
+    p.add_argument("--groups", type=number(int, 0), default=GroupConfig.groups,
                    help="number of expert groups N (>= 1); 0 = N in 2..--max-groups by silhouette")
     p.add_argument("--cluster", default=GroupConfig.cluster, choices=CLUSTER_METHODS,
                    help="spherical k-means (cosine, the gate's geometry), raw-L2 k-means, or standard-scaled Ward")
     p.add_argument("--users", default=GroupConfig.users, choices=CLUSTER_USERS,
                    help="cluster the users with training rows, or all users of any split (the official code)")
-    p.add_argument("--nredo", type=int, default=GroupConfig.nredo, help="k-means restarts (best objective kept)")
-    p.add_argument("--max-groups", type=int, default=GroupConfig.max_groups)
-    p.add_argument("--min-share", type=float, default=GroupConfig.min_share,
+    p.add_argument("--nredo", type=number(int, 1), default=GroupConfig.nredo, help="k-means restarts (best objective kept)")
+    p.add_argument("--max-groups", type=number(int, 2), default=GroupConfig.max_groups)
+    p.add_argument("--min-share", type=number(float, 0), default=GroupConfig.min_share,
                    help="groups with fewer of the users are reported as small")
     p.add_argument("--no-center", dest="center", action="store_false",
                    help="spherical: directions of the raw embeddings, not around the users' mean")
-    p.add_argument("--seed", type=int, default=GroupConfig.seed)
+    p.add_argument("--seed", type=number(int, 0), default=GroupConfig.seed)
     # Gate
-    p.add_argument("--tau", type=float, default=GroupConfig.tau, help="softmax temperature over cosine similarities")
+    p.add_argument("--tau", type=number(float, 0, inclusive=False), default=GroupConfig.tau, help="softmax temperature over cosine similarities")
     p.add_argument("--single-threshold", type=float, default=GroupConfig.single_threshold,
                    help="max weight above which one expert is used; default 0.5 + 0.6/N")
     p.add_argument("--entropy-threshold", type=float, default=GroupConfig.entropy_threshold,

@@ -9,9 +9,9 @@ from safetensors.torch import save as st_save
 
 from thinkrec.cf.train import load_embeddings
 from thinkrec.data.prepared import SPLITS, load_prepared
-from thinkrec.io import atomic_write_bytes, read_safetensors, require_keys, to_json, write_json
+from thinkrec.io import ArtifactError, atomic_write_bytes, read_safetensors, require_keys, to_json, write_json
 
-from .config import CLUSTER_USERS, GROUPS, GroupConfig, GroupError, _as_f32
+from .config import GROUPS, GroupConfig, GroupError, _as_f32
 from .cluster import _unit, centroids, choose_groups, cluster, silhouette, small_groups
 from .gate import gate, route_counts
 from .stats import _rounded, cohens_d, embedding_cohens_d, report
@@ -26,11 +26,11 @@ def group_users(emb: np.ndarray, prep, cfg: GroupConfig):
     layer-normed states on ML-1M: cosine 0.99 to their mean direction), where raw cosines to any two
     centroids differ by less than the gate's temperature can tell, and every user would be routed global.
     """
-    if cfg.users not in CLUSTER_USERS:
-        raise GroupError(f"users = {cfg.users!r}, expected one of {CLUSTER_USERS}")
     train = prep.inter.of_split("train")
     known = np.zeros(prep.n_users, bool)
     known[train.user if cfg.users == "train" else prep.inter.user] = True
+    if cfg.groups > known.sum():
+        raise GroupError(f"--groups {cfg.groups} is more than the {known.sum()} users to cluster (--users {cfg.users})")
     emb = _as_f32(emb, "user_emb")
     center = emb[known].mean(0) if cfg.cluster == "spherical" and cfg.center else np.zeros(emb.shape[1], np.float32)
     emb = emb - center
@@ -83,6 +83,13 @@ def load_groups(run_dir) -> dict:
     redo = f"delete {path.parent}/ to rebuild the expert groups"
     tensors = read_safetensors(path, redo)
     require_keys(path, tensors, ("labels", "centroids", "weights", "route"), redo)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    n, (g, dim) = shapes["labels"][0] if len(shapes["labels"]) == 1 else -1, \
+        shapes["centroids"] if len(shapes["centroids"]) == 2 else (-1, -1)
+    if min(n, g) < 0 or shapes["weights"] != (n, g + 1) or shapes["route"] != (n,) \
+            or shapes.get("center", (dim,)) != (dim,):
+        raise ArtifactError(f"{path}: shapes do not fit labels [users], centroids [groups, dim], weights "
+                            f"[users, groups + 1], route [users], center [dim]: {shapes}; {redo}")
     out = {k: v.numpy() for k, v in tensors.items()}
     out.setdefault("center", np.zeros(out["centroids"].shape[1], np.float32))  # groups written before centring
     return out

@@ -54,12 +54,13 @@ def cluster(user_emb, n_groups: int, method: str = GroupConfig.cluster, seed: in
 
 def silhouette(user_emb, labels, seed: int = 0, max_users: int = 10000) -> float:
     """Mean silhouette of the labelled users under cosine distance (the gate's geometry), in [-1, 1];
-    on a seeded sample of `max_users` users for large sets (the score is O(n^2)); NaN for one group."""
+    on a seeded sample of `max_users` users for large sets (the score is O(n^2)); NaN for one group or for as
+    many groups as users (where it is undefined)."""
     from sklearn.metrics import silhouette_score
 
     x, labels = _as_f32(user_emb, "user_emb"), np.asarray(labels)
     keep = labels >= 0
-    if len(np.unique(labels[keep])) < 2:
+    if not 2 <= len(np.unique(labels[keep])) < keep.sum():
         return float("nan")
     return float(silhouette_score(_unit(x[keep]), labels[keep], metric="cosine",
                                   sample_size=min(int(keep.sum()), max_users), random_state=seed))
@@ -72,7 +73,7 @@ def choose_groups(user_emb, max_groups: int = GroupConfig.max_groups, method: st
     2..10, with the size rule); ValueError when no N qualifies."""
     x = _as_f32(user_emb, "user_emb")
     tried, best = {}, None
-    for n in range(2, min(max_groups, len(x)) + 1):
+    for n in range(2, min(max_groups, len(x) - 1) + 1):  # the silhouette needs fewer groups than users
         labels = cluster(x, n, method, seed=seed, nredo=nredo)
         tried[n] = silhouette(x, labels, seed)
         sizes = np.bincount(labels, minlength=n)

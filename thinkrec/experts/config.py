@@ -27,6 +27,29 @@ class GroupConfig:
     single_threshold: float | None = None  # max weight above which one expert is used; None: 0.5 + 0.6/N
     entropy_threshold: float | None = None  # entropy (nats) from which global is used; None: 0.95 log N
 
+    def __post_init__(self):
+        """Values the clustering and the gate can use, or a GroupError naming the flag."""
+        import math
+
+        def bad(flag, why):
+            raise GroupError(f"--{flag} {getattr(self, flag.replace('-', '_'))!r}: {why}")
+
+        if self.cluster not in CLUSTER_METHODS:
+            bad("cluster", f"expected one of {', '.join(CLUSTER_METHODS)}")
+        if self.users not in CLUSTER_USERS:
+            bad("users", f"expected one of {', '.join(CLUSTER_USERS)}")
+        for flag, low in (("groups", 0), ("nredo", 1), ("max-groups", 2), ("seed", 0)):
+            if getattr(self, flag.replace("-", "_")) < low:
+                bad(flag, f"must be >= {low}")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            bad("tau", "must be a number > 0")
+        if not (math.isfinite(self.min_share) and 0 <= self.min_share < 1):
+            bad("min-share", "must be in [0, 1)")
+        for flag in ("single-threshold", "entropy-threshold"):
+            v = getattr(self, flag.replace("-", "_"))
+            if v is not None and not math.isfinite(v):
+                bad(flag, "must be a finite number")
+
 
 def _as_f32(x, name: str) -> np.ndarray:
     x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float32)

@@ -142,18 +142,32 @@ def ensure_default_model(cache=None) -> Path:
 def download_hf(repo_id: str) -> Path:
     """Snapshot of a Hugging Face repo (config, tokenizer, safetensors) in the hub cache."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, \
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, \
         OfflineModeIsEnabled, RepositoryNotFoundError
 
     hint = "--model can also point to a local directory with config.json, tokenizer and safetensors"
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS))
+    except HFValidationError:
+        raise ModelLoadError(f"--model {repo_id!r} is neither a model directory, a .gguf file nor a Hugging Face "
+                             f"id (owner/name)") from None
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise ModelLoadError(f"Hugging Face repo {repo_id!r} was not found or needs "
                              f"access rights ({type(e).__name__}); {hint}") from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError, OSError) as e:
         raise ModelLoadError(f"could not download {repo_id!r} from the Hugging Face "
                              f"Hub and it is not in the local cache (offline? {type(e).__name__}); {hint}") from e
+
+
+def _json_object(path) -> dict:
+    """A JSON file's top-level object; {} when it is missing, unreadable or not an object."""
+    import json
+
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def resolve_model(spec=None, cache=None):
@@ -168,8 +182,8 @@ def resolve_model(spec=None, cache=None):
             convert_gguf(path.resolve(), out, name=str(path.resolve()))
         return out, str(out.resolve())
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} has no config.json; --model needs a Hugging "
+        if "model_type" not in _json_object(path / "config.json"):
+            raise ModelLoadError(f"{path} has no config.json with a model_type; --model needs a Hugging "
                                  f"Face model directory (config.json, tokenizer files, *.safetensors)")
         return path, str(path.resolve())
     if path.exists() or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:

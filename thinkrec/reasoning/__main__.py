@@ -20,6 +20,7 @@ from thinkrec.data import DataError
 from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prompts import TITLE_STYLES, with_titles
 from thinkrec.data.prompts import load_keywords
+from thinkrec.errors import number
 from thinkrec.io import to_json
 from thinkrec.rundir import RunDir
 
@@ -46,7 +47,7 @@ def synth_main(argv=None) -> dict:
     p.add_argument("--scores", default=None, help="infer.py scores.jsonl on the train split (--select errors)")
     p.add_argument("--rows", default=None, help="file of data rows (--select rows)")
     p.add_argument("--n", type=int, default=2000, help="at most this many samples (0 = every selected row)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--max-rounds", type=int, default=6, help="reflect rounds before a sample counts as failed")
     p.add_argument("--max-tokens", type=int, default=1024, help="per reply (raised by 512 up to 3000 when empty)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
