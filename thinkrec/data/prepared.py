@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from thinkrec.io import atomic_file, load_npz, read_json, read_jsonl, require_keys, write_json, write_jsonl
+from thinkrec.io import (ArtifactError, atomic_file, load_npz, read_json, read_jsonl, require_keys, write_json,
+                         write_jsonl)
 
 SPLITS = ("train", "valid", "test")
 _COLUMNS = {"user": np.int64, "item": np.int64, "label": np.int8, "timestamp": np.int64, "split": np.int8}
@@ -91,8 +92,6 @@ def load_prepared(run_dir) -> Prepared:
 def _check_contract(data_dir, inter, users, items, stats, redo) -> None:
     """ArtifactError naming the file(s) when well-formed files break the contract above (a flipped key, a cut
     column), so no later stage fails on them with a KeyError or IndexError."""
-    from thinkrec.io import ArtifactError
-
     cols = {k: getattr(inter, k) for k in _COLUMNS}
     n = len(inter.user) if inter.user.ndim == 1 else -1
     if any(c.ndim != 1 or len(c) != n for c in cols.values()):
