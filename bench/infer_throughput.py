@@ -33,7 +33,9 @@ FLOPs over the shared scorer's time).
 Precisions (`--precisions`, thinkrec/precision.py): `ours-<p>` scores the same rows with the model put in
 precision p (auto = what `--precision auto` resolves to on this machine, reported with the probe's rates):
 rows/s, the speedup over ours in fp32, the largest score change and the AUC drift against fp32 on the same
-rows, and the peak fraction against the GEMM rate of that precision measured here. The process runs with
+rows, the peak fraction against the GEMM rate of that precision measured here, and whether a row's score
+depends on its batch-mates (the first rows scored alone against in the run's batches, beside fp32's own
+rounding difference: `batch_independent`). The process runs with
 thinkrec.runtime.tune_malloc (as infer.py does), for every provider alike; THINKREC_DEFAULT_MALLOC=1 turns
 it off. bf16 on a CPU the probe
 finds without fast bf16 is skipped (it would take hours) unless --force-slow. Prints a table, then one
@@ -275,6 +277,14 @@ def main():
     auto = P.resolve("auto", "cpu")  # decision (CPU flags, then a cached once-per-machine probe), as in train.py
     print(f"precision probe: {probe}; auto -> {auto.name} ({auto.reason})", flush=True)
     prec_rows = {}
+
+    def batch_effect(m) -> float:
+        """Largest score change of the first rows scored each alone against in the full run's batches."""
+        alone = np.concatenate([score_samples(m, [samples[i]], weights[[i]], ue, ie, tok.pad_token_id) for i in sub])
+        return float(np.abs(alone - together[sub]).max())
+
+    together = fp32_scores
+    fp32_batch = batch_effect(lm)  # the floor: fp32 GEMMs round differently for other batch sizes
     for req in [p for p in a.precisions.split(",") if p]:
         p = P.resolve(req, "cpu")
         key = f"ours-{req}" if req == "auto" else f"ours-{p.name}"
@@ -300,8 +310,13 @@ def main():
                           "max_abs_score_diff": round(float(np.abs(sc - fp32_scores).max()), 4),
                           "auc_drift": round(float(evaluate(users, sc, labels)["auc"] - auc32), 5),
                           "gemm_rate": round(rate, 1), "peak_fraction": round(flops / sec / 1e9 / rate, 3)}
+        together = sc
+        eff = batch_effect(m)  # a row's score alone against beside its batch-mates, vs fp32's own rounding
+        prec_rows[key].update(batch_max_abs_diff=round(eff, 6), fp32_batch_max_abs_diff=round(fp32_batch, 6),
+                              batch_independent=bool(eff <= max(10 * fp32_batch, 1e-3)))
         print(f"  {key:12} {sec:8.1f} s  {len(rows) / sec:7.2f} rows/s  ({prec_rows[key]['speedup_vs_fp32']:.2f}x fp32, "
-              f"AUC drift {prec_rows[key]['auc_drift']:+.4f})", flush=True)
+              f"AUC drift {prec_rows[key]['auc_drift']:+.4f}, a row alone vs in its batch {eff:.1e}, fp32 "
+              f"{fp32_batch:.1e})", flush=True)
         del m
 
     # --- ranking: one user's candidates, shared prefix vs each as an ordinary row

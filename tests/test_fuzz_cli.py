@@ -4,8 +4,8 @@ either runs, ends in argparse's usage error (exit 2), or raises our user-error t
 never another exception.
 
 What runs for real: `python -m thinkrec.data` (prepare, prompt), `python -m thinkrec.experts`, `python -m
-thinkrec.cf train` (at most 2 epochs), `python -m thinkrec.reasoning synth` with the offline facts teacher or an
-unreachable server, and the headline's file reader, all on a tiny dataset. What stops at the work: train.py
+thinkrec.cf train` (at most 2 epochs), `python -m thinkrec.reasoning synth` and `keywords` with the offline
+teachers (facts; tfidf, genres) or an unreachable server, and the headline's file reader, all on a tiny dataset. What stops at the work: train.py
 (after its checks, the run lock, the recorded config and the precision choice), infer.py (on a tiny trained run:
 after loading it and reading its rows or candidates, at scoring, ranking or explaining), `python -m
 thinkrec.export` (at exporting) and `python -m thinkrec.experiments` (at the studies): their long work is not a
@@ -307,6 +307,22 @@ def test_synth_cli_args(tiny):
     def prop(argv):
         with mock.patch("time.sleep"):  # retries back off without waiting
             _check("python -m thinkrec.reasoning synth", reasoning.synth_main, argv, tiny)
+
+    prop()
+
+
+def test_keywords_cli_args(tiny):
+    from thinkrec.reasoning.keywords import keywords_main
+
+    parser = parser_of(keywords_main, ["--teacher", "tfidf"])
+    teachers = st.sampled_from(["tfidf", "genres", "http://127.0.0.1:9/v1", "nonsense", ""])
+
+    @FUZZ
+    @given(argv=command_line(parser, {"--run-dir": _run_dir_values(tiny), "--teacher": teachers}, tiny["paths"],
+                             skip=("--dataset", "--data-dir")))
+    def prop(argv):
+        with mock.patch("time.sleep"):
+            _check("python -m thinkrec.reasoning keywords", keywords_main, argv, tiny)
 
     prop()
 

@@ -164,6 +164,21 @@ def test_int8_linear_matches_fp32_and_refuses_backward():
         q(x.requires_grad_())
 
 
+def test_int8_linear_is_batch_independent():
+    """Per-token activation scales: a token quantises the same alone as beside others, and an outlier token
+    (x50) changes no other token's output (one per-call scale would coarsen every row's grid)."""
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(64, 48)
+    q = Int8Linear(lin.weight, lin.bias)
+    x = torch.randn(9, 64, generator=g)
+    with torch.no_grad():
+        together = q(x)
+        assert torch.equal(torch.cat([q(x[i:i + 1]) for i in range(len(x))]), together)
+        loud = x.clone()
+        loud[4] *= 50
+        assert torch.equal(q(loud)[torch.arange(9) != 4], together[torch.arange(9) != 4])
+
+
 def _scores(lm, ids, mask, w):
     from thinkrec.batches import yes_logits
 

@@ -16,7 +16,7 @@ class UsageError(UserError, ValueError):
 
 # what every CLI reports as one line: ours, and a path the user named that does not exist or is of the wrong kind
 # (the OS error's message names it)
-USER_ERRORS = (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def number(kind, low, inclusive=True):

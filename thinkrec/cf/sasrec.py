@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thinkrec.errors import UsageError
+
 
 class SASRec(nn.Module):
     needs = ("item", "hist_item", "hist_label")
@@ -64,7 +66,7 @@ class SASRec(nn.Module):
                  item_wd: float = 1.0):
         super().__init__()
         if dim % n_heads:
-            raise ValueError(f"dim {dim} must be divisible by n_heads {n_heads}")
+            raise UsageError(f"--dim {dim}: SASRec's dim must be divisible by its {n_heads} attention heads")
         self.n_items, self.max_len, self.use_labels, self.n_heads = n_items, max_len, use_labels, n_heads
         self.target_query, self.item_wd = target_query, item_wd
         # optional per-user vector P_u added to the state (an MF term inside SASRec); needs the user id

@@ -176,6 +176,10 @@ def resolve_model(spec=None, cache=None):
         d = ensure_default_model(cache)
         return d, str(d.resolve())
     path = Path(spec).expanduser()
+    try:
+        path.exists()
+    except OSError as e:  # a name the file system refuses (too long, ...)
+        raise ModelLoadError(f"--model {spec!r:.80}: not a usable path ({e.strerror})") from None
     if path.is_file() and path.suffix == ".gguf":
         out = cache_dir(cache) / "gguf" / f"{path.stem}-{path.stat().st_size}"
         if not _is_converted(out):

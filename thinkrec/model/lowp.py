@@ -4,8 +4,9 @@ picks one is thinkrec/precision.py; what the machine can run, thinkrec/hardware.
     bf16   frozen base weights stored in bfloat16 (cast once, not by autocast on every call); the forward runs
            under bf16 autocast (`autocast`), so each GEMM reads bf16 and accumulates in fp32. LoRA, the
            projector and the optimizer state stay fp32 master copies.
-    int8   forward only: every frozen linear of the decoder as an int8 GEMM (Int8Linear) with one dynamic
-           activation scale per call and per-channel weight scales, the LoRA deltas in fp32 on top of it.
+    int8   forward only: every frozen linear of the decoder as an int8 GEMM (Int8Linear) with one activation
+           scale per token and per-channel weight scales, the LoRA deltas in fp32 on top of it; a row's score
+           does not depend on the rows that share its batch.
 """
 
 import contextlib
@@ -30,12 +31,15 @@ def autocast(name: str, device) -> contextlib.AbstractContextManager:
 
 
 class Int8Linear(nn.Module):
-    """y = int8(x) @ int8(W).T * scales + b for fp32 x [..., K]: W [N, K] quantised per output channel
-    (symmetric), x per call with a dynamic scale; int32 accumulation (fbgemm / x86 engine). Forward only.
+    """y = s_t * (int8(x / s_t) @ int8(W).T * scales) + b for fp32 x [..., K]: W [N, K] quantised per output
+    channel (symmetric); each token t divided by its own max |x_t| = s_t, so its activations span [-1, 1] and
+    quantise on the same grid whatever else is in the batch (an outlier token sets only its own step, and a
+    row's score is independent of its batch-mates); int32 accumulation (fbgemm / x86 engine). Forward only.
 
-    reduce_range (REDUCE_RANGE) keeps activations to 7 bits, which rules out int16 saturation in the AVX2
-    kernels (CPUs without VNNI), as torch's dynamic quantization does by default; 8 bits was no better on
-    SmolLM2."""
+    The GEMM is torch's dynamic int8 linear, whose activation grid comes from the input's min and max: one
+    extra row holding +1 and -1 (`_span`) pins that range to [-1, 1] for every call. reduce_range
+    (REDUCE_RANGE) keeps activations to 7 bits, which rules out int16 saturation in the AVX2 kernels (CPUs
+    without VNNI), as torch's dynamic quantization does by default."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -45,18 +49,26 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # quantized-tensor creation warns that it will move to torchao
             warnings.simplefilter("ignore")
             qw = torch.quantize_per_channel(w, scales, torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8)
-            self._packed = torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach().float().cpu())
+            self._packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.bias = None if bias is None else bias.detach().float().cpu()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self._span = torch.zeros(1, self.in_features)
+        self._span[0, 0], self._span[0, -1] = 1.0, -1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise PrecisionError("Int8Linear has no backward; --precision int8 is for scoring only")
         lead = x.shape[:-1]
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float().contiguous(), self._packed, REDUCE_RANGE)
+        x2 = x.reshape(-1, self.in_features).float()
+        s = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # [T, 1] per-token scale
+        y = torch.ops.quantized.linear_dynamic(torch.cat([x2 / s, self._span]), self._packed, REDUCE_RANGE)
+        y = y[:-1].mul_(s)
+        if self.bias is not None:
+            y += self.bias
         return y.view(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 dynamic"
+        return f"in={self.in_features}, out={self.out_features}, int8, per-token activation scales"
 
 
 # ------------------------------------------------------------------------------------------ the model

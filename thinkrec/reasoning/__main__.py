@@ -51,9 +51,9 @@ def synth_main(argv=None) -> dict:
     p.add_argument("--max-rounds", type=int, default=6, help="reflect rounds before a sample counts as failed")
     p.add_argument("--max-tokens", type=int, default=1024, help="per reply (raised by 512 up to 3000 when empty)")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--timeout", type=number(float, 0, inclusive=False), default=120.0, help="seconds per request")
     p.add_argument("--retries", type=int, default=6, help="retries per request (backoff with jitter)")
-    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--temperature", type=number(float, 0), default=None)
     p.add_argument("--out", default=None, help="traces file (default RUN/reasoning/traces.jsonl)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             from .keywords import keywords_main
 
             keywords_main(argv[1:])
-    except (*USER_ERRORS, ValueError, OSError) as e:  # ours, and what a teacher's server or a file system says
+    except USER_ERRORS as e:
         return report(f"python -m thinkrec.reasoning {argv[0]}", e)
     return 0
 

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from thinkrec.data.prompts import NOUNS
+from thinkrec.errors import UsageError
 
 
 def failures_path(out) -> Path:
@@ -19,7 +20,7 @@ def load_data(dataset, data_dir, run, noun=None):
     if run and (Path(run) / "data" / "stats.json").exists():
         prep = load_prepared(run)
     elif dataset is None:
-        raise ValueError(f"--run-dir {run} has no prepared data (no data/stats.json) and no --dataset was given"
+        raise UsageError(f"--run-dir {run} has no prepared data (no data/stats.json) and no --dataset was given"
                          if run else "give --dataset (and --data-dir), or --run with prepared data")
     else:
         prep = prepare(dataset, data_dir=data_dir, out=run, quiet=True, noun=noun)

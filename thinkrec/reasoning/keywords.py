@@ -35,6 +35,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from thinkrec.data.prompts import MAX_KEYWORDS
+from thinkrec.errors import number
 from thinkrec.io import AppendLog, to_json, write_jsonl
 from thinkrec.rundir import RunDir
 
@@ -264,8 +265,8 @@ def keywords_main(argv=None) -> dict:
     p.add_argument("--teacher", required=True, help="an OpenAI-compatible base URL, local[:MODEL], tfidf "
                    "(offline TF-IDF terms) or genres (the item's genres/categories)")
     p.add_argument("--teacher-model", dest="model", default=None, help="model name the server serves (HTTP teachers)")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
+    p.add_argument("--concurrency", type=number(int, 1), default=16, help="requests in flight")
+    p.add_argument("--max-tokens", type=number(int, 1), default=64, help="tokens per reply")
     # Output
     p.add_argument("--out", default=None, help="keyword file (default RUN/data/keywords.jsonl)")
     p.add_argument("--no-progress", action="store_true")

@@ -35,6 +35,7 @@ plain "System: ...\\nUser: ...\\nAssistant:" prompt instead.
 """
 
 import json
+import math
 import os
 import random
 import threading
@@ -163,9 +164,9 @@ class HTTPTeacher:
                  retries: int = 6, backoff: float = 1.0, max_backoff: float = 60.0, temperature: float = 0.6,
                  seed: int = 0):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"teacher URL {base_url!r} must start with http:// or https://")
-        if retries < 0 or timeout <= 0:
-            raise ValueError(f"teacher retries {retries} must be >= 0 and timeout {timeout} s > 0")
+            raise UsageError(f"teacher URL {base_url!r} must start with http:// or https://")
+        if not (retries >= 0 and math.isfinite(timeout) and timeout > 0):
+            raise UsageError(f"teacher retries {retries} must be >= 0 and timeout {timeout} s > 0")
         self.base_url, self.model = base_url.rstrip("/"), model
         self.url = self.base_url + "/chat/completions"
         self.name = f"{self.base_url} {model}"
