@@ -5,13 +5,13 @@
            runs under bf16 autocast, so each GEMM reads bf16 and accumulates in fp32. LoRA, the projector
            and the optimizer state stay fp32 master copies; the losses are computed in fp32.
     int8   EXPERIMENTAL, forward-only, CPU only (scoring, ranking, explanations): every frozen linear of the
-           decoder runs as an int8 GEMM with one dynamic activation scale per call and per-channel weight
-           scales, the LoRA deltas in fp32 on top of it. Not for training (no backward through int8
-           weights). Measured 1.4x fp32 scoring on a 2-core AVX2 CPU, but LLM activations have outlier
-           channels that one scale per call cannot cover: on SmolLM2-135M the Yes logits moved by up to 7
-           (AUC -0.19 on ML-1M rows), and SmoothQuant-style smoothing (alpha 0.5-0.85, calibrated on train
-           prompts) with down_proj kept in fp32 still left the scores' correlation with fp32 at 0.66-0.89.
-           So it is never chosen by auto, and says so when asked for.
+           decoder runs as an int8 GEMM with one activation scale per token (a row's score does not depend on
+           its batch-mates) and per-channel weight scales, the LoRA deltas in fp32 on top of it. Not for
+           training (no backward through int8 weights). On a trained run's 256 ML-1M valid rows
+           (docs/precision.md) per-token scales moved the Yes logits by at most 1.5 (mean 0.38; AUC -0.009)
+           where one scale per call moved them by up to 13 (AUC -0.12): better, not yet close enough, as LLM
+           activations also have outlier channels inside a token. So it is never chosen by auto, and says so
+           when asked for.
     auto   bf16 on a CUDA GPU with bf16. On a CPU, decided by what the machine is, not by the moment: fp32
            where the CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag; no timing at all), else bf16
            when a warmed-up probe confirms that bf16 GEMMs run at least BF16_MIN_SPEEDUP x fp32. That probe
@@ -40,9 +40,9 @@ from thinkrec.io import read_json, write_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # int8 has no backward
-INT8_CAVEAT = ("int8 GEMMs with one dynamic activation scale per call: on SmolLM2-135M they moved Yes logits by "
-               "up to 7 against fp32 and AUC by -0.19 on ML-1M rows; measure with bench/infer_throughput.py "
-               "--precisions int8 before trusting it on your model")
+INT8_CAVEAT = ("int8 GEMMs with per-token activation scales: on a trained SmolLM2-135M run they moved Yes logits by "
+               "up to 1.5 against fp32 (mean 0.38) and AUC by -0.009 on 256 ML-1M valid rows; measure with "
+               "bench/infer_throughput.py --precisions int8 before trusting it on your model")
 
 
 # --------------------------------------------------------------------------------------------- resolve

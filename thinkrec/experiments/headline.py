@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thinkrec.io import atomic_write_text, read_jsonl, write_json
+from thinkrec.io import ArtifactError, atomic_write_text, read_jsonl, write_json
 from thinkrec.metrics import bootstrap, evaluate
 
 from . import report
@@ -64,12 +64,24 @@ def run(cfg: Config, seeds, results: Path, log) -> dict:
     return out
 
 
+SCORE_KEYS = ("row", "user_id", "label", "score", "mf_score", "like_rate_score")  # what a headline reads of a row
+
+
 def _scores(run: Path) -> list:
     """The scored rows of a run directory (RUN/infer/scores.jsonl) or of a scores.jsonl file."""
     path = Path(run)
     if path.is_dir():
-        return read_jsonl(path / "infer" / "scores.jsonl", f"delete {path}/metrics.json to test the run again")
-    return read_jsonl(path, "score the rows again (python infer.py ... --out DIR)")
+        path, redo = path / "infer" / "scores.jsonl", f"delete {path}/metrics.json to test the run again"
+    else:
+        redo = "score the rows again (python infer.py ... --out DIR)"
+    rows = read_jsonl(path, redo)
+    for n, x in enumerate(rows, 1):
+        if not (isinstance(x, dict) and all(k in x for k in SCORE_KEYS) and x["label"] in (0, 1)
+                and all(isinstance(x[k], (int, float)) and not isinstance(x[k], bool)
+                        for k in ("score", "mf_score", "like_rate_score"))):
+            raise ArtifactError(f"{path}: line {n} is not a score line of infer.py (with {', '.join(SCORE_KEYS)}); "
+                                f"{redo}")
+    return rows
 
 
 def summarize(scored: dict, scale: str, seeds: list) -> dict:
