@@ -114,6 +114,15 @@ def check_int8_available() -> None:
                              f"{engines}")
 
 
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8 x s8 dot products accumulated in int32 directly
+
+
+def int8_full_range(info: dict | None = None) -> bool:
+    """Whether int8 GEMMs may use 8-bit activations: with VNNI / AMX the u8 x s8 products go straight into int32;
+    without (AVX2's vpmaddubsw) pairs of them add in int16 and 8-bit activations can saturate, so 7 bits."""
+    return bool(set(INT8_DOT_FLAGS) & set((info or cpu_info())["flags"]))
+
+
 # --------------------------------------------------------------------------------- the decision
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags in /proc/cpuinfo that mean native bf16 GEMMs (oneDNN)
 CACHE_SUBDIR = "precision"
