@@ -5,8 +5,8 @@
            runs under bf16 autocast, so each GEMM reads bf16 and accumulates in fp32. LoRA, the projector
            and the optimizer state stay fp32 master copies; the losses are computed in fp32.
     int8   EXPERIMENTAL, forward-only, CPU only (scoring, ranking, explanations): every frozen linear of the
-           decoder runs as an int8 GEMM with one activation scale per token (a row's score does not depend on
-           its batch-mates) and per-channel weight scales, the LoRA deltas in fp32 on top of it. Not for
+           decoder runs as an int8 GEMM with one activation scale per token (no batch-mate sets a token's
+           grid) and per-channel weight scales, the LoRA deltas in fp32 on top of it. Not for
            training (no backward through int8 weights). On a trained run's 256 ML-1M valid rows
            (docs/precision.md) per-token scales moved the Yes logits by at most 1.5 (mean 0.38; AUC -0.009)
            where one scale per call moved them by up to 13 (AUC -0.12): better, not yet close enough, as LLM

@@ -5,8 +5,9 @@ picks one is thinkrec/precision.py; what the machine can run, thinkrec/hardware.
            under bf16 autocast (`autocast`), so each GEMM reads bf16 and accumulates in fp32. LoRA, the
            projector and the optimizer state stay fp32 master copies.
     int8   forward only: every frozen linear of the decoder as an int8 GEMM (Int8Linear) with one activation
-           scale per token and per-channel weight scales, the LoRA deltas in fp32 on top of it; a row's score
-           does not depend on the rows that share its batch.
+           scale per token and per-channel weight scales, the LoRA deltas in fp32 on top of it; no batch-mate
+           sets a token's grid (though the fp32 parts' rounding, which differs with the batch's shape, can
+           still flip a value across a grid step: docs/precision.md).
 """
 
 import contextlib
@@ -35,8 +36,8 @@ def autocast(name: str, device) -> contextlib.AbstractContextManager:
 class Int8Linear(nn.Module):
     """y = s_t * (int8(x / s_t) @ int8(W).T * scales) + b for fp32 x [..., K]: W [N, K] quantised per output
     channel (symmetric); each token t divided by its own max |x_t| = s_t, so its activations span [-1, 1] and
-    quantise on the same grid whatever else is in the batch (an outlier token sets only its own step, and a
-    row's score is independent of its batch-mates); int32 accumulation (fbgemm / x86 engine). Forward only.
+    quantise on the same grid whatever else is in the batch (an outlier token sets only its own step; a token's
+    output is the same alone or in any batch); int32 accumulation (fbgemm / x86 engine). Forward only.
 
     The GEMM is torch's dynamic int8 linear, whose activation grid comes from the input's min and max: one
     extra row holding +1 and -1 (`_span`) pins that range to [-1, 1] for every call. Activations get 8 bits
