@@ -141,6 +141,7 @@ def run_job(lm, job: ScoreJob, batch_tokens: int = 8192, max_rows: int = 64, don
     lm.eval()
     out = np.full(len(job), np.nan)
     units = plan_units(job, batch_tokens, max_rows) if units is None else units
+    ue, ie = _on(job.user_emb, device), _on(job.item_emb, device)  # the CF tables move once, not per batch
     total = sum(len(idx) for idx, _ in units)
     seen = 0
     bar = tqdm(total=total, initial=min(done, total), desc=desc, unit="row", disable=not progress,
@@ -152,9 +153,9 @@ def run_job(lm, job: ScoreJob, batch_tokens: int = 8192, max_rows: int = 64, don
         samples = [job.sample(int(i)) for i in idx]
         w = None if job.weights is None else job.weights[torch.as_tensor(idx)]
         if cut is None:
-            s = score_samples(lm, samples, w, job.user_emb, job.item_emb, job.pad_id, device, forward)
+            s = score_samples(lm, samples, w, ue, ie, job.pad_id, device, forward)
         else:
-            s = score_shared(lm, samples, cut, None if w is None else w[0], job.user_emb, job.item_emb, job.pad_id)
+            s = score_shared(lm, samples, cut, None if w is None else w[0], ue, ie, job.pad_id)
         skip = max(0, done - seen)  # a batch the kill cut in the middle: its first rows are written already
         seen += len(idx)
         out[idx[skip:]] = s[skip:]
