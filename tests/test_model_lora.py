@@ -11,7 +11,7 @@ from thinkrec_kernels import reference as ref
 from tests.utils import assert_close
 from thinkrec.model.lora import (LoRAConfig, LoRALinear, init_experts_from_global, inject_lora, last_layers,
                                  lora_modules, merge_lora, set_trainable)
-from thinkrec.model.lora import expert_weights
+from thinkrec.model.lora import LoRADropout, dropout_keep, expert_weights
 
 
 def make_layer(K, N, E, r=4, bias=True, dropout=0.0, dtype=torch.float64, seed=0):
@@ -71,11 +71,37 @@ def test_dropout_only_on_lora_input():
     torch.manual_seed(7)
     y = layer(x, w)
     torch.manual_seed(7)
-    xd = F.dropout(x, p, training=True)
+    keep, scale = dropout_keep(x.shape, p)
+    xd = x * keep * scale
     A, B = layer.stacked()
     expected = F.linear(x, layer.weight, layer.bias) + ref.lora_mix(xd, A, B, w.expand(4, 2), layer.scale)
     assert_close(y, expected, name="y with dropout")
     assert not torch.allclose(y, layer.eval()(x)), "dropout had no effect in train mode"
+
+
+def test_dropout_keep_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    keep, scale = dropout_keep((1001, 999), 0.05)  # odd count: the last 16-bit word is half used
+    p_eff = round(0.05 * 65536) / 65536
+    assert keep.shape == (1001, 999) and keep.dtype == torch.bool
+    assert abs(scale - 1 / (1 - p_eff)) < 1e-15
+    sd = (p_eff * (1 - p_eff) / keep.numel()) ** 0.5
+    assert abs(1 - keep.float().mean().item() - p_eff) < 5 * sd  # drop rate p, within 5 standard errors
+    assert abs(keep[:, 0].float().mean().item() - keep[:, -1].float().mean().item()) < 0.05  # no position bias
+    drop = LoRADropout(0.3).train()
+    x = torch.randn(37, 11, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    torch.manual_seed(3)
+    k, sc = dropout_keep(x.shape, 0.3)
+    assert torch.equal(y, x * k * sc)  # the same mask from the same generator state
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g * k * sc)
+    assert torch.equal(drop.eval()(x), x)
+    assert not LoRADropout(1.0).train()(x).any()
+    z, sc0 = dropout_keep((5,), 1e-7)  # rounds to 0: keep everything, scale 1
+    assert z.all() and sc0 == 1.0
 
 
 def test_merge_is_exact_and_leaves_base_untouched():

@@ -54,6 +54,48 @@ def checkpoint_context():
     return contextlib.nullcontext(), expert_weights(_BLOCK_WEIGHTS.get())
 
 
+def dropout_keep(shape, p: float, device=None) -> tuple:
+    """(keep [shape] bool, scale) for dropout with probability p: each element kept when 16 random bits from
+    torch's generator clear p's threshold, so p is rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and
+    scale = 1 / (1 - that p). Half the random numbers of bernoulli_, ~2.5x faster on CPU (bench/train_step.py
+    --profile: bernoulli_ was 8.5% of a stage-1 step)."""
+    n = math.prod(shape)
+    cut = round(p * 65536)
+    if cut >= 65536:
+        return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
+    words = torch.randint(-2**31, 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=device)
+    keep = words.view(torch.int16)[:n].view(shape) >= cut - 32768
+    return keep, 65536 / (65536 - cut)
+
+
+class _KeepScale(torch.autograd.Function):
+    """x * keep * scale, saving the bool mask (1 byte an element) for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep.to(x.dtype).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        (keep,) = ctx.saved_tensors
+        return g * keep.to(g.dtype).mul_(ctx.scale), None, None
+
+
+class LoRADropout(nn.Dropout):
+    """nn.Dropout on a LoRA layer's input; on CPU its mask comes from `dropout_keep` (16 random bits an
+    element, p rounded to 1/65536) instead of bernoulli_; elsewhere it is F.dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        keep, scale = dropout_keep(x.shape, self.p, x.device)
+        return _KeepScale.apply(x, keep, scale)
+
+
 @dataclass
 class LoRAConfig:
     """LoRA shape; the defaults are the paper's (r=8, alpha=16, dropout 0.05 on q_proj and v_proj)."""
@@ -96,7 +138,7 @@ class LoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         self.r, self.alpha, self.scale = r, alpha, alpha / r
         self.mix = mix
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.int8 = None  # an int8 copy of the base layer (thinkrec.precision.quantize_frozen), forward only
         dev = base.weight.device
         self.lora_A = nn.ParameterList(
