@@ -79,6 +79,26 @@ def test_dropout_only_on_lora_input():
     assert not torch.allclose(y, layer.eval()(x)), "dropout had no effect in train mode"
 
 
+def test_one_weight_vector_computes_only_its_adapters():
+    layer = make_layer(10, 6, 3, r=2)
+    with torch.no_grad():
+        for B in layer.lora_B:
+            B.normal_()
+    x = torch.randn(5, 10, dtype=torch.float64)
+    A, B = layer.stacked()
+    for w in ([0.0, 1.0, 0.0], [0.3, 0.0, 0.7], None):
+        wt = torch.tensor([1.0, 0.0, 0.0] if w is None else w, dtype=torch.float64)
+        expected = F.linear(x, layer.weight, layer.bias) + ref.lora_mix(x, A, B, wt.expand(5, 3), layer.scale)
+        assert_close(layer(x, None if w is None else wt), expected, name=f"y, weights {w}")
+    for e in range(3):  # only adapter 2 trains; rows on the frozen global adapter still reach it (grad 0)
+        layer.lora_A[e].requires_grad_(e == 2)
+        layer.lora_B[e].requires_grad_(e == 2)
+    layer(x).sum().backward()
+    assert layer.lora_B[2].grad is not None and not layer.lora_B[2].grad.any()
+    with torch.no_grad():
+        assert torch.equal(layer(x, torch.zeros(3, dtype=torch.float64)), F.linear(x, layer.weight, layer.bias))
+
+
 def test_dropout_keep_rate_scale_and_gradient():
     torch.manual_seed(0)
     keep, scale = dropout_keep((1001, 999), 0.05)  # odd count: the last 16-bit word is half used

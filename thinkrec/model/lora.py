@@ -153,35 +153,43 @@ class LoRALinear(nn.Module):
     def n_adapters(self) -> int:
         return len(self.lora_A)
 
-    def stacked(self, dtype=None):
-        """(A [E, r, K], B [E, N, r]), differentiable into each adapter's Parameters."""
-        A = torch.stack(list(self.lora_A))
-        B = torch.stack(list(self.lora_B))
+    def stacked(self, dtype=None, adapters=None):
+        """(A [E, r, K], B [E, N, r]), differentiable into each adapter's Parameters; `adapters`: only these."""
+        idx = range(self.n_adapters) if adapters is None else adapters
+        A = torch.stack([self.lora_A[e] for e in idx])
+        B = torch.stack([self.lora_B[e] for e in idx])
         return (A, B) if dtype is None else (A.to(dtype), B.to(dtype))
 
-    def _row_weights(self, x: torch.Tensor, w) -> torch.Tensor:
+    def _row_weights(self, x: torch.Tensor, w) -> tuple:
+        """(w [..., E'] for x's rows, the adapters it covers: None = all E, else their indices). One weight
+        vector for every row (the global adapter, a block's [E] weights, on CPU) keeps only its nonzero and
+        trainable adapters, so stages 1-2 compute one adapter's r columns, not E * r."""
         lead, E = x.shape[:-1], self.n_adapters
         if w is None:
             w = _BLOCK_WEIGHTS.get()
         if w is None:
             w = torch.zeros(E, device=x.device, dtype=x.dtype)
             w[0] = 1.0
-        if w.shape[-1] != E:
+        elif w.shape[-1] != E:
             raise ValueError(f"expert weights have {w.shape[-1]} columns, the layer has {E} adapters "
                              f"(global + experts)")
         w = w.to(device=x.device, dtype=x.dtype)
         if w.dim() == 1:
-            return w.expand(*lead, E)
+            if w.device.type == "cpu":  # (no device sync to read it) the nonzero adapters, and the trainable
+                grad = torch.is_grad_enabled()  # ones, whose zero gradient keeps the loss on the graph
+                active = [e for e, v in enumerate(w.tolist()) if v != 0 or (grad and self.lora_A[e].requires_grad)] or [0]
+                w = w[active]
+            return w.expand(*lead, len(w)), active
         if w.dim() == 2 and len(lead) == 2 and w.shape[0] == lead[0]:
-            return w[:, None, :].expand(*lead, E)  # [B, E] -> [B, T, E] view, stride 0 over T
+            return w[:, None, :].expand(*lead, E), None  # [B, E] -> [B, T, E] view, stride 0 over T
         if tuple(w.shape[:-1]) != tuple(lead):
             raise ValueError(f"expert weights {tuple(w.shape)} do not fit the input {tuple(x.shape)} "
                              f"(want [E], [B, E] or x.shape[:-1] + (E,))")
-        return w
+        return w, None
 
     def forward(self, x: torch.Tensor, w: torch.Tensor = None) -> torch.Tensor:
-        w = self._row_weights(x, w)
-        A, B = self.stacked(x.dtype)
+        w, active = self._row_weights(x, w)
+        A, B = self.stacked(x.dtype, active)
         if self.int8 is not None:  # --precision int8: int8 base GEMM, the LoRA delta in x's precision on top
             return self.int8(x) + lora_mix(x, A, B, w, self.scale, mix=self.mix)
         if isinstance(self.dropout, nn.Identity) or not self.training:
