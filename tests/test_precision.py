@@ -179,6 +179,47 @@ def test_int8_linear_is_batch_independent():
         assert torch.equal(q(loud)[torch.arange(9) != 4], together[torch.arange(9) != 4])
 
 
+def test_smoothing_moves_an_outlier_channel_into_the_weights():
+    """SmoothQuant: x / s and W * s give the same product in exact arithmetic; with one input channel 60x
+    louder than the rest (LLM activations' outlier channels), the smoothed int8 layer errs less."""
+    g = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(40, 64, generator=g)
+    x[:, 5] *= 60
+    act_max = x.abs().amax(0)
+    s = lowp.smoothing(act_max, lin.weight, 0.5)
+    wmax = lin.weight.detach().abs().amax(0)
+    assert torch.allclose(s, (act_max.sqrt() / wmax.sqrt()).clamp(min=1e-5))
+    assert torch.allclose((x / s) @ (lin.weight.detach() * s).T, x @ lin.weight.detach().T, rtol=1e-4, atol=1e-4)
+    ref = lin(x).detach()
+    with torch.no_grad():
+        plain = float((Int8Linear(lin.weight, lin.bias)(x) - ref).norm())
+        smooth = Int8Linear(lin.weight, lin.bias, act_max)
+        smoothed = float((smooth(x) - ref).norm())
+        assert smoothed < 0.5 * plain, (smoothed, plain)
+        assert torch.equal(torch.cat([smooth(x[i:i + 1]) for i in range(len(x))]), smooth(x))  # still per token
+    assert torch.all(lowp.smoothing(torch.zeros(64), lin.weight) > 0)  # a channel never active: a floor, not 0
+    with pytest.raises(ValueError, match="64 inputs"):
+        lowp.smoothing(torch.ones(63), lin.weight)
+
+
+def test_calibrated_int8_model_smooths_every_layer_and_tracks_fp32():
+    g = torch.Generator().manual_seed(5)
+    lm = tiny_lm(layers=3).eval()
+    ids = torch.randint(3, 60, (16, 14), generator=g)
+    mask = torch.ones_like(ids)
+    w = torch.softmax(torch.randn(16, lm.n_adapters, generator=g), -1)
+    ref = _scores(lm, ids, mask, w)
+    m = copy.deepcopy(lm)
+    with pytest.raises(ValueError, match="never called"):
+        lowp.activation_ranges(m, lambda: None)
+    lowp.apply(m, Precision("int8", "int8", "cpu", "test"), calibrate=lambda: _scores(m, ids[:8], mask[:8], w[:8]))
+    layers = [mod for mod in m.modules() if isinstance(mod, Int8Linear)]
+    assert len(layers) == 3 * 7 and all(q.inv_smooth is not None for q in layers)
+    s = _scores(m, ids, mask, w)
+    assert float((s - ref).norm() / ref.norm()) < INT8_REL_TOL
+
+
 def test_int8_linear_uses_8_bits_where_the_cpu_has_vnni(monkeypatch):
     """8-bit activations where the CPU's int8 dot products accumulate in int32 (VNNI / AMX), 7 bits elsewhere
     (AVX2's int16 pair sums could saturate); with 8 bits the error against fp32 shrinks."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from thinkrec import recipe as recipes
 from thinkrec.cf.train import export_scores, load_embeddings
@@ -25,8 +26,11 @@ from thinkrec.model.lowp import apply as apply_precision
 from thinkrec.model.projector import cf_token_tables
 from thinkrec.precision import Precision, for_run
 from thinkrec.rundir import RunDir
+from thinkrec.scoring import score_samples
 from thinkrec.stages import STAGES
 from thinkrec.stages import get as get_stage
+
+from .rows import split_rows
 
 STAGE_ORDER = STAGES[::-1]  # the last stage first: a run scores with the last one it finished
 
@@ -153,7 +157,6 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     load_adapters(lm, stage)
     lm.set_trainable(layers=[], adapters=[], projector=False)
     lm.eval()
-    apply_precision(lm, prec)
     titles = titles or run_arg(args, "titles", "full")
     prep = with_titles(load_prepared(run), titles)
     kw_arg = run_arg(args, "keywords")
@@ -162,9 +165,26 @@ def load_run(run_dir, model=None, mix: str = "delta", max_len: int | None = None
     if groups["weights"].shape[1] != lm.n_adapters:
         raise RunError(f"{run}/experts/groups.safetensors gates {groups['weights'].shape[1]} adapters but "
                        f"{stage}/adapters.json has {lm.n_adapters}; delete RUN/experts/ and the stages to retrain")
-    return LoadedRun(run, lm, tok, prep, cf, cf_model, stage_gate(groups["weights"], stage.name), stage,
-                     int(max_len or run_arg(args, "max_len", default_max_len(prep.stats.get("dataset")))), keywords, mix,
-                     history or run_arg(args, "history", "strict"), titles, prec, style)
+    loaded = LoadedRun(run, lm, tok, prep, cf, cf_model, stage_gate(groups["weights"], stage.name), stage,
+                       int(max_len or run_arg(args, "max_len", default_max_len(prep.stats.get("dataset")))), keywords,
+                       mix, history or run_arg(args, "history", "strict"), titles, prec, style)
+    apply_precision(lm, prec, calibrate=(lambda: calibration_scores(loaded)) if prec.name == "int8" else None)
+    return loaded
+
+
+CALIBRATION_ROWS = 16  # train rows int8's smoothing measures activation ranges on (docs/precision.md)
+
+
+def calibration_scores(loaded: LoadedRun, n: int = CALIBRATION_ROWS) -> np.ndarray:
+    """Yes logits of n train rows (a fixed draw, reasoning prompts, the rows' own adapter weights) in the
+    model's current precision, on CPU: what int8's SmoothQuant calibration runs through the fp32 model."""
+    rows = split_rows(loaded.prep, "train", n, seed=0)
+    builder = loaded.builder("reason")
+    samples = [builder.sample(int(r)) for r in rows.data_row]
+    ue, ie = loaded.token_tables()
+    w = torch.as_tensor(loaded.gate_weights[rows.user])
+    return np.concatenate([score_samples(loaded.lm, samples[i:i + 8], w[i:i + 8], ue, ie, loaded.tok.pad_token_id)
+                           for i in range(0, len(samples), 8)])
 
 
 __all__ = ["LoadedRun", "RunError", "load_run", "route_names", "stage_gate", "train_args", "ROUTE_GLOBAL",
