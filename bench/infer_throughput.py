@@ -34,8 +34,9 @@ Precisions (`--precisions`, thinkrec/precision.py): `ours-<p>` scores the same r
 precision p (auto = what `--precision auto` resolves to on this machine, reported with the probe's rates):
 rows/s, the speedup over ours in fp32, the largest score change and the AUC drift against fp32 on the same
 rows, the peak fraction against the GEMM rate of that precision measured here, and whether a row's score
-depends on its batch-mates (the first rows scored alone against in the run's batches, beside fp32's own
-rounding difference: `batch_independent`). The process runs with
+depends on its batch-mates (the first rows each scored as a job of one row against in the full job, as
+infer.py would score them, beside fp32's own rounding difference: `batch_independent`; int8 scores with
+scoring.run_job's batch-invariant plan, as infer.py does). The process runs with
 thinkrec.runtime.tune_malloc (as infer.py does), for every provider alike; THINKREC_DEFAULT_MALLOC=1 turns
 it off. bf16 on a CPU the probe
 finds without fast bf16 is skipped (it would take hours) unless --force-slow. Prints a table, then one
@@ -278,11 +279,17 @@ def main():
     print(f"precision probe: {probe}; auto -> {auto.name} ({auto.reason})", flush=True)
     prec_rows = {}
 
-    def batch_effect(m) -> float:
-        """Largest score change of the first rows scored each alone against in the full run's batches."""
-        alone = np.concatenate([score_samples(m, [samples[i]], weights[[i]], ue, ie, tok.pad_token_id) for i in sub])
+    def batch_effect(m, invariant=False) -> float:
+        """Largest score change of the first rows, each scored as a job of its own, against the full job."""
+        alone = np.concatenate([
+            run_job(m, ScoreJob(lambda _, i=i: samples[i], np.array([len(samples[i])]), weights[[i]], ue, ie,
+                                tok.pad_token_id, cut=lambda smp, _, i=i: builder.target_start(smp, int(prep.inter.item[rows[i]]))),
+                    alone=invariant) for i in sub])
         return float(np.abs(alone - together[sub]).max())
 
+    cal_rows = _rows(prep, groups, 16, seed=1)  # int8's SmoothQuant calibration: 16 other rows, as infer.py's
+    calib = [builder.sample(int(r)) for r in cal_rows]
+    cal_w = torch.as_tensor(groups["weights"][prep.inter.user[cal_rows]])
     together = fp32_scores
     fp32_batch = batch_effect(lm)  # the floor: fp32 GEMMs round differently for other batch sizes
     for req in [p for p in a.precisions.split(",") if p]:
@@ -297,12 +304,13 @@ def main():
             print(f"  {key:12} skipped: {prec_rows[key]['skipped']}", flush=True)
             continue
         m = copy.deepcopy(lm)
-        lowp.apply(m, p)
+        lowp.apply(m, p, calibrate=lambda: score_samples(m, calib, cal_w, ue, ie, tok.pad_token_id))  # int8: smoothing
         score_samples(m, samples[:4], weights[:4], ue, ie, tok.pad_token_id)  # warm-up
         job = ScoreJob(lambda i: samples[i], np.array([len(x) for x in samples]), weights, ue, ie, tok.pad_token_id,
                        cut=lambda smp, i: builder.target_start(smp, int(prep.inter.item[rows[i]])))
         t = time.perf_counter()
-        sc = run_job(m, job, batch_tokens=8192, max_rows=64)
+        invariant = p.name == "int8"  # as infer.py scores int8: each row a function of itself
+        sc = run_job(m, job, batch_tokens=8192, max_rows=64, alone=invariant)
         sec = time.perf_counter() - t
         rate = _precision_rate(p.name)
         prec_rows[key] = {"precision": p.name, "seconds": round(sec, 2), "rows_per_s": round(len(rows) / sec, 2),
@@ -311,9 +319,9 @@ def main():
                           "auc_drift": round(float(evaluate(users, sc, labels)["auc"] - auc32), 5),
                           "gemm_rate": round(rate, 1), "peak_fraction": round(flops / sec / 1e9 / rate, 3)}
         together = sc
-        eff = batch_effect(m)  # a row's score alone against beside its batch-mates, vs fp32's own rounding
+        eff = batch_effect(m, invariant)  # a row's score alone against beside its batch-mates, vs fp32's rounding
         prec_rows[key].update(batch_max_abs_diff=round(eff, 6), fp32_batch_max_abs_diff=round(fp32_batch, 6),
-                              batch_independent=bool(eff <= max(10 * fp32_batch, 1e-3)))
+                              batch_independent=bool(eff <= max(10 * fp32_batch, 1e-3)), batch_invariant_plan=invariant)
         print(f"  {key:12} {sec:8.1f} s  {len(rows) / sec:7.2f} rows/s  ({prec_rows[key]['speedup_vs_fp32']:.2f}x fp32, "
               f"AUC drift {prec_rows[key]['auc_drift']:+.4f}, a row alone vs in its batch {eff:.1e}, fp32 "
               f"{fp32_batch:.1e})", flush=True)

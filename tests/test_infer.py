@@ -186,6 +186,38 @@ def test_rows_sharing_a_prefix_score_as_if_alone(run, tmp_path):
     assert units == [([6], False), ([0, 1, 2], True), ([4], True), ([3, 5], True)]  # user 2's 4 rows in chunks of 3
 
 
+def test_int8_scores_do_not_depend_on_the_rows_beside_them(run, tmp_path):
+    """int8 scoring is batch-invariant (scoring.run_job alone=True): a row scored in a file of one gets the same
+    score, bit for bit, as beside rows that share its prefix or its batch; the plan makes every row a prefix and
+    a suffix of its own."""
+    from thinkrec.infer import read_input
+    from thinkrec.scoring import ScoreJob, plan_units
+
+    hist = [{"item_id": "1", "label": 1}, {"item_id": "7", "label": 0}]
+    lines = [{"user_id": u, "item_id": i, "label": k % 2, "history": hist} for k, (u, i) in
+             enumerate([("2", "5"), ("2", "3"), ("2", "9"), ("3", "5"), ("4", "2")])]
+    loaded = load_run(run, precision="int8")
+
+    def scores(sel, name):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(lines[k]) for k in sel) + "\n")
+        m = score_rows(loaded, read_input(path, loaded.prep), tmp_path / name, max_rows=3, log=lambda *a: None)
+        assert m["batch_invariant"] is True
+        return [json.loads(x)["score"] for x in (tmp_path / name / "scores.jsonl").read_text().splitlines()]
+
+    together = scores(range(len(lines)), "all")
+    for k in range(len(lines)):
+        assert scores([k], f"row{k}") == [together[k]], k
+    rows = read_input(tmp_path / "all.jsonl", loaded.prep)
+    builder = loaded.builder("reason")
+    job = ScoreJob(lambda i: builder.sample_for(rows.user[i], rows.item[i], rows.history[i]), np.ones(len(rows)),
+                   torch.zeros(len(rows), 3), cut=lambda smp, i: builder.target_start(smp, int(rows.item[i])))
+    units = [(idx.tolist(), c is not None) for idx, c in plan_units(job, max_rows=3, alone=True)]
+    assert units == [([0, 1, 2], True), ([3], True), ([4], True)]
+    job.cut = None
+    assert [idx.tolist() for idx, c in plan_units(job, alone=True)] == [[k] for k in range(len(rows))]
+
+
 def test_rank_with_shared_prefix_equals_scoring_each_candidate(run, tmp_path, capsys):
     import infer
     from thinkrec.infer import row_weights

@@ -64,16 +64,24 @@ def _on(t, device):
 
 @torch.no_grad()
 def score_shared(lm, samples: list, cut: int, weights: torch.Tensor | None, user_emb=None, item_emb=None,
-                 pad_id: int = 0) -> np.ndarray:
+                 pad_id: int = 0, alone: bool = False) -> np.ndarray:
     """Yes logits [B] float64 of samples sharing input_ids[:cut] (tokens, CF slots) and adapter weights [E]:
     the prefix runs once into a KV cache, the B suffixes run batched against it (cached.extend, shared
-    mode). Equal to scoring each sample alone (score_samples) up to float rounding. weights None: the global
+    mode), or each by itself (`alone`: then a row's score is the same whichever rows share its prefix).
+    Equal to scoring each sample alone (score_samples) up to float rounding. weights None: the global
     adapter."""
     s0 = samples[0]
     w = None if weights is None else weights.reshape(1, -1)
     prefix = torch.as_tensor(s0.input_ids[:cut])[None]
     cache, _ = prefill(lm, prefix, expert_weights=w, cf_embeds=_slot_vectors(s0, s0.ph_pos < cut, user_emb, item_emb),
                        placeholder_mask=lm.placeholder_mask(prefix), kv_only_last=True)  # its outputs are unread
+    if alone and len(samples) > 1:
+        return np.concatenate([_extend_scores(lm, cache, [s], cut, w, user_emb, item_emb, pad_id) for s in samples])
+    return _extend_scores(lm, cache, samples, cut, w, user_emb, item_emb, pad_id)
+
+
+def _extend_scores(lm, cache, samples, cut, w, user_emb, item_emb, pad_id) -> np.ndarray:
+    """Yes logits of samples' suffixes (input_ids[cut:]) run batched against a 1-row prefix cache."""
     suffixes = [s.input_ids[cut:] for s in samples]
     lens = torch.tensor([len(x) for x in suffixes])
     ids = torch.full((len(samples), int(lens.max())), pad_id, dtype=torch.long)
@@ -110,12 +118,13 @@ class ScoreJob:
         return len(self.lengths)
 
 
-def plan_units(job: ScoreJob, batch_tokens: int = 8192, max_rows: int = 64) -> list:
+def plan_units(job: ScoreJob, batch_tokens: int = 8192, max_rows: int = 64, alone: bool = False) -> list:
     """[(row positions, cut)]: packed batches of rows scored alone (cut None, plan_batches), then the groups
     of rows sharing a prefix (cut = its length), each in chunks of max_rows. Deterministic in the job's
-    prompts, so a resumed job replays the same units."""
+    prompts, so a resumed job replays the same units. alone (run_job's batch-invariant plan): every row
+    is a prefix and a suffix (a group of one too), or, without cuts, a batch of one."""
     if job.cut is None:
-        return [(b, None) for b in plan_batches(job.lengths, batch_tokens, max_rows)]
+        return [(b, None) for b in plan_batches(job.lengths, batch_tokens, 1 if alone else max_rows)]
     groups = {}
     for i in range(len(job)):
         s = job.sample(i)
@@ -123,24 +132,27 @@ def plan_units(job: ScoreJob, batch_tokens: int = 8192, max_rows: int = 64) -> l
         w = b"" if job.weights is None else job.weights[i].numpy().tobytes()
         key = (s.input_ids[:c].tobytes(), s.ph_index[s.ph_pos < c].tobytes(), w)
         groups.setdefault(key, (c, []))[1].append(i)
-    alone = np.array(sorted(m[0] for _, m in groups.values() if len(m) == 1), dtype=np.int64)
-    units = [(alone[b], None) for b in plan_batches(job.lengths[alone], batch_tokens, max_rows)] if len(alone) else []
+    single = np.array(sorted(m[0] for _, m in groups.values() if len(m) == 1 and not alone), dtype=np.int64)
+    units = [(single[b], None) for b in plan_batches(job.lengths[single], batch_tokens, max_rows)] if len(single) else []
     for c, members in groups.values():
-        if len(members) > 1:
+        if len(members) > 1 or alone:
             units += [(np.array(members[k:k + max_rows], dtype=np.int64), c) for k in range(0, len(members), max_rows)]
     return units
 
 
 def run_job(lm, job: ScoreJob, batch_tokens: int = 8192, max_rows: int = 64, done: int = 0, on_batch=None,
-            progress: bool = False, device="cpu", desc="score", units=None, forward=None) -> np.ndarray:
+            progress: bool = False, device="cpu", desc="score", units=None, forward=None,
+            alone: bool = False) -> np.ndarray:
     """Scores [n] float64 (NaN for rows not scored). units: the plan (default plan_units(job, batch_tokens,
-    max_rows)); a rank of a distributed evaluation passes its share. The first `done` rows of the plan's order
-    are skipped (a resumed job); on_batch(positions, scores) is called after each batch with its new rows.
-    forward: what runs a batch of rows scored alone (default lm)."""
+    max_rows, alone)); a rank of a distributed evaluation passes its share. The first `done` rows of the plan's
+    order are skipped (a resumed job); on_batch(positions, scores) is called after each batch with its new rows.
+    forward: what runs a batch of rows scored alone (default lm). alone: batch-invariant, each row's score a
+    function of the row only (its prefix run, then its suffix by itself; int8, where fp32 rounding that
+    differs with the batch's shape would flip quantisation steps), at the cost of batching."""
     was_training = lm.training
     lm.eval()
     out = np.full(len(job), np.nan)
-    units = plan_units(job, batch_tokens, max_rows) if units is None else units
+    units = plan_units(job, batch_tokens, max_rows, alone) if units is None else units
     ue, ie = _on(job.user_emb, device), _on(job.item_emb, device)  # the CF tables move once, not per batch
     total = sum(len(idx) for idx, _ in units)
     seen = 0
@@ -155,7 +167,7 @@ def run_job(lm, job: ScoreJob, batch_tokens: int = 8192, max_rows: int = 64, don
         if cut is None:
             s = score_samples(lm, samples, w, ue, ie, job.pad_id, device, forward)
         else:
-            s = score_shared(lm, samples, cut, None if w is None else w[0], ue, ie, job.pad_id)
+            s = score_shared(lm, samples, cut, None if w is None else w[0], ue, ie, job.pad_id, alone)
         skip = max(0, done - seen)  # a batch the kill cut in the middle: its first rows are written already
         seen += len(idx)
         out[idx[skip:]] = s[skip:]

@@ -99,15 +99,17 @@ def score_rows(loaded: LoadedRun, rows: Rows, out_dir, prompt: str = "reason", b
                    cut=(lambda s, i: builder.target_start(s, int(rows.item[i]))) if share else None)
     t = time.perf_counter()
     device = next(loaded.lm.parameters()).device
+    alone = loaded.lm.precision == "int8"  # int8: each row's score a function of the row (scoring.run_job)
     scores = run_job(loaded.lm, job, batch_tokens, max_rows, done=len(done), progress=progress, device=device,
-                     on_batch=lambda idx, s: slog.append([line(i, v) for i, v in zip(idx.tolist(), s.tolist())]))
+                     on_batch=lambda idx, s: slog.append([line(i, v) for i, v in zip(idx.tolist(), s.tolist())]),
+                     alone=alone)
     seconds = time.perf_counter() - t
     for pos, obj in done.items():
         scores[pos] = obj["score"]
     slog.finish([line(i, scores[i]) for i in range(len(rows))])
 
     metrics = {"rows": len(rows), "source": rows.source, "prompt": prompt, "stage": loaded.stage.name,
-               "mix": loaded.mix, "precision": loaded.lm.precision, "history": loaded.history,
+               "mix": loaded.mix, "precision": loaded.lm.precision, "batch_invariant": alone, "history": loaded.history,
                "titles": loaded.titles, "routing": _route_counts(routes),
                "unknown": {"users": len(rows.unknown_users), "items": len(rows.unknown_items)},
                "rows_per_s": round((len(rows) - len(done)) / max(seconds, 1e-9), 2), "seconds": round(seconds, 2)}
