@@ -34,6 +34,7 @@ from thinkrec import recipe as recipes
 from thinkrec import stages
 from thinkrec.cf import CFConfig, train_cf
 from thinkrec.cf import likerate
+from thinkrec.cf.train import MODELS as CF_MODELS
 from thinkrec.cf.train import export_scores, load_embeddings
 from thinkrec.data import load_prepared, prepare
 from thinkrec.data.history import HISTORY_RULES
@@ -133,7 +134,8 @@ def _model_args(p) -> None:
     p.add_argument("--min-group-share", type=number(float, 0), default=GroupConfig.min_share,
                    help="stop before training when a group holds fewer of the training users than this")
     p.add_argument("--allow-small-groups", action="store_true", help="train experts on small groups anyway")
-    p.add_argument("--cf-model", default="mf", choices=["mf", "lightgcn", "sasrec"])
+    p.add_argument("--cf-model", default="mf", choices=list(CF_MODELS),
+                   help="the CF model of the CF tokens and the user groups (mf-nobias: CoLLM's MF, no bias terms)")
     p.add_argument("--cf-dim", type=number(int, 1), default=256, help="CF embedding size (official 256)")
     p.add_argument("--cf-inputs", default=None, choices=CF_INPUTS,
                    help="what the CF tokens carry: emb+bias ([P_u, b_u] / [Q_i, c_i]: the CF model's biases too) or "

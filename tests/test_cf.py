@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from thinkrec.cf import build_model, fit, row_data, save, search, split_metrics
 from thinkrec.cf.__main__ import main as cf_main
 from thinkrec.cf.lightgcn import normalized_adjacency
-from thinkrec.cf.train import user_train_histories
+from thinkrec.cf.train import export_scores, user_train_histories
 from thinkrec.data.prepared import Interactions, Prepared, save_prepared
 from thinkrec.metrics import selection_score
 
@@ -69,13 +69,25 @@ def _fit(name, prep, seed=0, lr=1e-2, dim=16, wd=1e-5):
     return model, data, res
 
 
-@pytest.mark.parametrize("name", ["mf", "lightgcn", "sasrec"])
+@pytest.mark.parametrize("name", ["mf", "lightgcn", "sasrec", "mf-nobias"])
 def test_learns_planted_signal(name):
     prep = _planted(own_share=0.7 if name == "sasrec" else None)
     model, data, res = _fit(name, prep)
     test = split_metrics(model, data, "test")
     assert res["valid_auc"] > 0.75, res
     assert test["auc"] > 0.75 and test["uauc"] > 0.7, test
+
+
+def test_bias_free_mf_is_the_dot_product_and_exports_no_biases():
+    prep = _planted(n_users=23, rows_per_user=17)
+    model = build_model("mf-nobias", prep, 8)
+    assert not any("bias" in name for name, _ in model.named_parameters())
+    u, i = torch.tensor([0, 3, 5]), torch.tensor([1, 2, 0])
+    assert torch.equal(model({"user": u, "item": i}), (model.user_emb(u) * model.item_emb(i)).sum(-1))
+    assert set(model.export()) == {"user_emb", "item_emb"}
+    cf = {k: v.detach() for k, v in model.export().items()}
+    np.testing.assert_allclose(export_scores(cf, u.numpy(), i.numpy()), model({"user": u, "item": i}).detach().numpy(),
+                               rtol=1e-6)
 
 
 def test_cold_users_get_mean_user():
