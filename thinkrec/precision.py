@@ -5,13 +5,13 @@
            runs under bf16 autocast, so each GEMM reads bf16 and accumulates in fp32. LoRA, the projector
            and the optimizer state stay fp32 master copies; the losses are computed in fp32.
     int8   EXPERIMENTAL, forward-only, CPU only (scoring, ranking, explanations): every frozen linear of the
-           decoder runs as an int8 GEMM with one activation scale per token (no batch-mate sets a token's
-           grid) and per-channel weight scales, the LoRA deltas in fp32 on top of it. Not for
-           training (no backward through int8 weights). On a trained run's 256 ML-1M valid rows
-           (docs/precision.md) per-token scales moved the Yes logits by at most 1.5 (mean 0.38; AUC -0.009)
-           where one scale per call moved them by up to 13 (AUC -0.12): better, not yet close enough, as LLM
-           activations also have outlier channels inside a token. So it is never chosen by auto, and says so
-           when asked for.
+           decoder runs as an int8 GEMM with one activation scale per token and per-channel weight scales,
+           smoothed first (SmoothQuant, calibrated on 16 training rows at load), the LoRA deltas in fp32 on
+           top of it, each row scored by itself after its prefix (batch-invariant). Not for training (no
+           backward through int8 weights). On a trained run's 256 ML-1M valid rows (docs/precision.md) it
+           moved the Yes logits by at most 0.42 (mean 0.11; AUC -0.007, within those rows' noise) where one
+           scale per call had moved them by up to 13 (AUC -0.12). Never chosen by auto, and says so when
+           asked for.
     auto   bf16 on a CUDA GPU with bf16. On a CPU, decided by what the machine is, not by the moment: fp32
            where the CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag; no timing at all), else bf16
            when a warmed-up probe confirms that bf16 GEMMs run at least BF16_MIN_SPEEDUP x fp32. That probe
@@ -40,9 +40,10 @@ from thinkrec.io import read_json, write_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # int8 has no backward
-INT8_CAVEAT = ("int8 GEMMs with per-token activation scales: on a trained SmolLM2-135M run they moved Yes logits by "
-               "up to 1.5 against fp32 (mean 0.38) and AUC by -0.009 on 256 ML-1M valid rows; measure with "
-               "bench/infer_throughput.py --precisions int8 before trusting it on your model")
+INT8_CAVEAT = ("int8 GEMMs with per-token activation scales and SmoothQuant smoothing: on a trained SmolLM2-135M "
+               "run they moved Yes logits by up to 0.42 against fp32 (mean 0.11) and AUC by -0.007 on 256 ML-1M "
+               "valid rows; measure with bench/infer_throughput.py --precisions int8 before trusting it on your "
+               "model")
 
 
 # --------------------------------------------------------------------------------------------- resolve

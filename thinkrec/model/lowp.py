@@ -6,8 +6,9 @@ picks one is thinkrec/precision.py; what the machine can run, thinkrec/hardware.
            projector and the optimizer state stay fp32 master copies.
     int8   forward only: every frozen linear of the decoder as an int8 GEMM (Int8Linear) with one activation
            scale per token and per-channel weight scales, the LoRA deltas in fp32 on top of it; no batch-mate
-           sets a token's grid (though the fp32 parts' rounding, which differs with the batch's shape, can
-           still flip a value across a grid step: docs/precision.md). Given activation ranges measured in
+           sets a token's grid (the fp32 parts' rounding, which differs with the batch's shape, could still
+           flip a value across a grid step: infer.py scores int8 rows one by one after their prefix,
+           thinkrec.scoring.run_job(alone=True)). Given activation ranges measured in
            fp32 on a few rows (`activation_ranges`), each layer is smoothed first (SmoothQuant, Xiao et al.
            2023): input channel j is divided by s_j = max|x_j|^a / max|W_j|^(1-a) and W's column j
            multiplied by it, which moves outlier channels' range from the activations into the weights.
@@ -49,7 +50,8 @@ class Int8Linear(nn.Module):
     where the CPU has VNNI or AMX (int32 dot products), else 7 (`reduce_range`, as torch's dynamic
     quantization does by default), which rules out int16 saturation in the AVX2 kernels; REDUCE_RANGE
     overrides. 8 bits halve the step: on a trained run's 96 valid rows the largest Yes-logit change went
-    1.38 -> 1.05 (docs/precision.md)."""
+    1.38 -> 1.05 (docs/precision.md). act_max [K] (the layer's input channel maxima over calibration rows):
+    SmoothQuant, x * (1 / s) against W * s (`smoothing`), alpha its migration strength."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_max: torch.Tensor | None = None,
                  alpha: float = SMOOTH_ALPHA):
