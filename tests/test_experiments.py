@@ -5,6 +5,7 @@ experts study reuses stage 2 with resized adapters; changed settings stop with t
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -250,6 +251,18 @@ def test_headline_averages_seeds_and_reads_every_llm_row_beside_mf_and_the_floor
     assert same(by_hand["methods"], out["methods"]) and same(by_hand["intervals"], out["intervals"])
     alone = headline.main([f"CoLLM-style@0={tmp_path / 'runs' / 'tiny' / 'collm'}", "--results", str(tmp_path / "one")])
     assert list(alone["methods"]) == ["MF", "like-rate", "CoLLM-style"] and set(alone["intervals"]["CoLLM-style"]["vs"]) == {"MF", "like-rate"}
+    # every run's rows are saved beside the table: a later `--seeds 2` (another day, another machine) trains
+    # seed 2 only and reads seeds 0 and 1 from RESULTS; here nothing is trained, the runs are gone
+    saved_rows = [json.loads(line) for line in headline.saved_scores(tmp_path / "results", "ThinkRec", 1).open()]
+    assert [r["score"] for r in saved_rows] == [r["score"] for r in map(json.loads, (
+        tmp_path / "runs" / "tiny-seed1" / "thinkrec" / "infer" / "scores.jsonl").open())]
+    shutil.rmtree(tmp_path / "runs")
+    again = main(argv + ["--seeds", "1"], log=lambda line: None)
+    assert not (tmp_path / "runs").exists() and again["seeds"] == [0, 1]
+    assert same(again["methods"], out["methods"]) and same(again["intervals"], out["intervals"])
+    with pytest.raises(ExperimentError, match="scale tiny, not cpu-small"):
+        main([*argv[:argv.index("--scale")], *argv[argv.index("--scale") + 2:], "--scale", "cpu-small"],
+             log=lambda line: None)
 
 
 @pytest.mark.parametrize("scale", sorted(SCALES))

@@ -8,7 +8,10 @@
 Each seed is its own set of runs (seed 0 in RUNS/<scale>/, seed k in RUNS/<scale>-seed<k>/: data, CF model,
 traces and the two LLM runs, train.py --seed k), every run scoring the official sample whole (train.py
 --test-rows official --max-test-samples 0). MF is each seed's CF model on the same rows, the like-rate floor
-the train split's counts (the same for every seed). Writes RESULTS/headline.{json,md,png}:
+the train split's counts (the same for every seed). Writes RESULTS/headline.{json,md,png} and each run's
+scored rows, trimmed to what a headline reads, as RESULTS/headline_scores/<method>-seed<k>.jsonl: a seed whose
+files are there is read from them, not trained again, so seeds can be run on different days or machines
+(`--seeds 1`, later `--seeds 2`) and the table always covers every seed scored into RESULTS:
 
     {"population", "rows", "scale", "seeds", "methods": {name: {"auc", "uauc"[, "per_seed"]}},
      "intervals": {name: {"auc": [lo, hi], "uauc": [lo, hi], "vs": {"MF" | "like-rate": {"auc", "uauc",
@@ -20,12 +23,13 @@ come from one bootstrap over users in which every resample averages the seeds (t
 """
 
 import argparse
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from thinkrec.io import ArtifactError, atomic_write_text, read_jsonl, write_json
+from thinkrec.io import ArtifactError, atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from thinkrec.metrics import bootstrap, evaluate
 
 from . import report
@@ -45,10 +49,38 @@ def seed_config(cfg: Config, seed: int) -> Config:
                    overrides={**cfg.overrides, "test_rows": "official", "max_test_samples": 0})
 
 
+SCORES = "headline_scores"  # RESULTS/SCORES/<method>-seed<k>.jsonl: the rows of every seed scored so far
+
+
+def saved_scores(results: Path, label: str, seed: int) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    return Path(results) / SCORES / f"{slug}-seed{seed}.jsonl"
+
+
+def _saved_seeds(results: Path, scale: str) -> list:
+    """The seeds whose every headline method is saved in RESULTS (at `scale`: another scale's are an error)."""
+    seeds = sorted({int(m.group(1)) for f in (Path(results) / SCORES).glob("*.jsonl")
+                    if (m := re.search(r"-seed(\d+)\.jsonl$", f.name))})
+    seeds = [s for s in seeds if all(saved_scores(results, label, s).is_file() for label, _ in HEADLINE)]
+    summary = Path(results) / "headline.json"
+    if seeds and summary.is_file():
+        were = read_json(summary, f"delete {summary.parent / SCORES}/ to score every seed again").get("scale")
+        if were != scale:
+            raise ExperimentError(f"{summary.parent / SCORES} holds scores of scale {were}, not {scale}: give "
+                                  f"another --results directory (or delete that one to start over)")
+    return seeds
+
+
 def run(cfg: Config, seeds, results: Path, log) -> dict:
-    """Train and score what is missing for every seed, then write RESULTS/headline.*; returns the summary."""
+    """Train and score what is missing for every seed, then write RESULTS/headline.* over the seeds asked and
+    every seed saved in RESULTS before; returns the summary."""
     scored = {}
-    for seed in seeds:
+    saved = _saved_seeds(results, cfg.scale)
+    for seed in sorted(set(seeds) | set(saved)):
+        if seed in saved:
+            log(f"headline, seed {seed}: scored before, read from {results / SCORES}")
+            scored.update({(label, seed): saved_scores(results, label, seed) for label, _ in HEADLINE})
+            continue
         c = seed_config(cfg, seed)
         log(f"headline, seed {seed}: runs in {c.runs}")
         prep = shared_data(c, log)
@@ -58,8 +90,8 @@ def run(cfg: Config, seeds, results: Path, log) -> dict:
         for label, name in HEADLINE:
             run_setting(c, SETTINGS[name], log)
             scored[(label, seed)] = c.runs / name
-    out = summarize(scored, cfg.scale, list(seeds))
-    paths = write(out, results)
+    out = summarize(scored, cfg.scale, sorted({seed for _, seed in scored}))
+    paths = write(out, results, scored)
     log(f"headline: wrote {', '.join(str(p) for p in paths)}")
     return out
 
@@ -137,13 +169,20 @@ def markdown(out: dict) -> str:
     lines += ["", f"Seeded rows are seed means; intervals: {out['resamples']} paired bootstrap resamples over "
               f"{out['users']} users, each averaging the seeds. MF: each seed's CF model on the same rows; "
               f"like-rate: smoothed user and item like rates of the train split (no model). The LLM rows are "
-              f"the LLM alone, no fusion with MF."]
+              f"the LLM alone, no fusion with MF. Each run's scored rows: {SCORES}/."]
     return "\n".join(lines) + "\n"
 
 
-def write(out: dict, results: Path) -> list:
+def write(out: dict, results: Path, scored: dict | None = None) -> list:
+    """RESULTS/headline.{json,md,png}, and with `scored` ({(label, seed): run or score file}) each one's rows
+    as RESULTS/headline_scores/<label>-seed<seed>.jsonl (the keys a headline reads)."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
+    for (label, seed), run in (scored or {}).items():
+        dest = saved_scores(results, label, seed)
+        if Path(run).resolve() != dest.resolve():
+            dest.parent.mkdir(exist_ok=True)
+            write_jsonl(dest, [{k: x[k] for k in SCORE_KEYS} for x in _scores(run)])
     names = list(out["methods"])
     report.bars(results / "headline.png", ["AUC", "UAUC"],
                 {n: [out["methods"][n]["auc"], out["methods"][n]["uauc"]] for n in names},
@@ -151,7 +190,8 @@ def write(out: dict, results: Path) -> list:
                 spans={n: [out["intervals"][n]["auc"], out["intervals"][n]["uauc"]] for n in names})
     write_json(results / "headline.json", out)
     atomic_write_text(results / "headline.md", markdown(out))
-    return [results / "headline.json", results / "headline.md", results / "headline.png"]
+    return [results / "headline.json", results / "headline.md", results / "headline.png",
+            *sorted({saved_scores(results, label, seed) for label, seed in (scored or {})})]
 
 
 def main(argv=None) -> dict:
@@ -170,7 +210,7 @@ def main(argv=None) -> dict:
             p.error(f"{spec!r}: expected LABEL@SEED=PATH, e.g. CoLLM-style@0=runs/collm")
         scored[(label, int(seed))] = Path(path)
     out = summarize(scored, a.scale, sorted({s for _, s in scored}))
-    for path in write(out, a.results):
+    for path in write(out, a.results, scored):
         print(path)
     print(markdown(out))
     return out
