@@ -14,6 +14,8 @@ split `../shared/data/ml1m-collm` read through the data layer's `csv` source):
   mixing groups, layers below the last 8 merged and run without autograd (thinkrec/train/prefix.py).
 - `ours-cached` (stage 3): the same with the prefix cache warm, i.e. every epoch after the first: the
   frozen 22 layers' output of each sample is reused, a step runs the top 8 layers only.
+- `ours-compiled` (`--compile`): ours with the layer function under torch.compile (Inductor, static shapes);
+  its warm-up compiles every batch's shape, `compile_seconds` is that warm-up less as many compiled steps.
 Precisions (`--precisions`, thinkrec/precision.py): fp32, and bf16 where the CPU has native bf16
 (avx512_bf16 / amx_bf16; else skipped: --force-slow times it anyway). At bf16 `ours` stores
 the frozen weights in bf16 (LoRA and AdamW fp32) and `official` runs the HF + peft recipe under
@@ -33,6 +35,7 @@ import argparse
 import itertools
 import os
 import statistics
+import time
 
 from _util import ml1m_prepared, peak_memory, print_json, reset_peak_memory, run_worker, sync, time_runs
 
@@ -163,6 +166,10 @@ def worker(args):
     cfs = [cf_inputs(b, ue, ie) for b in batches]
     groups = [torch.arange(len(b.labels)) % args.experts for b in batches]  # every batch mixes the groups
     cached = args.provider == "ours-cached"
+    compiled = args.provider == "ours-compiled"
+    if compiled:  # the layer function under Inductor, static shapes (dynamic=True fails on the packed layout)
+        from thinkrec.model import packed
+        packed.layer_forward = torch.compile(packed.layer_forward, dynamic=False)
     prec = P.Precision(args.precision, args.precision, dev.type, "bench")
     if args.provider == "official":
         fwd = stages.setup(lm, f"stage{args.stage}", prefix_cache_mb=0)
@@ -194,8 +201,11 @@ def worker(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for b in range(len(batches) if cached else 1):  # warm-up (allocator, first calls; fills the prefix cache)
-        train_step(b)
+    t0 = time.perf_counter()
+    for b in range(len(batches) if cached or compiled else 1):  # warm-up (allocator, first calls; fills the
+        train_step(b)  # prefix cache; compiles each batch's shape)
+    sync(dev)
+    warm_s = time.perf_counter() - t0
     if args.profile:  # one step under torch.profiler: the operators by self time
         from torch.profiler import ProfilerActivity, profile
 
@@ -216,8 +226,10 @@ def worker(args):
     tokens = sum(int(batches[r % len(batches)].attention_mask.sum()) for r in range(args.repeats)) / args.repeats
     flops = sum(_step_flops(lm, batches[r % len(batches)], args.stage, cached)
                 for r in range(args.repeats)) / args.repeats
-    print_json({"median_s": statistics.median(times), "times": times, "peak_mb": peak / 2**20,
-                "tokens_per_batch": tokens, "step_gflop": flops / 1e9})
+    med = statistics.median(times)
+    print_json({"median_s": med, "times": times, "peak_mb": peak / 2**20, "tokens_per_batch": tokens,
+                "step_gflop": flops / 1e9,
+                "compile_seconds": max(0.0, warm_s - len(batches) * med) if compiled else None})
 
 
 def _run(stage, provider, a, check=False, precision="fp32", profile=0):
@@ -243,6 +255,8 @@ def main():
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead of the comparison: one step of ours per stage and precision under torch.profiler, "
                          "the N operators with the most self time")
+    ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile (Inductor) of the "
+                    "layer function: compile_seconds (every batch shape compiled once) and the compiled step")
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
@@ -299,7 +313,7 @@ def main():
             rel = abs(chk["ours"] - chk["official"]) / max(1.0, abs(chk["official"]))
             if rel > (1e-3 if prec == "fp32" else 1e-2):
                 raise SystemExit(f"stage {stage} {prec}: losses differ before timing: {chk}")
-            for p in ("official", "ours") + (("ours-cached",) if stage == 3 else ()):
+            for p in ("official", "ours") + (("ours-cached",) if stage == 3 else ()) + (("ours-compiled",) if a.compile else ()):
                 r = _run(stage, p, a, precision=prec)
                 r["samples_per_s"] = a.batch_size / r["median_s"]
                 r["peak_fraction"] = r["step_gflop"] / r["median_s"] / rates[prec] if rates else None
@@ -318,6 +332,12 @@ def main():
                                                   "ours": round(u["samples_per_s"], 3)}
             out[f"stage{stage}_peak_mb"] = {"official": round(o["peak_mb"], 1), "ours": round(u["peak_mb"], 1)}
             out[f"stage{stage}_check_loss"] = res[(stage, "check", "fp32")]
+            if (stage, "ours-compiled", "fp32") in res:
+                c = res[(stage, "ours-compiled", "fp32")]
+                out[f"stage{stage}_speedup_compiled"] = round(o["median_s"] / c["median_s"], 3)
+                out[f"stage{stage}_compile_seconds"] = round(c["compile_seconds"], 1)
+                out["compile_seconds"] = round(out.get("compile_seconds", 0.0) + c["compile_seconds"], 1)
+                out[f"stage{stage}_samples_per_s"]["ours-compiled"] = round(c["samples_per_s"], 3)
             if (stage, "ours-cached", "fp32") in res:  # epochs after the first: the frozen prefix from the cache
                 c = res[(stage, "ours-cached", "fp32")]
                 out[f"stage{stage}_speedup_cached"] = round(o["median_s"] / c["median_s"], 3)
