@@ -23,7 +23,8 @@ torch.autocast(bf16) with fp32 weights, as the official code runs under fp16 aut
 fraction is a step's effective FLOP/s (forward linear and attention FLOPs, twice: the backward through
 frozen weights computes dx only) over the GEMM rate of its precision measured in the same run.
 A step = forward, loss, backward, AdamW step. Before timing, the first step's loss of both providers is
-checked to agree (dropout off for the check). Each (stage, provider) runs in a fresh subprocess; peak
+checked (dropout off for the check): at fp32 both agree within 1e-3; at bf16 ours is within 1e-2 of the
+fp32 loss (the JSON's first_loss_rel_bf16_vs_fp32 gives both providers' distance from it). Each (stage, provider) runs in a fresh subprocess; peak
 memory is VmHWM minus VmRSS after the model and batches exist (CPU, /proc/self/clear_refs resets the
 mark) or torch.cuda.max_memory_allocated minus the allocation before the steps (CUDA).
 Prints a table, then one JSON line with stage1_speedup and stage3_speedup (official time / ours, fp32),
@@ -310,9 +311,17 @@ def main():
     for stage in stages_:
         for prec in precs:
             chk = {p: _run(stage, p, a, check=True, precision=prec)["check_loss"] for p in ("official", "ours")}
-            rel = abs(chk["ours"] - chk["official"]) / max(1.0, abs(chk["official"]))
-            if rel > (1e-3 if prec == "fp32" else 1e-2):
-                raise SystemExit(f"stage {stage} {prec}: losses differ before timing: {chk}")
+            if prec == "fp32":  # the same math: agree to float rounding
+                rel = abs(chk["ours"] - chk["official"]) / max(1.0, abs(chk["official"]))
+                if rel > 1e-3:
+                    raise SystemExit(f"stage {stage} {prec}: losses differ before timing: {chk}")
+            else:  # bf16 rounds differently in each (autocast keeps an fp32 residual stream, ours is bf16): each
+                # against the fp32 loss, which both must be near (they err on either side of it)
+                ref = res.get((stage, "check", "fp32")) or {
+                    "ours": _run(stage, "ours", a, check=True, precision="fp32")["check_loss"]}
+                chk["fp32"] = ref["ours"]
+                if abs(chk["ours"] - ref["ours"]) / max(1.0, abs(ref["ours"])) > 1e-2:
+                    raise SystemExit(f"stage {stage} {prec}: our loss is off the fp32 loss before timing: {chk}")
             for p in ("official", "ours") + (("ours-cached",) if stage == 3 else ()) + (("ours-compiled",) if a.compile else ()):
                 r = _run(stage, p, a, precision=prec)
                 r["samples_per_s"] = a.batch_size / r["median_s"]
@@ -353,9 +362,9 @@ def main():
             out[f"stage{stage}_official_bf16_vs_ours_bf16"] = round(res[(stage, "official", "bf16")]["median_s"]
                                                                     / b["median_s"], 3)
             out[f"stage{stage}_check_loss_bf16"] = res[(stage, "check", "bf16")]
-            out[f"stage{stage}_first_loss_rel_bf16_vs_fp32"] = round(
-                abs(res[(stage, "check", "bf16")]["ours"] - res[(stage, "check", "fp32")]["ours"])
-                / abs(res[(stage, "check", "fp32")]["ours"]), 5)
+            chk = res[(stage, "check", "bf16")]
+            out[f"stage{stage}_first_loss_rel_bf16_vs_fp32"] = {
+                p: round(abs(chk[p] - chk["fp32"]) / abs(chk["fp32"]), 5) for p in ("official", "ours")}
         elif "bf16" in skipped:
             out[f"stage{stage}_speedup_bf16_vs_fp32"] = None
     print_json(out)

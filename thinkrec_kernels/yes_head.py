@@ -109,10 +109,8 @@ class _YesHeadBCE(torch.autograd.Function):
         # ZeroDivisionError here, nor F.binary_cross_entropy_with_logits' NaN).
         grad_scale = 1.0 / max(M, 1) if reduction == "mean" else 1.0
         logits, loss_rows, dlogit = ops.forward(h, w_row, y, grad_scale)
-        if reduction == "none":
-            loss = loss_rows.to(h.dtype)
-        else:
-            loss = (loss_rows.sum() * grad_scale).to(h.dtype)
+        # the loss stays fp32 as computed (in bf16 a loss of ~4 would be off by up to 0.016); logits in h.dtype
+        loss = loss_rows if reduction == "none" else loss_rows.sum() * grad_scale
         ctx.save_for_backward(h, w_row, dlogit)
         ctx.token_id, ctx.weight_shape = token_id, lm_weight.shape
         return loss, logits
@@ -140,7 +138,8 @@ def yes_head_bce(h, lm_weight, token_id, labels, reduction="mean"):
     """BCE-with-logits on the Yes logit `h @ lm_weight[token_id]`; returns (loss, logits [M]).
 
     h: [M, D] (fp32/bf16; fp16 on GPU), lm_weight: [V, D] same dtype, token_id: int,
-    labels: [M] in {0, 1} (any dtype). reduction: "mean" | "sum" | "none" (loss [M]).
+    labels: [M] in {0, 1} (any dtype). reduction: "mean" | "sum" | "none" (loss [M]). The loss is fp32
+    whatever h's dtype; logits and gradients come in h's and lm_weight's dtypes.
     Gradients flow to h and, if it requires grad, lm_weight (zero outside row token_id).
     """
     if h.dim() != 2 or lm_weight.dim() != 2 or h.shape[1] != lm_weight.shape[1]:
