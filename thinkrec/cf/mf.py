@@ -20,12 +20,13 @@ class MF(nn.Module):
         self.user_emb = nn.Embedding(n_users, dim)
         self.item_emb = nn.Embedding(n_items, dim)
         self.bias = bias
-        for e in (self.user_emb, self.item_emb):
-            nn.init.normal_(e.weight, std=init_std)
-        if bias:
+        if bias:  # made before the embeddings' init: the random stream, so the values, as before mf-nobias existed
             self.user_bias = nn.Embedding(n_users, 1)
             self.item_bias = nn.Embedding(n_items, 1)
             self.global_bias = nn.Parameter(torch.zeros(()))
+        for e in (self.user_emb, self.item_emb):
+            nn.init.normal_(e.weight, std=init_std)
+        if bias:
             for e in (self.user_bias, self.item_bias):
                 nn.init.zeros_(e.weight)
 
