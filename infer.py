@@ -28,6 +28,7 @@ from thinkrec.data.prompts import TITLE_STYLES
 from thinkrec.errors import number, run_cli
 from thinkrec.infer import load_run, read_input, score_rows, split_rows
 from thinkrec.infer.rows import official_sample
+from thinkrec.model import fused
 from thinkrec.infer.run import run_arg, train_args
 from thinkrec.io import RunLock, to_json
 from thinkrec.precision import PRECISIONS
@@ -73,6 +74,10 @@ def parse(argv=None):
                    help="fp32 | bf16 | int8 (CPU: frozen linears as int8 GEMMs, LoRA deltas fp32) | auto "
                         "(default: the precision the run trained in, RUN/precision.json; fp32 for older runs)")
     p.add_argument("--threads", type=number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--fused-ops", action="store_true",
+                   help="compile the element-wise ops of each layer (RMSNorm, SiLU * up, RoPE) with torch.compile on "
+                        "CPU: ~10 s of compiling once, then faster scoring (bench/infer_throughput.py --fused-ops); needs a C++ "
+                        "compiler")
     p.add_argument("--overwrite", action="store_true", help="start over instead of continuing OUT/scores.partial.jsonl")
     p.add_argument("--no-progress", action="store_true")
     # ranking
@@ -114,6 +119,8 @@ def main(argv=None) -> dict:
         quiet_progress()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fused_ops:
+        fused.enable(check=True)
     loaded = load_run(args.run_dir, model=args.model, mix=args.mix, precision=args.precision, stage=args.stage,
                       history=args.history, titles=args.titles, recipe=args.recipe)
     log(f"precision: {loaded.precision.describe()}")

@@ -32,6 +32,7 @@ import torch
 from thinkrec import precision
 from thinkrec import recipe as recipes
 from thinkrec import stages
+from thinkrec.model import fused
 from thinkrec.cf import CFConfig, train_cf
 from thinkrec.cf import likerate
 from thinkrec.cf.train import MODELS as CF_MODELS
@@ -191,6 +192,10 @@ def _schedule_args(p) -> None:
                         "precision the run started with (RUN/precision.json), else auto")
     p.add_argument("--seed", type=number(int, 0), default=LoopConfig.seed)
     p.add_argument("--threads", type=number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--fused-ops", action="store_true",
+                   help="compile the element-wise ops of each layer (RMSNorm, SiLU * up, RoPE) with torch.compile on "
+                        "CPU: ~10 s of compiling once, then a training step 1.27x faster in bf16, 1.06x in fp32 (measured "
+                        "on a 2-core Xeon with AMX, bench/train_step.py --compile); needs a C++ compiler")
     p.add_argument("--ckpt-minutes", type=number(float, 0, inclusive=False), default=LoopConfig.ckpt_minutes,
                    help="save a mid-stage checkpoint at least this often (also every 10 steps and at each evaluation)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted stage from RUN/<stage>/ckpt")
@@ -292,6 +297,8 @@ def main(argv=None) -> dict:
         quiet_progress()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fused_ops:
+        fused.enable(check=True)
     rec = apply_recipe(args)
     with contextlib.ExitStack() as held:
         if d.is_main:

@@ -149,6 +149,8 @@ def main():
     ap.add_argument("--skip-official", action="store_true", help="leave the slowest peer out")
     ap.add_argument("--precisions", default="auto,int8", help="ours at these precisions besides fp32 "
                     "(auto, bf16, int8; comma-separated, '' for none)")
+    ap.add_argument("--fused-ops", action="store_true", help="also time ours with the element-wise ops compiled "
+                    "(infer.py --fused-ops), at fp32 and at each --precisions")
     ap.add_argument("--force-slow", action="store_true", help="time bf16 even where the probe finds it slow")
     a = ap.parse_args()
 
@@ -257,6 +259,17 @@ def main():
     results["peft-mixed"]["prepare_mixtures_s"] = round(prep_s, 2)
     if not a.skip_official:
         timed("official", lambda: official_scores(pm, lm, samples, users, weights.numpy(), ue, ie, tok.pad_token_id))
+    fused_warmup_s = None
+    if a.fused_ops:  # the element-wise ops compiled (infer.py --fused-ops); the warm-up run compiles them
+        from thinkrec.model import fused
+
+        fused.enable(check=True)
+        t = time.perf_counter()
+        fused_scores = ours()
+        fused_warmup_s = round(time.perf_counter() - t, 2)  # one scoring pass, compiling included
+        timed("ours-fused", ours)
+        fused.enable(False)
+        checks["ours_fused_vs_eager"] = float(np.abs(fused_scores - shared_scores).max())
     gemm = _gemm_rate()
     flops = _flops(lm, samples)
     # FLOPs of scoring each row alone: over the shared run's time it is an effective rate (work skipped counts)
@@ -318,6 +331,18 @@ def main():
                           "max_abs_score_diff": round(float(np.abs(sc - fp32_scores).max()), 4),
                           "auc_drift": round(float(evaluate(users, sc, labels)["auc"] - auc32), 5),
                           "gemm_rate": round(rate, 1), "peak_fraction": round(flops / sec / 1e9 / rate, 3)}
+        if a.fused_ops:  # the same model with the element-wise ops compiled
+            fused.enable()
+            run_job(m, job, batch_tokens=8192, max_rows=64, alone=invariant)  # compiles for this dtype
+            t = time.perf_counter()
+            scf = run_job(m, job, batch_tokens=8192, max_rows=64, alone=invariant)
+            secf = time.perf_counter() - t
+            fused.enable(False)
+            prec_rows[key].update(fused_seconds=round(secf, 2), fused_vs_eager=round(sec / secf, 3),
+                                  fused_speedup_vs_fp32=round(results["ours"]["seconds"] / secf, 3),
+                                  fused_max_abs_diff=round(float(np.abs(scf - sc).max()), 5))
+            print(f"  {key + '-fused':12} {secf:8.1f} s  {len(rows) / secf:7.2f} rows/s  ({sec / secf:.2f}x unfused)",
+                  flush=True)
         together = sc
         eff = batch_effect(m, invariant)  # a row's score alone against beside its batch-mates, vs fp32's rounding
         prec_rows[key].update(batch_max_abs_diff=round(eff, 6), fp32_batch_max_abs_diff=round(fp32_batch, 6),
@@ -375,6 +400,9 @@ def main():
         "precision_auto": auto.name, "precision_probe": probe, "precisions": prec_rows,
         "speedup_auto_vs_official": None if a.skip_official else round(
             results["official"]["seconds"] / prec_rows.get("ours-auto", {}).get("seconds", base), 3),
+        "speedup_auto_fused_vs_official": None if a.skip_official or "fused_seconds" not in prec_rows.get(
+            "ours-auto", {}) else round(results["official"]["seconds"] / prec_rows["ours-auto"]["fused_seconds"], 3),
+        "fused_warmup_s": fused_warmup_s,
         "rank_prefix_speedup": round(rank_alone / rank_shared, 3), "rank_candidates": len(items),
         "rank_max_abs_diff": rank_diff, "rows_per_s": results["ours"]["rows_per_s"],
         "gemm_gflops_fp32": round(gemm, 1), "peak_fraction": round(peak_fraction, 3),

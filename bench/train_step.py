@@ -16,6 +16,8 @@ split `../shared/data/ml1m-collm` read through the data layer's `csv` source):
   frozen 22 layers' output of each sample is reused, a step runs the top 8 layers only.
 - `ours-compiled` (`--compile`): ours with the layer function under torch.compile (Inductor, static shapes);
   its warm-up compiles every batch's shape, `compile_seconds` is that warm-up less as many compiled steps.
+- `ours-fused` (`--compile`): ours with only the element-wise ops compiled (thinkrec/model/fused.py: RMSNorm,
+  SiLU * up, RoPE; dynamic shapes, so one compile serves every batch), what `--fused-ops on` runs.
 Precisions (`--precisions`, thinkrec/precision.py): fp32, and bf16 where the CPU has native bf16
 (avx512_bf16 / amx_bf16; else skipped: --force-slow times it anyway). At bf16 `ours` stores
 the frozen weights in bf16 (LoRA and AdamW fp32) and `official` runs the HF + peft recipe under
@@ -30,7 +32,8 @@ mark) or torch.cuda.max_memory_allocated minus the allocation before the steps (
 Prints a table, then one JSON line with stage1_speedup and stage3_speedup (official time / ours, fp32),
 stage3_speedup_cached (official / ours-cached), stage1/3_speedup_bf16_vs_fp32 (ours vs ours),
 stage1_peak_fraction and the probe's rates; with --compile stage{n}_compiled_vs_eager[_bf16] (ours eager time /
-ours compiled), stage{n}_compile_seconds[_bf16] and their sum compile_seconds.
+ours compiled), stage{n}_compile_seconds[_bf16] and their sum compile_seconds, stage{n}_fused_vs_eager[_bf16]
+and stage{n}_fused_compile_seconds[_bf16].
 """
 
 import argparse
@@ -172,6 +175,10 @@ def worker(args):
     if compiled:  # the layer function under Inductor, static shapes (dynamic=True fails on the packed layout)
         from thinkrec.model import packed
         packed.layer_forward = torch.compile(packed.layer_forward, dynamic=False)
+    if args.provider == "ours-fused":  # only the element-wise ops compiled (dynamic shapes: compiled once)
+        from thinkrec.model import fused
+        fused.enable()
+        compiled = True
     prec = P.Precision(args.precision, args.precision, dev.type, "bench")
     if args.provider == "official":
         fwd = stages.setup(lm, f"stage{args.stage}", prefix_cache_mb=0)
@@ -259,12 +266,17 @@ def main():
                          "the N operators with the most self time")
     ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile (Inductor) of the "
                     "layer function: compile_seconds (every batch shape compiled once) and the compiled step")
+    ap.add_argument("--skip", default="", help="providers not to time, comma-separated (e.g. ours-compiled); the "
+                    "ratios that need them are left out")
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--provider", default="ours", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if {"official", "ours"} & set(a.skip.split(",")):
+        ap.error("--skip: official and ours are the reference of every ratio; skip ours-cached, ours-fused or "
+                 "ours-compiled")
     if a.worker:
         from thinkrec.runtime import tune_malloc
 
@@ -323,7 +335,10 @@ def main():
                 chk["fp32"] = ref["ours"]
                 if abs(chk["ours"] - ref["ours"]) / max(1.0, abs(ref["ours"])) > 1e-2:
                     raise SystemExit(f"stage {stage} {prec}: our loss is off the fp32 loss before timing: {chk}")
-            for p in ("official", "ours") + (("ours-cached",) if stage == 3 else ()) + (("ours-compiled",) if a.compile else ()):
+            for p in ("official", "ours") + (("ours-cached",) if stage == 3 else ()) + (
+                    ("ours-fused", "ours-compiled") if a.compile else ()):
+                if a.skip and p in a.skip.split(","):
+                    continue
                 r = _run(stage, p, a, precision=prec)
                 r["samples_per_s"] = a.batch_size / r["median_s"]
                 r["peak_fraction"] = r["step_gflop"] / r["median_s"] / rates[prec] if rates else None
@@ -355,6 +370,10 @@ def main():
                 out[f"stage{stage}_compiled_vs_eager{sfx}"] = round(u["median_s"] / c["median_s"], 3)
                 out[f"stage{stage}_compile_seconds{sfx}"] = round(c["compile_seconds"], 1)
                 out["compile_seconds"] = round(out.get("compile_seconds", 0.0) + c["compile_seconds"], 1)
+            f = res.get((stage, "ours-fused", prec))
+            if u and f:  # the element-wise ops fused (thinkrec/model/fused.py) against eager
+                out[f"stage{stage}_fused_vs_eager{sfx}"] = round(u["median_s"] / f["median_s"], 3)
+                out[f"stage{stage}_fused_compile_seconds{sfx}"] = round(f["compile_seconds"], 1)
             if u and u["peak_fraction"] is not None:
                 out[f"stage{stage}_peak_fraction" + ("" if prec == "fp32" else f"_{prec}")] = round(u["peak_fraction"], 3)
         if (stage, "ours", "bf16") in res and (stage, "ours", "fp32") in res:

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .lora import LoRAConfig, adapter_names, checkpoint_context, expert_weights, init_experts_from_global
 from .lora import inject_lora, last_layers, lora_modules, set_trainable
+from . import fused
 from .lowp import autocast
 from .packed import Packing, packed_supported, run_layers
 from .projector import CFProjector, scatter_placeholders
@@ -198,7 +199,7 @@ class ThinkRecLM(nn.Module):
 
     def finish(self, h, pk: Packing, inverse=None) -> torch.Tensor:
         """Final norm, then [B, T, D] (no selection) or the selected rows in the caller's order."""
-        h = self.llm.model.norm(h)
+        h = fused.rms_norm(self.llm.model.norm, h)
         return pk.unpack(h) if inverse is None else h[inverse]
 
     def _forward_hf(self, input_ids, attention_mask, cf_embeds, placeholder_mask, select, w=None):

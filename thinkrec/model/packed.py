@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .lora import LoRALinear
 
 PACKED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -89,13 +90,6 @@ class Packing:
         return out.index_copy(0, self.flat, x).view(self.B, self.T, *x.shape[1:])
 
 
-def _rope(x, cos, sin):
-    """x [n, H, d]; cos, sin [n, d] (HF's rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rot * sin[:, None]
-
-
 def _to_grid(x, pk: Packing):
     """[N, H, d] packed -> [B, H, L, d] right-aligned (zeros past each row's end)."""
     grid = x.new_zeros(pk.B * pk.L, *x.shape[1:]).index_copy(0, pk.slot, x)
@@ -135,7 +129,7 @@ def decoder_layer(layer, h, cos, sin, attend, lin, keep=None, lin_kept=None, kv_
     attn, mlp = layer.self_attn, layer.mlp
     d = attn.head_dim
     lq = lin if keep is None else lin_kept
-    x = layer.input_layernorm(h)
+    x = fused.rms_norm(layer.input_layernorm, h)
     q = None
     if not kv_only:
         xq = x if keep is None else x[keep]
@@ -143,10 +137,10 @@ def decoder_layer(layer, h, cos, sin, attend, lin, keep=None, lin_kept=None, kv_
     k = lin(attn.k_proj, x).view(len(x), -1, d)  # keys and values: every token
     v = lin(attn.v_proj, x).view(len(x), -1, d)
     if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE
-        q, k = (None if q is None else attn.q_norm(q)), attn.k_norm(k)
+        q, k = (None if q is None else fused.rms_norm(attn.q_norm, q)), fused.rms_norm(attn.k_norm, k)
     if q is not None:
-        q = _rope(q, *((cos, sin) if keep is None else (cos[keep], sin[keep])))
-    k = _rope(k, cos, sin)
+        q = fused.rope(q, *((cos, sin) if keep is None else (cos[keep], sin[keep])))
+    k = fused.rope(k, cos, sin)
     o = attend(q, k, v)
     if kv_only:
         return h
@@ -154,8 +148,8 @@ def decoder_layer(layer, h, cos, sin, attend, lin, keep=None, lin_kept=None, kv_
         h = h[keep]
     h = h + lq(attn.o_proj, o)
     # the Llama-family MLP, down(act(gate(x)) * up(x)), written out so LoRA on its linears gets w too
-    x = layer.post_attention_layernorm(h)
-    return h + lq(mlp.down_proj, mlp.act_fn(lq(mlp.gate_proj, x)) * lq(mlp.up_proj, x))
+    x = fused.rms_norm(layer.post_attention_layernorm, h)
+    return h + lq(mlp.down_proj, fused.silu_mul(mlp.act_fn, lq(mlp.gate_proj, x), lq(mlp.up_proj, x)))
 
 
 def layer_forward(layer, h, pk: Packing, cos, sin, keep=None, w_tok=None, merged=None):
