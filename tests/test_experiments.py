@@ -260,6 +260,13 @@ def test_headline_averages_seeds_and_reads_every_llm_row_beside_mf_and_the_floor
     again = main(argv + ["--seeds", "1"], log=lambda line: None)
     assert not (tmp_path / "runs").exists() and again["seeds"] == [0, 1]
     assert same(again["methods"], out["methods"]) and same(again["intervals"], out["intervals"])
+    # one method of a seed missing: only that one trains again, the other is read
+    headline.saved_scores(tmp_path / "results", "ThinkRec", 1).unlink()
+    part = main(argv + ["--seeds", "1"], log=lambda line: None)
+    assert (tmp_path / "runs" / "tiny-seed1" / "thinkrec" / "metrics.json").is_file()
+    assert not (tmp_path / "runs" / "tiny-seed1" / "collm").exists() and not (tmp_path / "runs" / "tiny").exists()
+    assert part["seeds"] == [0, 1] and [s["seed"] for s in part["methods"]["ThinkRec"]["per_seed"]] == [0, 1]
+    assert same(part["methods"]["CoLLM-style"], out["methods"]["CoLLM-style"])
     with pytest.raises(ExperimentError, match="scale tiny, not cpu-small"):
         main([*argv[:argv.index("--scale")], *argv[argv.index("--scale") + 2:], "--scale", "cpu-small"],
              log=lambda line: None)

@@ -10,8 +10,9 @@ traces and the two LLM runs, train.py --seed k), every run scoring the official 
 --test-rows official --max-test-samples 0). MF is each seed's CF model on the same rows, the like-rate floor
 the train split's counts (the same for every seed). Writes RESULTS/headline.{json,md,png} and each run's
 scored rows, trimmed to what a headline reads, as RESULTS/headline_scores/<method>-seed<k>.jsonl: a seed whose
-files are there is read from them, not trained again, so seeds can be run on different days or machines
-(`--seeds 1`, later `--seeds 2`) and the table always covers every seed scored into RESULTS:
+files are there is read from them, not trained again (per method: a seed with CoLLM-style saved trains
+ThinkRec alone), so seeds can be run on different days or machines (`--seeds 1`, later `--seeds 2`) and the
+table always covers every method and seed scored into RESULTS:
 
     {"population", "rows", "scale", "seeds", "methods": {name: {"auc", "uauc"[, "per_seed"]}},
      "intervals": {name: {"auc": [lo, hi], "uauc": [lo, hi], "vs": {"MF" | "like-rate": {"auc", "uauc",
@@ -57,39 +58,45 @@ def saved_scores(results: Path, label: str, seed: int) -> Path:
     return Path(results) / SCORES / f"{slug}-seed{seed}.jsonl"
 
 
-def _saved_seeds(results: Path, scale: str) -> list:
-    """The seeds whose every headline method is saved in RESULTS (at `scale`: another scale's are an error)."""
-    seeds = sorted({int(m.group(1)) for f in (Path(results) / SCORES).glob("*.jsonl")
-                    if (m := re.search(r"-seed(\d+)\.jsonl$", f.name))})
-    seeds = [s for s in seeds if all(saved_scores(results, label, s).is_file() for label, _ in HEADLINE)]
+def _saved(results: Path, scale: str) -> set:
+    """{(label, seed)} of the headline methods whose scored rows are saved in RESULTS (at `scale`: another
+    scale's are an error)."""
+    seeds = {int(m.group(1)) for f in (Path(results) / SCORES).glob("*.jsonl")
+             if (m := re.search(r"-seed(\d+)\.jsonl$", f.name))}
+    have = {(label, seed) for label, _ in HEADLINE for seed in seeds if saved_scores(results, label, seed).is_file()}
     summary = Path(results) / "headline.json"
-    if seeds and summary.is_file():
+    if have and summary.is_file():
         were = read_json(summary, f"delete {summary.parent / SCORES}/ to score every seed again").get("scale")
         if were != scale:
             raise ExperimentError(f"{summary.parent / SCORES} holds scores of scale {were}, not {scale}: give "
                                   f"another --results directory (or delete that one to start over)")
-    return seeds
+    return have
 
 
 def run(cfg: Config, seeds, results: Path, log) -> dict:
-    """Train and score what is missing for every seed, then write RESULTS/headline.* over the seeds asked and
-    every seed saved in RESULTS before; returns the summary."""
+    """Train and score what is missing of every seed asked, then write RESULTS/headline.* over those seeds and
+    every method and seed saved in RESULTS before; returns the summary."""
     scored = {}
-    saved = _saved_seeds(results, cfg.scale)
-    for seed in sorted(set(seeds) | set(saved)):
-        if seed in saved:
-            log(f"headline, seed {seed}: scored before, read from {results / SCORES}")
-            scored.update({(label, seed): saved_scores(results, label, seed) for label, _ in HEADLINE})
+    saved = _saved(results, cfg.scale)
+    for seed in sorted(set(seeds) | {s for _, s in saved}):
+        todo = [(label, name) for label, name in HEADLINE if (label, seed) not in saved]
+        scored.update({(label, seed): saved_scores(results, label, seed) for label, _ in HEADLINE
+                       if (label, seed) in saved})
+        if len(todo) < len(HEADLINE):
+            log(f"headline, seed {seed}: {', '.join(l for l, _ in HEADLINE if (l, seed) in saved)} scored before, "
+                f"read from {results / SCORES}")
+        if not todo or seed not in seeds:
             continue
         c = seed_config(cfg, seed)
         log(f"headline, seed {seed}: runs in {c.runs}")
         prep = shared_data(c, log)
         cf_model(c, prep, "mf", log)
-        if any(SETTINGS[name].traces for _, name in HEADLINE):
+        if any(SETTINGS[name].traces for _, name in todo):
             shared_traces(c, log)
-        for label, name in HEADLINE:
+        for label, name in todo:
             run_setting(c, SETTINGS[name], log)
             scored[(label, seed)] = c.runs / name
+    scored = {k: scored[k] for k in sorted(scored, key=lambda k: ([l for l, _ in HEADLINE].index(k[0]), k[1]))}
     out = summarize(scored, cfg.scale, sorted({seed for _, seed in scored}))
     paths = write(out, results, scored)
     log(f"headline: wrote {', '.join(str(p) for p in paths)}")
@@ -128,11 +135,10 @@ def summarize(scored: dict, scale: str, seeds: list) -> dict:
                                   f"{scored[next(iter(recs))]}: the headline needs every run on the same rows")
     users, labels = [x["user_id"] for x in first], [x["label"] for x in first]
     sets, averages = {"like-rate": [x["like_rate_score"] for x in first]}, {}
-    first_label = next(iter(recs))[0]
     for (label, seed), r in recs.items():
         sets[f"{label}@{seed}"] = [x["score"] for x in r]
         averages.setdefault(label, []).append(f"{label}@{seed}")
-        if label == first_label:  # each seed's CF model, read from the first method's runs
+        if f"MF@{seed}" not in sets:  # each seed's CF model, read from the first of its runs
             sets[f"MF@{seed}"] = [x["mf_score"] for x in r]
             averages.setdefault("MF", []).append(f"MF@{seed}")
     point = {k: evaluate(users, v, labels) for k, v in sets.items()}
