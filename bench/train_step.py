@@ -18,6 +18,13 @@ split `../shared/data/ml1m-collm` read through the data layer's `csv` source):
   its warm-up compiles every batch's shape, `compile_seconds` is that warm-up less as many compiled steps.
 - `ours-fused` (`--compile`): ours with only the element-wise ops compiled (thinkrec/model/fused.py: RMSNorm,
   SiLU * up, RoPE; dynamic shapes, so one compile serves every batch), what `--fused-ops on` runs.
+- `ours-shared` (`--share-prefix`): ours computing the prompt prefix that rows of one user and one history
+  share once per batch (train.py --share-prefix). With this flag every provider times the batches that
+  train.py --share-prefix draws (the grouped sampler's first batches of an epoch over the train split, rows of
+  a group together), so `stage{n}_shared_vs_eager[_bf16]` (ours / ours-shared) compares the same rows, and
+  `stage{n}_shared_token_fraction` is the share of those batches' real tokens computed once less. Batches
+  differ in how much they share (many share nothing), so that ratio is of MEAN step times over whole cycles
+  of the batches (--repeats a multiple of --batches; e.g. --batches 12 --repeats 12), not of medians.
 Precisions (`--precisions`, thinkrec/precision.py): fp32, and bf16 where the CPU has native bf16
 (avx512_bf16 / amx_bf16; else skipped: --force-slow times it anyway). At bf16 `ours` stores
 the frozen weights in bf16 (LoRA and AdamW fp32) and `official` runs the HF + peft recipe under
@@ -48,20 +55,29 @@ from _util import ml1m_prepared, peak_memory, print_json, reset_peak_memory, run
 YES_W, LM_W = 0.9, 0.1  # plain samples
 
 
-def _batches(lm, tok, mode, n_batches, batch_size, seed=0):
-    """Real prompts: the first train rows of n_batches * batch_size random users' histories."""
+def _batches(lm, tok, mode, n_batches, batch_size, seed=0, grouped=False, share=False):
+    """Real prompts: n_batches * batch_size random train rows, or (grouped) the first n_batches batches
+    that train.py --share-prefix draws (rows of one user and one history together); share: collated with
+    their shared prefixes marked (what ours-shared runs)."""
     import numpy as np
 
-    from thinkrec.data.tokenize import PromptBuilder
     from thinkrec.batches import collate
+    from thinkrec.data.sampler import LengthBucketSampler
+    from thinkrec.data.tokenize import PromptBuilder
+    from thinkrec.train.data import SampleSet
 
     prep = ml1m_prepared()
     b = PromptBuilder(prep, tok, mode=mode, max_len=1024, placeholder_ids=lm.placeholder_token_ids)
-    rows = np.random.default_rng(seed).choice(np.flatnonzero(prep.inter.split == 0), n_batches * batch_size, False)
-    out = []
-    for k in range(n_batches):
-        idx = rows[k * batch_size:(k + 1) * batch_size]
-        out.append(collate([b.sample(int(r)) for r in idx], prep.inter.user[idx], tok.pad_token_id))
+    train = np.flatnonzero(prep.inter.split == 0)
+    if grouped:
+        sset = SampleSet(b, train)
+        order = LengthBucketSampler(sset.lengths, batch_size, seed=seed, groups=sset.prefix_groups).batches()
+        picks = [train[np.asarray(i)] for i in order[:n_batches]]
+    else:
+        rows = np.random.default_rng(seed).choice(train, n_batches * batch_size, False)
+        picks = [rows[k * batch_size:(k + 1) * batch_size] for k in range(n_batches)]
+    out = [collate([b.sample(int(r)) for r in idx], prep.inter.user[idx], tok.pad_token_id, share=share)
+           for idx in picks]
     return out, prep
 
 
@@ -127,6 +143,8 @@ def _our_step(lm, fwd, batch, cf, groups, cached):
 
     w = None if groups is None else one_hot_experts(groups, lm.n_experts).to(batch.input_ids.device)
     kw = {"keys": [("plain", int(r)) for r in batch.rows]} if cached else {}
+    if batch.share is not None:
+        kw["share"] = batch.share
     h = fwd(batch.input_ids, batch.attention_mask, cf_embeds=cf, placeholder_mask=batch.ph_mask,
             select=loss_positions(batch), expert_weights=w, **kw)
     return batch_loss(h, lm.lm_head_weight, lm.yes_token_id, batch)[0]
@@ -167,10 +185,15 @@ def worker(args):
         g = torch.Generator().manual_seed(1)
         for mod in lm.lora_layers().values():
             mod.lora_B[0].copy_(0.01 * torch.randn(mod.lora_B[0].shape, generator=g))
-    batches, prep = _batches(lm, tok, "text" if args.stage == 1 else "ids", args.batches, args.batch_size)
+    shared = args.provider == "ours-shared"
+    batches, prep = _batches(lm, tok, "text" if args.stage == 1 else "ids", args.batches, args.batch_size,
+                             grouped=args.share_prefix, share=shared)
     ue, ie = _cf_tables(prep) if args.stage == 3 else (None, None)
     cfs = [cf_inputs(b, ue, ie) for b in batches]
-    groups = [torch.arange(len(b.labels)) % args.experts for b in batches]  # every batch mixes the groups
+    if args.share_prefix:  # a user's rows share a route (as in training); still every batch mixes the groups
+        groups = [torch.as_tensor(b.users) % args.experts for b in batches]
+    else:
+        groups = [torch.arange(len(b.labels)) % args.experts for b in batches]  # every batch mixes the groups
     cached = args.provider == "ours-cached"
     compiled = args.provider == "ours-compiled"
     if compiled:  # the layer function under Inductor, static shapes (dynamic=True fails on the packed layout)
@@ -237,15 +260,18 @@ def worker(args):
     flops = sum(_step_flops(lm, batches[r % len(batches)], args.stage, cached)
                 for r in range(args.repeats)) / args.repeats
     med = statistics.median(times)
-    print_json({"median_s": med, "times": times, "peak_mb": peak / 2**20, "tokens_per_batch": tokens,
-                "step_gflop": flops / 1e9,
+    computed = sum(int(batches[r % len(batches)].attention_mask.sum())
+                   - (0 if batches[r % len(batches)].share is None else int(batches[r % len(batches)].share_len.sum()))
+                   for r in range(args.repeats)) / args.repeats
+    print_json({"median_s": med, "mean_s": statistics.fmean(times), "times": times, "peak_mb": peak / 2**20, "tokens_per_batch": tokens,
+                "tokens_computed": computed, "step_gflop": flops / 1e9,
                 "compile_seconds": max(0.0, warm_s - len(batches) * med) if compiled else None})
 
 
 def _run(stage, provider, a, check=False, precision="fp32", profile=0):
     args = ["--worker", "--stage", stage, "--provider", provider, "--repeats", a.repeats, "--batches", a.batches,
             "--batch-size", a.batch_size, "--device", a.device, "--experts", a.experts, "--precision", precision,
-            "--profile", profile]
+            "--profile", profile] + (["--share-prefix"] if a.share_prefix else [])
     args += (["--model", a.model] if a.model else []) + (["--check"] if check else [])
     return run_worker(os.path.abspath(__file__), args)
 
@@ -267,6 +293,8 @@ def main():
                          "the N operators with the most self time")
     ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile (Inductor) of the "
                     "layer function: compile_seconds (every batch shape compiled once) and the compiled step")
+    ap.add_argument("--share-prefix", action="store_true", help="time the batches train.py --share-prefix draws, "
+                    "and ours-shared: their common prompt prefixes computed once")
     ap.add_argument("--skip", default="", help="providers not to time, comma-separated (e.g. ours-compiled); the "
                     "ratios that need them are left out")
     ap.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
@@ -278,6 +306,9 @@ def main():
     if {"official", "ours"} & set(a.skip.split(",")):
         ap.error("--skip: official and ours are the reference of every ratio; skip ours-cached, ours-fused or "
                  "ours-compiled")
+    if a.share_prefix and a.repeats % a.batches:
+        ap.error(f"--share-prefix compares mean step times over whole cycles of the batches: --repeats {a.repeats} "
+                 f"must be a multiple of --batches {a.batches}")
     if a.worker:
         from thinkrec.runtime import tune_malloc
 
@@ -337,7 +368,8 @@ def main():
                 if abs(chk["ours"] - ref["ours"]) / max(1.0, abs(ref["ours"])) > 5e-2:  # a bug, not rounding
                     raise SystemExit(f"stage {stage} {prec}: our loss is off the fp32 loss before timing: {chk}")
             for p in ("official", "ours") + (("ours-cached",) if stage == 3 else ()) + (
-                    ("ours-fused", "ours-compiled") if a.compile else ()):
+                    ("ours-fused", "ours-compiled") if a.compile else ()) + (
+                    ("ours-shared",) if a.share_prefix else ()):
                 if a.skip and p in a.skip.split(","):
                     continue
                 r = _run(stage, p, a, precision=prec)
@@ -375,6 +407,10 @@ def main():
             if u and f:  # the element-wise ops fused (thinkrec/model/fused.py) against eager
                 out[f"stage{stage}_fused_vs_eager{sfx}"] = round(u["median_s"] / f["median_s"], 3)
                 out[f"stage{stage}_fused_compile_seconds{sfx}"] = round(f["compile_seconds"], 1)
+            sh = res.get((stage, "ours-shared", prec))
+            if u and sh:  # the same rows with their shared prefixes computed once
+                out[f"stage{stage}_shared_vs_eager{sfx}"] = round(u["mean_s"] / sh["mean_s"], 3)
+                out[f"stage{stage}_shared_token_fraction"] = round(1 - sh["tokens_computed"] / sh["tokens_per_batch"], 3)
             if u and u["peak_fraction"] is not None:
                 out[f"stage{stage}_peak_fraction" + ("" if prec == "fp32" else f"_{prec}")] = round(u["peak_fraction"], 3)
         if (stage, "ours", "bf16") in res and (stage, "ours", "fp32") in res:

@@ -10,6 +10,13 @@ fed); row b of the batch is left-padded to T = max_b len(x_b), offset o_b = T - 
     answer positions  = (b, o_b + P_b - 1 + j), j < A_b   predicting a[j]  (flattened, row-major)
     placeholder mask  = (b, o_b + ph_pos)              CF slots, filled by the projector in prompt order
 
+Shared prefixes (`collate(..., share=True)`): a row whose first n >= MIN_SHARED tokens equal those of an
+earlier row of the same user (same tokens, same CF slots; rows of one user rated in the same second have one
+history, so their prompts differ from the target item on) names that row its lead: share_lead[b], share_len[b]
+= n (0 for the rest). The padding-free forward then computes those tokens once (thinkrec/model/packed.py), and
+ph_kind / ph_index leave out the slots among them (their CF vectors come from the lead row). Only prompt tokens
+before the Yes position are shared, so every row computes its own Yes position and answer.
+
 Losses are sums divided by counts of the GLOBAL batch (`n_rows`, `n_tokens`), so shards of one batch on
 several ranks add up to the loss of the whole batch (see thinkrec/train/ddp.py).
 """
@@ -37,6 +44,13 @@ class Batch:
     reasoning: bool  # every row carries a reasoning trace (homogeneous batches, see loop.py)
     n_rows: int  # rows of the global batch this one is a shard of
     n_tokens: int  # answer tokens of the global batch
+    share_lead: torch.Tensor | None = None  # [B] int64: the row whose prefix row b reuses (b: none)
+    share_len: torch.Tensor | None = None  # [B] int64: how many leading tokens it reuses (0: none)
+
+    @property
+    def share(self):
+        """The forward's `share` argument: (lead, n), or None when no row reuses another's prefix."""
+        return None if self.share_len is None else (self.share_lead, self.share_len)
 
     def to(self, device) -> "Batch":
         out = Batch(**self.__dict__)
@@ -46,14 +60,48 @@ class Batch:
         return out
 
 
+MIN_SHARED = 16  # tokens: a shorter common prefix is not worth a gathered attention grid
+
+
+def _slot_keys(s) -> np.ndarray:
+    """The tokens the model reads for sample s, CF slots replaced by a negative code of (index, kind), so
+    equal keys mean equal embeddings."""
+    x = np.concatenate([s.input_ids, s.answer_ids[:-1]]).astype(np.int64)
+    pos = np.asarray(s.ph_pos, dtype=np.int64)
+    x[pos] = -(3 + 2 * np.asarray(s.ph_index, dtype=np.int64) + np.asarray(s.ph_kind, dtype=np.int64))
+    return x
+
+
+def shared_prefixes(samples, users, min_len: int = MIN_SHARED):
+    """(lead [B], n [B]) int64: for each row the earlier row of the same user with which it shares the longest
+    common prefix of at least min_len tokens (never past its own Yes position), or (itself, 0). Lead rows
+    share nothing themselves."""
+    B = len(samples)
+    lead, n = np.arange(B, dtype=np.int64), np.zeros(B, dtype=np.int64)
+    keys = [_slot_keys(s) for s in samples]
+    users = np.asarray(users)
+    for b in range(B):
+        for a in range(b):
+            if n[a] or users[a] != users[b]:
+                continue
+            k = min(len(keys[a]), samples[b].yes_pos)
+            diff = np.flatnonzero(keys[a][:k] != keys[b][:k])
+            common = int(diff[0]) if len(diff) else k
+            if common >= min_len and common > n[b]:
+                lead[b], n[b] = a, common
+    return lead, n
+
+
 def collate(samples, users, pad_id: int, reasoning: bool = False, n_rows: int = None,
-            n_tokens: int = None) -> Batch:
+            n_tokens: int = None, share: bool = False) -> Batch:
     """Stack `samples` (list of Sample) into a left-padded Batch. users: [B] user index per sample.
 
     n_rows / n_tokens: sizes of the global batch when these samples are one rank's shard (default: this).
+    share: find rows that reuse another row's prefix (module docstring; padding-free models only).
     """
     if not samples:
         raise ValueError("collate: empty list of samples")
+    lead, shared = shared_prefixes(samples, users) if share else (None, None)
     lens = [len(s.input_ids) + len(s.answer_ids) - 1 for s in samples]
     B, T = len(samples), max(lens)
     ids = np.full((B, T), pad_id, dtype=np.int64)
@@ -71,9 +119,11 @@ def collate(samples, users, pad_id: int, reasoning: bool = False, n_rows: int = 
         ans_row.append(np.full(A, b, dtype=np.int64))
         ans_col.append(yes_col[b] + np.arange(A, dtype=np.int64))
         ans_tgt.append(np.asarray(s.answer_ids, dtype=np.int64))
-        ph[b, o + np.asarray(s.ph_pos, dtype=np.int64)] = True
-        kinds.append(np.asarray(s.ph_kind, dtype=np.int64))
-        index.append(np.asarray(s.ph_index, dtype=np.int64))
+        ph_pos = np.asarray(s.ph_pos, dtype=np.int64)
+        ph[b, o + ph_pos] = True
+        own = slice(None) if shared is None else ph_pos >= shared[b]  # slots the row computes itself
+        kinds.append(np.asarray(s.ph_kind, dtype=np.int64)[own])
+        index.append(np.asarray(s.ph_index, dtype=np.int64)[own])
     t = torch.from_numpy
     n_ans = sum(len(s.answer_ids) for s in samples)
     return Batch(
@@ -83,6 +133,7 @@ def collate(samples, users, pad_id: int, reasoning: bool = False, n_rows: int = 
         ph_mask=t(ph), ph_kind=t(np.concatenate(kinds)), ph_index=t(np.concatenate(index)),
         rows=np.array([s.row for s in samples], dtype=np.int64), users=torch.as_tensor(np.asarray(users), dtype=torch.long),
         reasoning=reasoning, n_rows=B if n_rows is None else n_rows, n_tokens=n_ans if n_tokens is None else n_tokens,
+        **({} if shared is None or not shared.any() else {"share_lead": t(lead), "share_len": t(shared)}),
     )
 
 

@@ -142,7 +142,7 @@ class ThinkRecLM(nn.Module):
         return scatter_placeholders(embeds, mask, self.projector(cf_embeds))
 
     def forward(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, select=None,
-                expert_weights=None):
+                expert_weights=None, share=None):
         """Final hidden states (after the last norm): [B, T, D] (zeros at padding), or [S, D] at the grid
         positions select = (rows [S], cols [S]) (repeats allowed; padding positions are an error).
 
@@ -150,14 +150,19 @@ class ThinkRecLM(nn.Module):
         for the P placeholder positions in row-major order, placeholder_mask: [B, T] bool (default: from
         the ids), expert_weights: [B, E] per-row adapter weights, [E] for all rows, or None (global).
         Positions count real tokens only, so a row's result does not depend on its padding.
+        share: (lead [B], n [B]): row b's first n_b tokens are row lead_b's and are computed once there
+        (thinkrec/model/packed.py); cf_embeds then holds the slots of the tokens computed, i.e. none of the
+        shared positions of the rows that are not leads. Padding-free models only.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         with self.autocast():
             if not self.packed:
+                if share is not None:
+                    raise ValueError(f"shared prefixes need the padding-free forward: {self.unpacked_reason}")
                 return self._forward_hf(input_ids, attention_mask, cf_embeds, placeholder_mask, select,
                                         expert_weights)
-            pk = Packing.from_mask(attention_mask)
+            pk = Packing.from_mask(attention_mask, share)
             h = self.embed_packed(pk, input_ids, cf_embeds, placeholder_mask)
             keep, inv = self.select_index(pk, select)
             h = self.run_layers(h, pk, 0, len(self.llm.model.layers), keep, expert_weights)

@@ -22,6 +22,14 @@ per kept token for the modules that only see kept tokens; every linear layer is 
 weights of the tokens it sees (`_linear`), so nothing is stored in the modules and gradient checkpointing's
 recompute gets the same weights as arguments. `merged` ({LoRALinear: nn.Linear}) runs given layers with
 merged weights instead (stage 3's frozen prefix) without touching the model.
+
+Shared prefixes (`share` = (lead [B], n [B])): row b's first n_b real tokens are the same tokens, at the same
+positions, as row lead_b's (rows of one user with one history: thinkrec.batches.collate finds them). They
+are packed once, in the lead row, so every linear layer, norm and MLP runs on them once; attention still
+runs per row, its key/value grid gathered (`gather`) from the packed tokens, so row b's own tokens see the
+lead row's keys and values at the shared positions and the backward adds their gradients up there. Each
+token's output is read from its own row's slot, as without sharing. A row's result is the same whether
+its prefix was shared or not, up to float rounding.
 """
 
 from dataclasses import dataclass
@@ -49,50 +57,82 @@ def packed_supported(config) -> str:
 
 @dataclass
 class Packing:
-    """Where the real tokens of a padded [B, T] batch go. All index tensors are on the batch's device."""
+    """Where the real tokens of a padded [B, T] batch go. All index tensors are on the batch's device.
+    With shared prefixes, N counts each shared token once (in its lead row)."""
 
-    flat: torch.Tensor  # [N] indices of real tokens in the row-major [B * T] grid
+    flat: torch.Tensor  # [N] indices of the packed tokens in the row-major [B * T] grid
     row: torch.Tensor  # [N] row of each token
     pos: torch.Tensor  # [N] position of each token among its row's real tokens (RoPE position)
     slot: torch.Tensor  # [N] row * L + pos: the token's place in the right-aligned [B, L] attention layout
-    lengths: torch.Tensor  # [B]
+    lengths: torch.Tensor  # [B] real tokens of each row, shared ones included
     B: int
     T: int
     L: int
+    grid: torch.Tensor  # [B * T] packed index of every grid position (-1 at padding; a shared one: its lead's)
+    gather: torch.Tensor | None = None  # [B * L] packed index of each attention slot (N = padding); None: no sharing
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> "Packing":
+    def from_mask(cls, attention_mask: torch.Tensor, share=None) -> "Packing":
+        """share: None, or (lead [B], n [B]) long: row b's first n_b real tokens are row lead_b's (a lead row
+        shares nothing itself: n = 0 where lead_b = b)."""
         B, T = attention_mask.shape
         m = attention_mask.bool()
+        dev = m.device
         lengths = m.sum(1)
-        flat = m.reshape(-1).nonzero().squeeze(1)
-        row = torch.div(flat, T, rounding_mode="floor")
-        pos = (m.long().cumsum(1) - 1).reshape(-1)[flat]
         L = max(int(lengths.max()), 1) if B else 1
-        return cls(flat, row, pos, row * L + pos, lengths, B, T, L)
+        pos_grid = m.long().cumsum(1) - 1
+        n = None
+        if share is not None:
+            lead, n = (torch.as_tensor(x, dtype=torch.long, device=dev) for x in share)
+            if not bool((n > 0).any()):
+                n = None
+            elif bool(((n > 0) & ((n[lead] > 0) | (n > lengths) | (n > lengths[lead]))).any()):
+                raise ValueError("share: a lead row shares a prefix itself, or a shared prefix is longer "
+                                 "than one of its rows")
+        own = m if n is None else m & (pos_grid >= n[:, None])
+        flat = own.reshape(-1).nonzero().squeeze(1)
+        row = torch.div(flat, T, rounding_mode="floor")
+        pos = pos_grid.reshape(-1)[flat]
+        N = len(flat)
+        table = torch.full((B, L), -1 if n is None else N, dtype=torch.long, device=dev)  # [row, pos] -> packed
+        table[row, pos] = torch.arange(N, device=dev)
+        gather = None
+        if n is not None:  # shared positions take the lead row's packed tokens
+            shared = torch.arange(L, device=dev)[None, :] < n[:, None]
+            table = torch.where(shared, table[lead], table)
+            gather = table.reshape(-1)
+        grid = torch.where(m, table.gather(1, pos_grid.clamp(min=0)), -1).reshape(-1)
+        return cls(flat, row, pos, row * L + pos, lengths, B, T, L, grid, gather)
 
     def index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Packed index of grid positions (rows, cols); every position must be a real token."""
-        grid = torch.full((self.B * self.T,), -1, dtype=torch.long, device=self.flat.device)
-        grid[self.flat] = torch.arange(len(self.flat), device=self.flat.device)
-        out = grid[rows * self.T + cols]
+        out = self.grid[rows * self.T + cols]
         if bool((out < 0).any()):
             raise ValueError("a selected position is a padding token")
         return out
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] -> [N, ...]."""
+        """[B, T, ...] -> [N, ...] (a shared token: its lead row's)."""
         return x.reshape(self.B * self.T, *x.shape[2:])[self.flat]
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, ...] -> [B, T, ...] with zeros at padding."""
+        """[N, ...] -> [B, T, ...] with zeros at padding (shared positions repeat their lead row's)."""
+        if self.gather is None:
+            out = x.new_zeros(self.B * self.T, *x.shape[1:])
+            return out.index_copy(0, self.flat, x).view(self.B, self.T, *x.shape[1:])
+        real = self.grid >= 0
         out = x.new_zeros(self.B * self.T, *x.shape[1:])
-        return out.index_copy(0, self.flat, x).view(self.B, self.T, *x.shape[1:])
+        out[real] = x[self.grid[real]]
+        return out.view(self.B, self.T, *x.shape[1:])
 
 
 def _to_grid(x, pk: Packing):
-    """[N, H, d] packed -> [B, H, L, d] right-aligned (zeros past each row's end)."""
-    grid = x.new_zeros(pk.B * pk.L, *x.shape[1:]).index_copy(0, pk.slot, x)
+    """[N, H, d] packed -> [B, H, L, d] right-aligned (zeros past each row's end; shared positions: the lead
+    row's tokens)."""
+    if pk.gather is None:
+        grid = x.new_zeros(pk.B * pk.L, *x.shape[1:]).index_copy(0, pk.slot, x)
+    else:
+        grid = torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, pk.gather)
     return grid.view(pk.B, pk.L, *x.shape[1:]).transpose(1, 2)
 
 

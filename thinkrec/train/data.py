@@ -43,6 +43,13 @@ class SampleSet:
         return self.builder.prep.inter.user[self.rows]
 
     @property
+    def prefix_groups(self) -> np.ndarray:
+        """[n] int: one id per (user, history) among the rows, i.e. per prompt prefix up to the target (rows of
+        one user rated in the same second), for the sampler that keeps such rows in one batch."""
+        key = np.column_stack([self.users, self.builder.hist[self.rows]])
+        return np.unique(key, axis=0, return_inverse=True)[1].reshape(-1)
+
+    @property
     def labels(self) -> np.ndarray:
         return self.builder.prep.inter.label[self.rows]
 

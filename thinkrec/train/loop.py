@@ -63,6 +63,7 @@ class LoopConfig:
     seed: int = 0
     max_grad_norm: float = 0.0  # 0 = no clipping (the official recipe clips nothing)
     grad_ckpt: bool = False
+    share_prefix: bool = False  # rows of one user and history drawn together, their prompt prefix computed once
     eval_batch_size: int = 16
     ckpt_every: int = 10  # optimizer steps between checkpoints (also after every evaluation and at the end)
     ckpt_minutes: float = 2.0  # and at least this often, so a kill loses minutes, not a stage
@@ -140,6 +141,8 @@ def _forward(lm, inputs: StageInputs, batch: Batch, select=None, cache_tag: str 
     """Hidden states at `select` = (rows, cols) ([B, T, D] if None), each row with its route's adapter
     weights. `cache_tag` names the sample set, so the frozen prefix can cache rows by (tag, data row)."""
     kw = _model_inputs(inputs, batch)
+    if batch.share is not None:
+        kw["share"] = batch.share
     if inputs.prefix is None:
         return lm(batch.input_ids, batch.attention_mask, select=select, **kw)
     keys = None if cache_tag is None else _cache_keys(cache_tag, batch)
@@ -196,12 +199,14 @@ class MixedSampler:
     per-epoch batch order. A pure function of (micro, cursors), so a resumed run draws what an unbroken one
     would have."""
 
-    def __init__(self, inputs: StageInputs, cfg: LoopConfig, d: Dist):
+    def __init__(self, inputs: StageInputs, cfg: LoopConfig, d: Dist, share: bool = False):
         self.inputs, self.cfg, self.d = inputs, cfg, d
         self.sets = {"plain": inputs.plain}
         if inputs.reasoning is not None and len(inputs.reasoning) and cfg.reason_prob > 0:
             self.sets["reason"] = inputs.reasoning
-        self.samplers = {k: LengthBucketSampler(s.lengths, cfg.batch_size, seed=cfg.seed + i)  # plain: seed, reason: +1
+        self.share = share
+        self.samplers = {k: LengthBucketSampler(s.lengths, cfg.batch_size, seed=cfg.seed + i,  # plain: seed, reason: +1
+                                                groups=s.prefix_groups if self.share else None)
                          for i, (k, s) in enumerate(self.sets.items())}
         self._epoch = {k: (None, []) for k in self.sets}  # set -> (epoch, that epoch's batch order)
 
@@ -226,7 +231,7 @@ class MixedSampler:
         mine = shard(range(len(idx)), self.d.rank, self.d.world)
         return kind, collate([samples[i] for i in mine], sset.users[[idx[i] for i in mine]], self.inputs.pad_id,
                              kind == "reason", n_rows=len(idx),
-                             n_tokens=sum(len(s.answer_ids) for s in samples)).to(self.d.device)
+                             n_tokens=sum(len(s.answer_ids) for s in samples), share=self.share).to(self.d.device)
 
     def refill_prefix_cache(self, lm, micro: int) -> None:
         """The frozen prefix's cache is not in a checkpoint: refill it from the `micro` batches drawn before, in
@@ -302,6 +307,17 @@ class CheckpointClock:
         self.d.barrier()
 
 
+def _can_share(lm, inputs: StageInputs, log, desc: str) -> bool:
+    """Whether training batches may share prompt prefixes: the padding-free forward computes them once, but
+    the padded HF forward cannot, and the frozen prefix's cache keeps whole rows (with it, every epoch after
+    the first skips the shared part anyway)."""
+    why = (f"the model has no padding-free forward ({lm.unpacked_reason})" if not lm.packed
+           else "the frozen prefix's cache is on" if inputs.prefix is not None and inputs.prefix.caching else "")
+    if why:
+        log(f"[{desc}] --share-prefix is off: {why}")
+    return not why
+
+
 def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist = Dist(), resume=True,
                 log=print) -> dict:
     """Train the parameters of `lm` that require grad; returns {"state": LoopState, "best": {name: tensor}
@@ -315,7 +331,8 @@ def train_stage(lm, inputs: StageInputs, cfg: LoopConfig, ckpt_dir=None, d: Dist
         raise ValueError("the model has no trainable parameters (see ThinkRecLM.set_trainable)")
     params = list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = MixedSampler(inputs, cfg, d)
+    share = cfg.share_prefix and _can_share(lm, inputs, log, cfg.desc)
+    sampler = MixedSampler(inputs, cfg, d, share)
     select = Selection(inputs, cfg, named, d, log)
     n_micro = sampler.micro_batches()
     total = math.ceil(n_micro / cfg.accum)

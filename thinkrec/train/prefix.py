@@ -71,13 +71,15 @@ class FrozenPrefix:
             return self.lm.run_layers(h, pk, 0, self.split, expert_weights=expert_weights, merged=self.merged)
 
     def __call__(self, input_ids, attention_mask=None, cf_embeds=None, placeholder_mask=None, select=None,
-                 expert_weights=None, keys=None):
+                 expert_weights=None, keys=None, share=None):
         """Same contract as ThinkRecLM.forward. keys: one hashable per row naming the sample, for the
-        prefix cache (None = no caching)."""
+        prefix cache (None = no caching); a batch with shared prefixes neither reads nor fills the cache
+        (its rows do not own all their tokens)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        pk = Packing.from_mask(attention_mask)
-        mid = self._middle(pk, input_ids, cf_embeds, placeholder_mask, expert_weights, keys)
+        pk = Packing.from_mask(attention_mask, share)
+        mid = self._middle(pk, input_ids, cf_embeds, placeholder_mask, expert_weights,
+                           keys if pk.gather is None else None)
         keep, inv = self.lm.select_index(pk, select)
         with self.lm.autocast():
             h = self.lm.run_layers(mid, pk, self.split, self.n_layers, keep, expert_weights)
