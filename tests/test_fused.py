@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from tests.test_model_packed import _batch, _loss_and_grads, _tiny
+from tests.test_model_packed import _loss_and_grads, trainable_case
 from thinkrec.model import fused
 from thinkrec.train.losses import loss_positions
 
@@ -51,10 +51,7 @@ def test_compiled_ops_match_the_references_at_any_token_count(compiled, name, dt
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_model_with_fused_ops_matches_eager(kind):
-    lm = _tiny(kind)
-    lm.set_trainable(layers=None, adapters=None, projector=True)
-    b, cf = _batch(seed=4)
-    w = torch.softmax(torch.randn(len(b.labels), lm.n_adapters, generator=torch.Generator().manual_seed(5)), -1)
+    lm, b, cf, w = trainable_case(kind)
     loss_e, g_e = _loss_and_grads(lm, b, cf, w, packed=True)
     with torch.no_grad():
         h_e = lm(b.input_ids, b.attention_mask, cf_embeds=cf, placeholder_mask=b.ph_mask, select=loss_positions(b),

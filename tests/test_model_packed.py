@@ -85,12 +85,18 @@ def test_packed_forward_matches_hf_padded_forward(kind):
         torch.testing.assert_close(sel, ref[rows[perm], cols[perm]], atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_packed_gradients_match_hf(kind):
+def trainable_case(kind: str):
+    """(lm with every LoRA and the projector trainable, batch, CF vectors, per-row expert mixtures)."""
     lm = _tiny(kind)
     lm.set_trainable(layers=None, adapters=None, projector=True)
     b, cf = _batch(seed=4)
     w = torch.softmax(torch.randn(len(b.labels), lm.n_adapters, generator=torch.Generator().manual_seed(5)), -1)
+    return lm, b, cf, w
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_packed_gradients_match_hf(kind):
+    lm, b, cf, w = trainable_case(kind)
     loss_p, g_p = _loss_and_grads(lm, b, cf, w, packed=True)
     loss_h, g_h = _loss_and_grads(lm, b, cf, w, packed=False)
     torch.testing.assert_close(loss_p, loss_h, atol=1e-5, rtol=1e-5)
