@@ -151,10 +151,10 @@ def _our_step(lm, fwd, batch, cf, groups, cached):
 
 
 def _step_flops(lm, batch, stage, cached=False, k=8):
-    """FLOPs of a step: the forward's linear-layer and attention FLOPs over the batch's real tokens, twice for
-    the layers autograd runs (their backward computes dx through frozen weights), once for stage 3's frozen
-    prefix (not at all when it comes from the prefix cache). The last layer counts its key and value
-    projections only: the rest of it runs for the few positions the losses read."""
+    """FLOPs of a step: the forward's linear-layer and attention FLOPs over the batch's real tokens (a shared
+    prefix's linear FLOPs once), twice for the layers autograd runs (their backward computes dx through frozen
+    weights), once for stage 3's frozen prefix (not at all when it comes from the prefix cache). The last layer
+    counts its key and value projections only: the rest of it runs for the few positions the losses read."""
     import torch
 
     cfg = lm.llm.config
@@ -162,8 +162,9 @@ def _step_flops(lm, batch, stage, cached=False, k=8):
     per_layer = sum(m.weight.numel() for m in first.modules() if isinstance(m, torch.nn.Linear) or hasattr(m, "lora_A"))
     kv = first.self_attn.k_proj.weight.numel() + first.self_attn.v_proj.weight.numel()
     n = batch.attention_mask.sum(1).tolist()
-    layer = sum(2 * per_layer * t + 2 * cfg.hidden_size * t * t for t in n)  # linears + causal QK^T and PV
-    last = sum(2 * kv * t for t in n)
+    own = n if batch.share is None else (batch.attention_mask.sum(1) - batch.share_len).tolist()  # shared: once
+    layer = sum(2 * per_layer * o + 2 * cfg.hidden_size * t * t for t, o in zip(n, own))  # linears + QK^T and PV
+    last = sum(2 * kv * o for o in own)
     L = cfg.num_hidden_layers
     trained = L if stage == 1 else k
     return 2 * ((trained - 1) * layer + last) + (0 if cached else (L - trained) * layer)
