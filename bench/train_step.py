@@ -257,13 +257,11 @@ def worker(args):
     repeat = itertools.count()
     times = time_runs(lambda: train_step(next(repeat) % len(batches)), args.repeats, dev)
     peak = peak_memory(dev) - base
-    tokens = sum(int(batches[r % len(batches)].attention_mask.sum()) for r in range(args.repeats)) / args.repeats
-    flops = sum(_step_flops(lm, batches[r % len(batches)], args.stage, cached)
-                for r in range(args.repeats)) / args.repeats
+    timed = [batches[r % len(batches)] for r in range(args.repeats)]
+    tokens = sum(int(b.attention_mask.sum()) for b in timed) / args.repeats
+    flops = sum(_step_flops(lm, b, args.stage, cached) for b in timed) / args.repeats
     med = statistics.median(times)
-    computed = sum(int(batches[r % len(batches)].attention_mask.sum())
-                   - (0 if batches[r % len(batches)].share is None else int(batches[r % len(batches)].share_len.sum()))
-                   for r in range(args.repeats)) / args.repeats
+    computed = tokens - sum(int(b.share_len.sum()) for b in timed if b.share is not None) / args.repeats
     print_json({"median_s": med, "mean_s": statistics.fmean(times), "times": times, "peak_mb": peak / 2**20, "tokens_per_batch": tokens,
                 "tokens_computed": computed, "step_gflop": flops / 1e9,
                 "compile_seconds": max(0.0, warm_s - len(batches) * med) if compiled else None})

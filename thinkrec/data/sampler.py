@@ -29,7 +29,8 @@ class LengthBucketSampler(Sampler):
             _, self.groups = np.unique(np.asarray(groups), return_inverse=True)
             if self.groups.shape != self.lengths.shape:
                 raise ValueError(f"groups {np.shape(groups)} and lengths {self.lengths.shape} differ in shape")
-            longest = np.zeros(self.groups.max() + 1 if len(self.groups) else 0, dtype=np.int64)
+            self._n_groups = int(self.groups.max()) + 1 if len(self.groups) else 0
+            longest = np.zeros(self._n_groups, dtype=np.int64)
             np.maximum.at(longest, self.groups, self.lengths)
             self._sort_len = longest[self.groups]  # a row sorts by its group's longest row
         self.batch_size, self.seed, self.pool = batch_size, seed, batch_size * max(1, pool_batches)
@@ -43,7 +44,7 @@ class LengthBucketSampler(Sampler):
         n = len(self.lengths)
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         if self.groups is not None:  # group-mates together, groups in the order their first row was drawn
-            first = np.full(self.groups.max() + 1 if n else 0, n, dtype=np.int64)
+            first = np.full(self._n_groups, n, dtype=np.int64)
             np.minimum.at(first, self.groups[order], np.arange(n))
             order = order[np.argsort(first[self.groups[order]], kind="stable")]
         out = []

@@ -117,12 +117,12 @@ class Packing:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, T, ...] with zeros at padding (shared positions repeat their lead row's)."""
-        if self.gather is None:
-            out = x.new_zeros(self.B * self.T, *x.shape[1:])
-            return out.index_copy(0, self.flat, x).view(self.B, self.T, *x.shape[1:])
-        real = self.grid >= 0
         out = x.new_zeros(self.B * self.T, *x.shape[1:])
-        out[real] = x[self.grid[real]]
+        if self.gather is None:
+            out.index_copy_(0, self.flat, x)
+        else:
+            real = self.grid >= 0
+            out[real] = x[self.grid[real]]
         return out.view(self.B, self.T, *x.shape[1:])
 
 
