@@ -5,6 +5,7 @@ on test.
     python bench/baselines.py --data-dir ../shared/data/ml1m-collm
     python bench/baselines.py --data-dir ../shared/data/ml1m-collm --models mf --grid paper   # full paper grid
     python bench/baselines.py --data-dir ../shared/data/ml1m-collm --run-dir runs/ml1m       # also export to RUN/cf
+    python bench/baselines.py --data-dir ../shared/data/ml1m-collm --models mf,mf-nobias     # CoLLM's bias-free MF too
 
 Prints, per model, the selected configuration and test AUC / UAUC / NDCG@5 / MAP@5 beside the paper's
 row; the like-rate floor (thinkrec.cf.likerate: smoothed user and item like rates, no training); and where
@@ -23,7 +24,7 @@ import torch
 from _util import ML1M, Stopwatch, print_json
 
 from thinkrec.cf import likerate
-from thinkrec.cf.train import GRIDS, MAX_LEN, CFConfig, mf_parts, row_data, save, search, split_metrics
+from thinkrec.cf.train import GRIDS, MAX_LEN, MODELS, CFConfig, mf_parts, row_data, save, search, split_metrics
 from thinkrec.data.prepare import prepare
 from thinkrec.metrics import evaluate
 
@@ -46,7 +47,8 @@ def parse(argv=None):
                    help="directory with the paper split's interactions.csv and items.csv")
     p.add_argument("--run-dir", dest="run", default=None, help="if given, also export embeddings to RUN/cf/<model>.*")
     # Model
-    p.add_argument("--models", default="mf,lightgcn,sasrec", help="comma-separated subset of mf,lightgcn,sasrec")
+    p.add_argument("--models", default="mf,lightgcn,sasrec",
+                   help="comma-separated subset of mf,lightgcn,sasrec,mf-nobias (CoLLM's MF: no bias terms; no paper row)")
     p.add_argument("--grid", default=None, choices=sorted(GRIDS), help="one named grid for all models; default: each model's own")
     p.add_argument("--select", default=None, choices=["auc", "official"],
                    help="selection on valid: AUC or the official AUC/4 + UAUC/3; default: thinkrec.cf.train.SELECT")
@@ -59,7 +61,11 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=CFConfig.threads,
                    help="torch CPU threads; 1 by default: these models are tiny and with 2 threads on a busy 2-core "
                         "box OpenMP spin-waits made steps up to 5x slower")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"--models {args.models}: {', '.join(unknown)} not one of {', '.join(MODELS)}")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -85,7 +91,8 @@ def main(argv=None) -> dict:
         note = (f"{cfg}  sel {best['select']} valid {valid['auc']:.4f}/{valid['uauc']:.4f}  {n_cfg} cfgs "
                 f"{seconds:.0f}s wall {cpu:.0f}s cpu")
         table.append((name, "ours", [test[k] for k in KEYS], note))
-        table.append((name, "paper", list(PAPER[name]), ""))
+        if name in PAPER:
+            table.append((name, "paper", list(PAPER[name]), ""))
         if args.run:
             save(args.run, name, model, prep, {"selected": best, "grid": grid, "valid": valid, "test": test})
         if name == "mf":
