@@ -117,11 +117,12 @@ def main(argv=None) -> dict:
     print(f"{'model':<9} {'row':<6} " + " ".join(f"{k:>7}" for k in KEYS) + "  selection")
     for name, row, vals, note in table:
         print(f"{name:<9} {row:<6} " + " ".join(f"{v:7.4f}" for v in vals) + f"  {note}")
-    print("\nwhere MF's signal sits (test split): the full logit, b_u + c_i + g alone, <P_u, Q_i> alone")
-    print(f"{'model':<12} {'part':<7} " + " ".join(f"{k:>7}" for k in KEYS))
-    for name, d in parts.items():
-        for part, m in d.items():
-            print(f"{name:<12} {part:<7} " + " ".join(f"{m[k]:7.4f}" for k in KEYS))
+    if parts:  # MF's (with biases) only
+        print("\nwhere MF's signal sits (test split): the full logit, b_u + c_i + g alone, <P_u, Q_i> alone")
+        print(f"{'model':<12} {'part':<7} " + " ".join(f"{k:>7}" for k in KEYS))
+        for name, d in parts.items():
+            for part, m in d.items():
+                print(f"{name:<12} {part:<7} " + " ".join(f"{m[k]:7.4f}" for k in KEYS))
     print(f"total {total.wall():.0f} s wall, {total.cpu():.0f} s cpu on {args.threads} threads")
     print_json(results)
     return results

@@ -22,6 +22,7 @@ def test_bias_free_mf_scored_beside_the_floor_without_a_paper_row(tmp_path, caps
     assert out["mf_parts"] == {}  # the bias / dot split is MF's (with biases) only
     table = capsys.readouterr().out
     assert "mf-nobias ours" in table and "mf-nobias paper" not in table
+    assert "where MF's signal sits" not in table
 
 
 def test_unknown_model_named(tmp_path, capsys):
