@@ -17,6 +17,10 @@ Only the positions the loss reads (`keep`): in the last layer run, keys and valu
 token, but queries, attention, o_proj and the MLP only for the kept tokens (one Yes position per row plus
 the answer tokens), which removes ~1 layer of work. The kept queries attend through an explicit causal mask.
 
+bf16 training on a CPU (the full layers, no shared prefixes): attention's backward runs on oneDNN's brgemm
+over the packed rows (thinkrec_kernels/cpu_attention.py), not SDPA's, which is no faster in bf16 than in fp32.
+The forward is SDPA's flash kernel either way.
+
 Per-token adapter weights: a row's [E] weights are gathered per token (`w[row]`), and in the pruned layer
 per kept token for the modules that only see kept tokens; every linear layer is called here with the
 weights of the tokens it sees (`_linear`), so nothing is stored in the modules and gradient checkpointing's
@@ -37,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from thinkrec_kernels.cpu_attention import packed_attention_available, packed_causal_attention
 
 from . import fused
 from .lora import LoRALinear
@@ -110,6 +116,10 @@ class Packing:
         if bool((out < 0).any()):
             raise ValueError("a selected position is a padding token")
         return out
+
+    def offsets(self) -> torch.Tensor:
+        """[B + 1]: without shared prefixes, row b's packed tokens are cu[b] .. cu[b + 1]."""
+        return torch.cat([self.lengths.new_zeros(1), self.lengths.cumsum(0)])
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [N, ...] (a shared token: its lead row's)."""
@@ -200,6 +210,10 @@ def layer_forward(layer, h, pk: Packing, cos, sin, keep=None, w_tok=None, merged
 
     def attend(q, k, v):
         p = attn.attention_dropout if attn.training else 0.0
+        if keep is None and pk.gather is None and p == 0.0 and packed_attention_available(q):
+            # bf16 training on a CPU: the brgemm backward (thinkrec_kernels/cpu_attention.py), 2-4x SDPA's
+            o = packed_causal_attention(q, k, v, pk.slot, pk.offsets(), pk.B, pk.L, attn.scaling)
+            return o.reshape(len(o), -1)
         K, V = _to_grid(k, pk), _to_grid(v, pk)
         if keep is None:
             o = _sdpa(_to_grid(q, pk), K, V, is_causal=True, dropout_p=p, scale=attn.scaling)

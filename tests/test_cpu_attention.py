@@ -1,0 +1,101 @@
+"""The bf16 CPU attention backward on brgemm (thinkrec_kernels/cpu_attention.py) against SDPA: gradients of
+ragged packed rows (partial 64-token tiles, one-token rows), grouped and plain heads; the same bits on any
+thread count; and when it runs at all."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from thinkrec_kernels import cpu_attention
+from thinkrec_kernels.cpu_attention import _grid, packed_attention_available, packed_causal_attention
+
+
+def _probe(d=64):
+    return torch.zeros(4, 2, d, dtype=torch.bfloat16, requires_grad=True)
+
+
+needs_kernel = pytest.mark.skipif(not packed_attention_available(_probe()),
+                                  reason="the brgemm attention backward does not build or run on this machine")
+
+
+def _rows(lengths, H, G, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    lt = torch.tensor(lengths)
+    B, L, N = len(lengths), max(lengths), int(lt.sum())
+    row = torch.repeat_interleave(torch.arange(B), lt)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lt.cumsum(0)])
+    q, k, v = (torch.randn(N, h, d, generator=g) for h in (H, G, G))
+    do = torch.randn(N, H, d, generator=g)
+    return (q, k, v, do), row * L + pos, cu, B, L
+
+
+def _sdpa(q, k, v, slot, B, L, scale):
+    o = F.scaled_dot_product_attention(_grid(q, slot, B, L), _grid(k, slot, B, L), _grid(v, slot, B, L),
+                                       is_causal=True, enable_gqa=True, scale=scale)
+    return o.transpose(1, 2).reshape(B * L, q.shape[1], -1)[slot]
+
+
+def _grads(f, tensors, dtype):
+    q, k, v, do = (t.detach().to(dtype) for t in tensors)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    o = f(q, k, v)
+    o.backward(do)
+    return [o.detach()] + [t.grad for t in (q, k, v)]
+
+
+def _rel(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("lengths,H,G,d", [([1, 63, 64, 65, 130], 4, 2, 16), ([200, 7, 129], 9, 3, 64),
+                                           ([70, 33], 2, 2, 128)])
+def test_gradients_match_sdpa(lengths, H, G, d):
+    """o equals SDPA's bf16 output (the same forward); dq, dk, dv are within 1e-2 (relative norm) of SDPA's fp32
+    gradients and no farther than SDPA's own bf16 backward is, plus a margin (measured: 2.5e-3 against SDPA
+    bf16's 2.5e-3 to 5.7e-3 on a SmolLM2-shaped batch)."""
+    tensors, slot, cu, B, L = _rows(lengths, H, G, d, seed=d)
+    scale = d ** -0.5
+    ref = _grads(lambda q, k, v: _sdpa(q, k, v, slot, B, L, scale), tensors, torch.float32)
+    sdpa16 = _grads(lambda q, k, v: _sdpa(q, k, v, slot, B, L, scale), tensors, torch.bfloat16)
+    ours = _grads(lambda q, k, v: packed_causal_attention(q, k, v, slot, cu, B, L, scale), tensors, torch.bfloat16)
+    assert torch.equal(ours[0], sdpa16[0])
+    for name, a, s, r in zip(("dq", "dk", "dv"), ours[1:], sdpa16[1:], ref[1:]):
+        assert a.dtype == torch.bfloat16 and a.shape == r.shape
+        assert _rel(a, r) < 1e-2, (name, _rel(a, r))
+        assert _rel(a, r) <= _rel(s, r) * 1.5 + 1e-3, (name, _rel(a, r), _rel(s, r))
+
+
+@needs_kernel
+def test_same_bits_on_any_thread_count():
+    """One task per (row, kv head), no atomics: the gradients do not depend on how many threads split the
+    tasks, so a resumed run on another thread count continues with the same numbers."""
+    tensors, slot, cu, B, L = _rows([90, 150, 3, 64], 6, 2, 32, seed=3)
+    threads = torch.get_num_threads()
+    run = lambda: _grads(lambda q, k, v: packed_causal_attention(q, k, v, slot, cu, B, L, 0.2), tensors,
+                         torch.bfloat16)
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        many = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+
+def test_when_it_runs(monkeypatch):
+    """Only bf16 CPU tensors under autograd on a head dim oneDNN packs (multiples of 16); THINKREC_KERNELS=torch
+    and THINKREC_CPU_ATTENTION=0 put SDPA's backward back. Unavailable cases say False, never raise."""
+    assert not packed_attention_available(_probe().float())
+    with torch.no_grad():
+        assert not packed_attention_available(_probe())
+    assert not packed_attention_available(_probe(d=8))
+    monkeypatch.setenv("THINKREC_CPU_ATTENTION", "0")
+    assert not packed_attention_available(_probe())
+    monkeypatch.delenv("THINKREC_CPU_ATTENTION")
+    monkeypatch.setenv("THINKREC_KERNELS", "torch")
+    assert not packed_attention_available(_probe())
+    monkeypatch.delenv("THINKREC_KERNELS")
+    assert packed_attention_available(_probe()) == bool(cpu_attention._ext)

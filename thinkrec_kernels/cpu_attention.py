@@ -1,0 +1,106 @@
+"""Causal self-attention over packed rows on a CPU, with a bf16 backward that runs on oneDNN's brgemm.
+
+The forward is ATen's CPU flash attention on the padded [B, H, L, d] grid (fast in bf16: it already runs its
+block GEMMs on brgemm). Its backward is not: in bf16 it is no faster than in fp32, ~25% of a stage-1 step
+(docs/architecture.md). `thinkrec_kernels/cpu/attention_bwd.cpp` is the same FlashAttention-2 backward
+tiled in 64 x 64 blocks on brgemm with fp32 accumulators, over the packed rows (no padding).
+
+    if packed_attention_available(q):
+        o = packed_causal_attention(q, k, v, slot, cu, B, L, scale)   # q [N, H, d], k, v [N, G, d] -> [N, H, d]
+
+The C++ file is compiled by torch.utils.cpp_extension at first use (a C++ compiler on PATH, ~1 min, then
+cached under torch's extensions directory). Where it cannot build, or oneDNN cannot run bf16 brgemm on this
+CPU, or `THINKREC_KERNELS=torch`, `packed_attention_available` is False and callers keep SDPA.
+"""
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from thinkrec_kernels._dispatch import kernel_mode
+
+_SRC = Path(__file__).with_name("cpu") / "attention_bwd.cpp"
+_lock = threading.Lock()
+_ext = None  # the built module, False when it cannot be built here, None before trying
+
+
+def _load():
+    global _ext
+    with _lock:
+        if _ext is None:
+            try:
+                from torch.utils.cpp_extension import load
+                # -mavx2 -mfma, not -march=native: an extensions directory shared by a cluster's nodes must not
+                # hand an older CPU instructions it lacks (the GEMMs' own code is oneDNN's, chosen at run time)
+                _ext = load(name="thinkrec_attention_bwd", sources=[str(_SRC)],
+                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"],
+                            extra_ldflags=["-fopenmp"], verbose=False)
+                if not _ext.brgemm_bf16_available():
+                    _ext = False
+            except Exception as e:  # a missing compiler, headers or linker: SDPA's backward runs instead
+                warnings.warn(f"thinkrec_kernels: the CPU attention backward could not be built "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''});"
+                              f" SDPA's backward runs instead", stacklevel=3)
+                _ext = False
+    return _ext
+
+
+_head_dims: dict[int, bool] = {}  # head dim -> whether the kernel ran on it here (oneDNN packs multiples of 16)
+
+
+def _runs_with(d: int) -> bool:
+    if d not in _head_dims:
+        ok = d % 16 == 0
+        if ok:
+            try:  # two rows (5 and 70 tokens: a partial tile and a second one), two query heads on one kv head
+                q, k = torch.randn(75, 2, d, dtype=torch.bfloat16), torch.randn(75, 1, d, dtype=torch.bfloat16)
+                _load().attention_bwd(q, k, k, q, q, torch.zeros(75, 2), torch.tensor([0, 5, 75]), 0.1)
+            except RuntimeError as e:
+                warnings.warn(f"thinkrec_kernels: the CPU attention backward failed on head dim {d} ({e}); SDPA's "
+                              f"backward runs instead", stacklevel=3)
+                ok = False
+        _head_dims[d] = ok
+    return _head_dims[d]
+
+
+def packed_attention_available(q: torch.Tensor) -> bool:
+    """True when packed_causal_attention should run for q [N, H, d]: a bf16 CPU tensor under autograd, the C++
+    backward builds here and runs on head dim d, THINKREC_KERNELS is not `torch` and THINKREC_CPU_ATTENTION
+    is not 0 (the switch that puts SDPA's backward back, for comparisons)."""
+    if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or not torch.is_grad_enabled()
+            or kernel_mode() == "torch" or os.environ.get("THINKREC_CPU_ATTENTION", "1") == "0"):
+        return False
+    return bool(_load()) and _runs_with(q.shape[-1])
+
+
+def _grid(x: torch.Tensor, slot: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    return x.new_zeros(B * L, *x.shape[1:]).index_copy(0, slot, x).view(B, L, *x.shape[1:]).transpose(1, 2)
+
+
+class _PackedCausal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slot, cu, B: int, L: int, scale: float):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _grid(q, slot, B, L), _grid(k, slot, B, L), _grid(v, slot, B, L), 0.0, True, scale=scale)
+        H = q.shape[1]
+        o = o.transpose(1, 2).reshape(B * L, H, -1)[slot]
+        lse = lse.transpose(1, 2).reshape(B * L, H)[slot]
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        dq, dk, dv = _load().attention_bwd(q, k, v, o, do.contiguous(), lse, cu, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def packed_causal_attention(q, k, v, slot, cu, B: int, L: int, scale: float) -> torch.Tensor:
+    """Causal attention of each packed row with itself. q [N, H, d]; k, v [N, G, d] (G divides H); the tokens
+    of row b are packed rows cu[b] .. cu[b + 1] (cu [B + 1] int64), slot [N] their place in the [B * L] grid
+    (row * L + position). -> o [N, H, d]. bf16 CPU tensors; check packed_attention_available first."""
+    return _PackedCausal.apply(q, k, v, slot, cu, B, L, float(scale))
