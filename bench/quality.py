@@ -12,8 +12,9 @@ Data: `../shared/data/ml1m-collm` (33,891 / 10,401 / 7,331 rows) through the dat
 Test rows: `--test-samples` random test rows (the same for every model).
 Precisions (`--precisions fp32,bf16`, thinkrec/precision.py): stage 1 is trained once per precision from the
 same initial adapter on the same batches; the JSON line gives each one's metrics, the AUC difference against
-fp32 and the first batch's loss at each precision (dropout off). bf16 is skipped on a CPU the probe finds
-without fast bf16 unless --force-slow. Prints a table, then one JSON line.
+fp32 and the first batch's loss at each precision (dropout off). bf16 is skipped on a CPU without native bf16
+flags (avx512_bf16 / amx_bf16; thinkrec.hardware, as bench/train_step.py) unless --force-slow: never by a timing
+taken now, which a loaded machine would flip. Prints a table, then one JSON line.
 """
 
 import argparse
@@ -25,6 +26,14 @@ from _util import ml1m_prepared, print_json
 def _logit_stats(scores, labels) -> dict:
     """Mean Yes logit over liked and not-liked rows: how far training moved the logit, beside the ranking."""
     return {"logit_pos": float(scores[labels == 1].mean()), "logit_neg": float(scores[labels == 0].mean())}
+
+
+def skip_reason(precision: str, machine, force_slow: bool) -> str:
+    """Why a --precisions entry is not trained here ('' = train it): bf16 on a CPU without native bf16 flags
+    (machine: thinkrec.hardware.MachineBf16), unless --force-slow."""
+    if precision == "bf16" and not machine.native and not force_slow:
+        return "this CPU has no native bf16 (no avx512_bf16 / amx_bf16 flag); --force-slow runs it anyway"
+    return ""
 
 
 def main():
@@ -39,7 +48,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-zero-shot", action="store_true", help="skip scoring the untrained model")
     ap.add_argument("--precisions", default="fp32", help="train stage 1 at each: fp32, bf16 (comma-separated)")
-    ap.add_argument("--force-slow", action="store_true", help="run bf16 even where the probe finds it slow")
+    ap.add_argument("--force-slow", action="store_true", help="run bf16 even on a CPU without native bf16")
     a = ap.parse_args()
 
     import numpy as np
@@ -71,11 +80,12 @@ def main():
     from thinkrec.batches import collate
     from thinkrec.train.losses import batch_loss, loss_positions
 
-    probe = hardware.probe(threads=torch.get_num_threads())
+    probe = hardware.probe(threads=torch.get_num_threads())  # reported only
+    machine = hardware.machine_bf16()
     first_losses, skipped = {}, {}
     for prec in [p for p in a.precisions.split(",") if p]:
-        if P.slow_warning(prec, probe) and not a.force_slow:
-            skipped[prec] = f"probe: bf16 {probe['bf16_gflops']} GFLOP/s, fp32 {probe['fp32_gflops']} (no native bf16)"
+        if skip_reason(prec, machine, a.force_slow):
+            skipped[prec] = skip_reason(prec, machine, a.force_slow)
             print(f"skipped {prec}: {skipped[prec]}")
             continue
         torch.manual_seed(a.seed)
