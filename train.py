@@ -20,6 +20,7 @@ work, with one line and exit status 2.
 
 import argparse
 import contextlib
+import math
 import os
 import tempfile
 import time
@@ -42,7 +43,7 @@ from thinkrec.data.history import HISTORY_RULES
 from thinkrec.data.prepared import SPLITS
 from thinkrec.data.prompts import TITLE_STYLES, load_keywords, slotted, with_titles
 from thinkrec.data.tokenize import DEFAULT_MAX_LEN, QUICK_MAX_LEN, PromptBuilder, default_max_len
-from thinkrec.errors import UsageError, number, run_cli
+from thinkrec.errors import UsageError, UserError, number, run_cli
 from thinkrec.experts import (CLUSTER_METHODS, GroupConfig, build_groups, load_groups, small_groups, table_router,
                               train_table)
 from thinkrec.infer import LoadedRun, score_rows, split_rows
@@ -192,10 +193,13 @@ def _schedule_args(p) -> None:
                         "precision the run started with (RUN/precision.json), else auto")
     p.add_argument("--seed", type=number(int, 0), default=LoopConfig.seed)
     p.add_argument("--threads", type=number(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--fused-ops", action="store_true",
+    p.add_argument("--fused-ops", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                    help="compile the element-wise ops of each layer (RMSNorm, SiLU * up, RoPE) with torch.compile on "
-                        "CPU: ~10 s of compiling once, then a training step 1.27x faster in bf16, 1.06x in fp32 (measured "
-                        "on a 2-core Xeon with AMX, bench/train_step.py --compile); needs a C++ compiler")
+                        "CPU (needs a C++ compiler): 3-12 s of compiling once per process, then a bf16 step 1.18-1.25x "
+                        "faster, an fp32 step 1.01-1.12x (a 2-core Xeon with AMX, bench/train_step.py --compile). auto "
+                        "(default): on for bf16 training on a CPU when the run plans >= 48 steps (it pays back within "
+                        "10-40), eager where it cannot compile; off at fp32, where it may not pay back in a short run. on: also at fp32, and "
+                        "a machine that cannot compile stops with an error")
     p.add_argument("--share-prefix", action="store_true",
                    help="draw rows of one user with one history (rated in the same second) into the same batch and "
                         "compute their common prompt prefix once (the loss is unchanged; batches are drawn by group, "
@@ -301,8 +305,17 @@ def main(argv=None) -> dict:
         quiet_progress()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.fused_ops:
+    if args.fused_ops == "on":
         fused.enable(check=True)
+    was_fused = fused.enabled()
+    try:
+        return _main(args, d)
+    finally:
+        if not was_fused:  # --fused-ops auto switched them on for this run: an in-process caller gets eager back
+            fused.enable(False)
+
+
+def _main(args, d) -> dict:
     rec = apply_recipe(args)
     with contextlib.ExitStack() as held:
         if d.is_main:
@@ -442,8 +455,37 @@ def build_model(p: Pipeline) -> None:
                                              cf_slots=args.cf_slots, device=p.d.device, prompt_style=p.rec.prompts)
     p.prec = run_precision(args, p.d)
     lowp.apply(p.lm, p.prec)  # bf16: frozen weights stored in bf16; LoRA and projector stay fp32
+    auto_fused_ops(args, p)
     kw_path = Path(args.keywords) if args.keywords else RunDir(p.run).keywords
     p.keywords = load_keywords(kw_path, p.prep.items) if kw_path.exists() else None
+
+
+FUSED_MIN_STEPS = 48  # compile 3-12 s against 0.2-0.5 s saved a bf16 step (docs/architecture.md)
+
+
+def planned_steps(args, n_train: int) -> int:
+    """Optimizer steps the stages up to --last-stage would take from scratch (n_train: the train split's rows)."""
+    own = stage_rows(args.stage_rows)
+    last = stages.STAGES.index(args.last_stage)
+    rows = [own.get(st, args.max_train_samples) or n_train for st in stages.STAGES[:last + 1]]
+    return sum(math.ceil(min(r, n_train) * args.epochs / args.batch_size) for r in rows)
+
+
+def auto_fused_ops(args, p: Pipeline) -> None:
+    """--fused-ops auto: the compiled element-wise ops for bf16 training on a CPU when the run is long enough to
+    pay back their compile (FUSED_MIN_STEPS; a toy run stays eager); eager, said in the log, where Inductor
+    cannot compile."""
+    if args.fused_ops != "auto" or fused.enabled() or p.prec.name != "bf16" or p.d.device.type != "cpu":
+        return
+    steps = planned_steps(args, int((p.prep.inter.split == 0).sum()))
+    if steps < FUSED_MIN_STEPS:
+        p.log(f"fused ops: off (--fused-ops auto: {steps} training steps would not pay back ~10 s of compiling)")
+        return
+    try:
+        fused.enable(check=True)
+        p.log(f"fused ops: on (--fused-ops auto: bf16 training on a CPU, {steps} steps)")
+    except UserError as e:
+        p.log(f"fused ops: off, eager (--fused-ops auto could not compile them: {e})")
 
 
 def choose_rows(p: Pipeline) -> Rows:

@@ -79,3 +79,53 @@ def test_other_norms_and_activations_run_as_written():
     torch.testing.assert_close(fused.rms_norm(ln, x), ln(x))
     gelu = torch.nn.GELU()
     torch.testing.assert_close(fused.silu_mul(gelu, x, x), gelu(x) * x)
+
+
+def test_train_fuses_bf16_cpu_runs_by_default(tmp_path, capsys, monkeypatch):
+    """train.py --fused-ops auto (the default): compiled ops for a bf16 run on a CPU long enough to pay back the
+    compile; eager for a shorter one, at fp32 and with --fused-ops off; where Inductor cannot compile, the bf16
+    run goes on eager and says so; the process gets eager back when train.main returns. (fused.enable is
+    stubbed: what is checked is the decision.)"""
+    import train
+    from tests.test_train_cli import train_tiny_run
+    from thinkrec.errors import UserError
+
+    calls = []
+
+    def stub(on=True, check=False):
+        calls.append(on)
+        if on and fail:
+            raise UserError("no compiler here")
+
+    monkeypatch.setattr(fused, "enable", stub)
+    bf16 = ["--precision", "bf16"]
+    for name, extra, fail, min_steps, want in [
+            ("bf16", bf16, False, 1, "fused ops: on (--fused-ops auto"),
+            ("broken", bf16, True, 1, "fused ops: off, eager"),
+            ("short", bf16, False, 10_000, "would not pay back"),
+            ("fp32", ["--precision", "fp32"], False, 1, None),
+            ("off", bf16 + ["--fused-ops", "off"], False, 1, None)]:
+        calls.clear()
+        monkeypatch.setattr(train, "FUSED_MIN_STEPS", min_steps)
+        (tmp_path / name).mkdir()
+        train_tiny_run(tmp_path / name, *extra)
+        out = capsys.readouterr().out
+        if want:
+            assert want in out, name
+        if name in ("bf16", "broken"):
+            assert calls[0] is True and calls[-1] is False, (name, calls)  # tried, then eager restored
+        else:
+            assert True not in calls, (name, calls)
+            assert (name == "short") == ("fused ops:" in out), name
+
+
+def test_planned_steps():
+    """The step count auto weighs: each stage's rows (--stage-rows, else --max-train-samples, 0 = the whole
+    split, never more than it) times --epochs over --batch-size, for the stages up to --last-stage."""
+    import train
+
+    a = train.parse(["--max-train-samples", "64", "--batch-size", "8"])
+    assert train.planned_steps(a, 10_000) == 8 * len(train.stages.STAGES)
+    a = train.parse(["--max-train-samples", "0", "--batch-size", "10", "--last-stage", train.stages.STAGES[0],
+                     "--epochs", "2"])
+    assert train.planned_steps(a, 95) == 19

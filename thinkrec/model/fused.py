@@ -59,8 +59,8 @@ def enable(on: bool = True, check: bool = False) -> None:
             _ops = dict(_REF)
             raise UserError(f"--fused-ops: torch.compile could not build the fused CPU ops on this machine "
                             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); Inductor's CPU backend "
-                            f"needs a C++ compiler (g++ or clang++ on PATH). Leave --fused-ops out to run eager"
-                            ) from e
+                            f"needs a C++ compiler (g++ or clang++ on PATH). Run eager: leave --fused-ops out (infer.py) "
+                            f"or pass --fused-ops off (train.py)") from e
 
 
 def enabled() -> bool:
