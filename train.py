@@ -198,8 +198,8 @@ def _schedule_args(p) -> None:
                         "CPU (needs a C++ compiler): 3-12 s of compiling once per process, then a bf16 step 1.18-1.25x "
                         "faster, an fp32 step 1.01-1.12x (a 2-core Xeon with AMX, bench/train_step.py --compile). auto "
                         "(default): on for bf16 training on a CPU when the run plans >= 48 steps (it pays back within "
-                        "10-40), eager where it cannot compile; off at fp32, where it may not pay back in a short run. on: also at fp32, and "
-                        "a machine that cannot compile stops with an error")
+                        "10-40), eager where it cannot compile; off at fp32, where it may not pay back in a short run. "
+                        "on: also at fp32, and a machine that cannot compile stops with an error")
     p.add_argument("--share-prefix", action="store_true",
                    help="draw rows of one user with one history (rated in the same second) into the same batch and "
                         "compute their common prompt prefix once (the loss is unchanged; batches are drawn by group, "

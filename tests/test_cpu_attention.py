@@ -99,3 +99,19 @@ def test_when_it_runs(monkeypatch):
     assert not packed_attention_available(_probe())
     monkeypatch.delenv("THINKREC_KERNELS")
     assert packed_attention_available(_probe()) == bool(cpu_attention._ext)
+
+
+def test_no_compiler_means_sdpa(monkeypatch):
+    """Where the C++ cannot be built (no compiler, no headers), one warning says so and SDPA's backward runs:
+    packed_attention_available is False, training goes on."""
+    import torch.utils.cpp_extension
+
+    def fail(*a, **k):
+        raise RuntimeError("Error building extension 'thinkrec_attention_bwd': c++: not found")
+
+    monkeypatch.setattr(cpu_attention, "_ext", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fail)
+    with pytest.warns(UserWarning, match="could not be built .*c\\+\\+: not found.*SDPA's backward runs instead"):
+        assert not packed_attention_available(_probe())
+    assert cpu_attention._ext is False
+    assert not packed_attention_available(_probe())  # decided once: no second build attempt or warning

@@ -41,9 +41,9 @@ def _load():
                 if not _ext.brgemm_bf16_available():
                     _ext = False
             except Exception as e:  # a missing compiler, headers or linker: SDPA's backward runs instead
-                warnings.warn(f"thinkrec_kernels: the CPU attention backward could not be built "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''});"
-                              f" SDPA's backward runs instead", stacklevel=3)
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                warnings.warn(f"thinkrec_kernels: the CPU attention backward could not be built ({type(e).__name__}: "
+                              f"{first}); SDPA's backward runs instead", stacklevel=3)
                 _ext = False
     return _ext
 
