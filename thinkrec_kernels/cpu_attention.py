@@ -8,12 +8,13 @@ tiled in 64 x 64 blocks on brgemm with fp32 accumulators, over the packed rows (
     if packed_attention_available(q):
         o = packed_causal_attention(q, k, v, slot, cu, B, L, scale)   # q [N, H, d], k, v [N, G, d] -> [N, H, d]
 
-The C++ file is compiled by torch.utils.cpp_extension at first use (a C++ compiler on PATH, ~1 min, then
-cached under torch's extensions directory). Where it cannot build, or oneDNN cannot run bf16 brgemm on this
+The C++ file is compiled by torch.utils.cpp_extension at first use (a C++ compiler on PATH; ninja, a
+dependency; ~25 s, then cached under torch's extensions directory). Where it cannot build, or oneDNN cannot run bf16 brgemm on this
 CPU, or `THINKREC_KERNELS=torch`, `packed_attention_available` is False and callers keep SDPA.
 """
 
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -33,6 +34,10 @@ def _load():
         if _ext is None:
             try:
                 from torch.utils.cpp_extension import load
+
+                if shutil.which("ninja") is None:  # the pip package's binary, where its bin/ is not on PATH
+                    import ninja
+                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
                 # -mavx2 -mfma, not -march=native: an extensions directory shared by a cluster's nodes must not
                 # hand an older CPU instructions it lacks (the GEMMs' own code is oneDNN's, chosen at run time)
                 _ext = load(name="thinkrec_attention_bwd", sources=[str(_SRC)],
