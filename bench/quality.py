@@ -84,8 +84,9 @@ def main():
     machine = hardware.machine_bf16()
     first_losses, skipped = {}, {}
     for prec in [p for p in a.precisions.split(",") if p]:
-        if skip_reason(prec, machine, a.force_slow):
-            skipped[prec] = skip_reason(prec, machine, a.force_slow)
+        reason = skip_reason(prec, machine, a.force_slow)
+        if reason:
+            skipped[prec] = reason
             print(f"skipped {prec}: {skipped[prec]}")
             continue
         torch.manual_seed(a.seed)

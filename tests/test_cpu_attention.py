@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkrec_kernels import cpu_attention
-from thinkrec_kernels.cpu_attention import _grid, packed_attention_available, packed_causal_attention
+from thinkrec_kernels.cpu_attention import packed_attention_available, packed_causal_attention, to_grid
 
 
 def _probe(d=64):
@@ -31,7 +31,7 @@ def _rows(lengths, H, G, d, seed):
 
 
 def _sdpa(q, k, v, slot, B, L, scale):
-    o = F.scaled_dot_product_attention(_grid(q, slot, B, L), _grid(k, slot, B, L), _grid(v, slot, B, L),
+    o = F.scaled_dot_product_attention(to_grid(q, slot, B, L), to_grid(k, slot, B, L), to_grid(v, slot, B, L),
                                        is_causal=True, enable_gqa=True, scale=scale)
     return o.transpose(1, 2).reshape(B * L, q.shape[1], -1)[slot]
 

@@ -9,8 +9,9 @@ tiled in 64 x 64 blocks on brgemm with fp32 accumulators, over the packed rows (
         o = packed_causal_attention(q, k, v, slot, cu, B, L, scale)   # q [N, H, d], k, v [N, G, d] -> [N, H, d]
 
 The C++ file is compiled by torch.utils.cpp_extension at first use (a C++ compiler on PATH; ninja, a
-dependency; ~25 s, then cached under torch's extensions directory). Where it cannot build, or oneDNN cannot run bf16 brgemm on this
-CPU, or `THINKREC_KERNELS=torch`, `packed_attention_available` is False and callers keep SDPA.
+dependency; ~25 s, then cached under torch's extensions directory). Where it cannot build, oneDNN cannot run
+bf16 brgemm on this CPU, or `THINKREC_KERNELS=torch`, `packed_attention_available` is False and callers keep
+SDPA.
 """
 
 import os
@@ -30,6 +31,8 @@ _ext = None  # the built module, False when it cannot be built here, None before
 
 def _load():
     global _ext
+    if _ext is not None:  # decided: every layer of every step asks, no lock needed
+        return _ext
     with _lock:
         if _ext is None:
             try:
@@ -40,8 +43,8 @@ def _load():
                     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
                 # -mavx2 -mfma, not -march=native: an extensions directory shared by a cluster's nodes must not
                 # hand an older CPU instructions it lacks (the GEMMs' own code is oneDNN's, chosen at run time)
-                _ext = load(name="thinkrec_attention_bwd", sources=[str(_SRC)],
-                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"],
+                flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+                _ext = load(name="thinkrec_attention_bwd", sources=[str(_SRC)], extra_cflags=flags,
                             extra_ldflags=["-fopenmp"], verbose=False)
                 if not _ext.brgemm_bf16_available():
                     _ext = False
@@ -81,7 +84,9 @@ def packed_attention_available(q: torch.Tensor) -> bool:
     return bool(_load()) and _runs_with(q.shape[-1])
 
 
-def _grid(x: torch.Tensor, slot: torch.Tensor, B: int, L: int) -> torch.Tensor:
+def to_grid(x: torch.Tensor, slot: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """Packed [N, H, d] -> the [B, H, L, d] attention grid (token i at flat place slot[i] of [B * L]; zeros
+    elsewhere): SDPA's layout here and in thinkrec/model/packed.py."""
     return x.new_zeros(B * L, *x.shape[1:]).index_copy(0, slot, x).view(B, L, *x.shape[1:]).transpose(1, 2)
 
 
@@ -89,7 +94,7 @@ class _PackedCausal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, slot, cu, B: int, L: int, scale: float):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _grid(q, slot, B, L), _grid(k, slot, B, L), _grid(v, slot, B, L), 0.0, True, scale=scale)
+            to_grid(q, slot, B, L), to_grid(k, slot, B, L), to_grid(v, slot, B, L), 0.0, True, scale=scale)
         H = q.shape[1]
         o = o.transpose(1, 2).reshape(B * L, H, -1)[slot]
         lse = lse.transpose(1, 2).reshape(B * L, H)[slot]

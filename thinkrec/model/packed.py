@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from thinkrec_kernels.cpu_attention import packed_attention_available, packed_causal_attention
+from thinkrec_kernels.cpu_attention import packed_attention_available, packed_causal_attention, to_grid
 
 from . import fused
 from .lora import LoRALinear
@@ -140,9 +140,8 @@ def _to_grid(x, pk: Packing):
     """[N, H, d] packed -> [B, H, L, d] right-aligned (zeros past each row's end; shared positions: the lead
     row's tokens)."""
     if pk.gather is None:
-        grid = x.new_zeros(pk.B * pk.L, *x.shape[1:]).index_copy(0, pk.slot, x)
-    else:
-        grid = torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, pk.gather)
+        return to_grid(x, pk.slot, pk.B, pk.L)
+    grid = torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, pk.gather)
     return grid.view(pk.B, pk.L, *x.shape[1:]).transpose(1, 2)
 
 
