@@ -106,12 +106,15 @@ def test_no_compiler_means_sdpa(monkeypatch):
     packed_attention_available is False, training goes on."""
     import torch.utils.cpp_extension
 
-    def fail(*a, **k):
-        raise RuntimeError("Error building extension 'thinkrec_attention_bwd': c++: not found")
+    from thinkrec_kernels import _cpu_ext
 
+    def fail(*a, **k):
+        raise RuntimeError("Error building extension 'thinkrec_cpu': c++: not found")
+
+    monkeypatch.setattr(_cpu_ext, "_ext", None)
     monkeypatch.setattr(cpu_attention, "_ext", None)
     monkeypatch.setattr(torch.utils.cpp_extension, "load", fail)
-    with pytest.warns(UserWarning, match="could not be built .*c\\+\\+: not found.*SDPA's backward runs instead"):
+    with pytest.warns(UserWarning, match="could not be built .*c\\+\\+: not found.*SDPA's attention backward"):
         assert not packed_attention_available(_probe())
-    assert cpu_attention._ext is False
+    assert _cpu_ext._ext is False and cpu_attention._ext is False
     assert not packed_attention_available(_probe())  # decided once: no second build attempt or warning

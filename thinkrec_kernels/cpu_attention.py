@@ -8,51 +8,28 @@ tiled in 64 x 64 blocks on brgemm with fp32 accumulators, over the packed rows (
     if packed_attention_available(q):
         o = packed_causal_attention(q, k, v, slot, cu, B, L, scale)   # q [N, H, d], k, v [N, G, d] -> [N, H, d]
 
-The C++ file is compiled by torch.utils.cpp_extension at first use (a C++ compiler on PATH; ninja, a
-dependency; ~25 s, then cached under torch's extensions directory). Where it cannot build, oneDNN cannot run
+The C++ is compiled at first use (thinkrec_kernels/_cpu_ext.py). Where it cannot build, oneDNN cannot run
 bf16 brgemm on this CPU, or `THINKREC_KERNELS=torch`, `packed_attention_available` is False and callers keep
 SDPA.
 """
 
 import os
-import shutil
-import threading
 import warnings
-from pathlib import Path
 
 import torch
 
+from thinkrec_kernels import _cpu_ext
 from thinkrec_kernels._dispatch import kernel_mode
 
-_SRC = Path(__file__).with_name("cpu") / "attention_bwd.cpp"
-_lock = threading.Lock()
-_ext = None  # the built module, False when it cannot be built here, None before trying
+
+_ext = None  # the C++ module where it built and oneDNN runs bf16 brgemm on this CPU, else False; None: not asked
 
 
 def _load():
     global _ext
-    if _ext is not None:  # decided: every layer of every step asks, no lock needed
-        return _ext
-    with _lock:
-        if _ext is None:
-            try:
-                from torch.utils.cpp_extension import load
-
-                if shutil.which("ninja") is None:  # the pip package's binary, where its bin/ is not on PATH
-                    import ninja
-                    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-                # -mavx2 -mfma, not -march=native: an extensions directory shared by a cluster's nodes must not
-                # hand an older CPU instructions it lacks (the GEMMs' own code is oneDNN's, chosen at run time)
-                flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
-                _ext = load(name="thinkrec_attention_bwd", sources=[str(_SRC)], extra_cflags=flags,
-                            extra_ldflags=["-fopenmp"], verbose=False)
-                if not _ext.brgemm_bf16_available():
-                    _ext = False
-            except Exception as e:  # a missing compiler, headers or linker: SDPA's backward runs instead
-                first = (str(e).strip().splitlines() or [""])[0][:200]
-                warnings.warn(f"thinkrec_kernels: the CPU attention backward could not be built ({type(e).__name__}: "
-                              f"{first}); SDPA's backward runs instead", stacklevel=3)
-                _ext = False
+    if _ext is None:
+        ext = _cpu_ext.load()
+        _ext = ext if ext and ext.brgemm_bf16_available() else False
     return _ext
 
 

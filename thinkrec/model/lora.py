@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from thinkrec_kernels import lora_linear, lora_mix
+from thinkrec_kernels.dropout import draw_seed, philox_dropout, philox_keep, threshold
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _BLOCK_WEIGHTS = contextvars.ContextVar("thinkrec_expert_weights", default=None)
@@ -55,45 +56,25 @@ def checkpoint_context():
 
 
 def dropout_keep(shape, p: float, device=None) -> tuple:
-    """(keep [shape] bool, scale) for dropout with probability p: each element kept when 16 random bits from
-    torch's generator clear p's threshold, so p is rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and
-    scale = 1 / (1 - that p). Half the random numbers of bernoulli_, ~2.5x faster on CPU (bench/train_step.py
-    --profile: bernoulli_ was 8.5% of a stage-1 step)."""
-    n = math.prod(shape)
-    cut = round(p * 65536)
-    if cut >= 65536:
-        return torch.zeros(shape, dtype=torch.bool, device=device), 0.0
-    words = torch.randint(-2**31, 2**31 - 1, ((n + 1) // 2,), dtype=torch.int32, device=device)
-    keep = words.view(torch.int16)[:n].view(shape) >= cut - 32768
-    return keep, 65536 / (65536 - cut)
-
-
-class _KeepScale(torch.autograd.Function):
-    """x * keep * scale, saving the bool mask (1 byte an element) for the backward."""
-
-    @staticmethod
-    def forward(ctx, x, keep, scale):
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x * keep.to(x.dtype).mul_(scale)
-
-    @staticmethod
-    def backward(ctx, g):
-        (keep,) = ctx.saved_tensors
-        return g * keep.to(g.dtype).mul_(ctx.scale), None, None
+    """(keep [shape] bool, scale): the mask LoRADropout applies on a CPU when torch's generator is where it is
+    now (it draws the same seed), for checks. p is rounded to a multiple of 1/65536 (0.05 -> 0.0500031) and
+    scale = 1 / (1 - that p); see thinkrec_kernels/dropout.py."""
+    cut, scale = threshold(p)
+    return philox_keep(shape, draw_seed(), cut, device), scale
 
 
 class LoRADropout(nn.Dropout):
-    """nn.Dropout on a LoRA layer's input; on CPU its mask comes from `dropout_keep` (16 random bits an
-    element, p rounded to 1/65536) instead of bernoulli_; elsewhere it is F.dropout."""
+    """nn.Dropout on a LoRA layer's input. On CPU its mask is Philox4x32-10 of (a seed drawn from torch's
+    generator, element index), applied and regenerated in the backward by one C++ pass
+    (thinkrec_kernels/dropout.py; ~6x the randint mask it replaces, bench/train_step.py --profile); elsewhere
+    it is F.dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, training=True)
-        keep, scale = dropout_keep(x.shape, self.p, x.device)
-        return _KeepScale.apply(x, keep, scale)
+        return philox_dropout(x, self.p)
 
 
 @dataclass

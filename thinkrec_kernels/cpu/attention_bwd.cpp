@@ -14,7 +14,7 @@
 // accumulator are fp32. One task per (row, kv head) owns that row's dK / dV for the head and dQ for its query
 // heads: no atomics, and the result does not depend on the thread count.
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
@@ -104,8 +104,8 @@ inline void transpose(const bf16* src, int64_t rows, int64_t cols, bf16* dst) { 
 
 bool brgemm_bf16_available() { return cpublas::could_pack(at::kBFloat16); }
 
-std::vector<torch::Tensor> attention_bwd(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o,
-                                         torch::Tensor dout, torch::Tensor lse, torch::Tensor cu, double scale_d) {
+std::vector<at::Tensor> attention_bwd(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor o,
+                                         at::Tensor dout, at::Tensor lse, at::Tensor cu, double scale_d) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
                   v.scalar_type() == at::kBFloat16 && o.scalar_type() == at::kBFloat16 &&
                   dout.scalar_type() == at::kBFloat16, "attention_bwd: q, k, v, o, dout must be bf16");
@@ -118,7 +118,7 @@ std::vector<torch::Tensor> attention_bwd(torch::Tensor q, torch::Tensor k, torch
               "attention_bwd: shapes q/o/dout [N, H, d], k/v [N, G, d] (H % G == 0, d even), lse [N, H]");
   const int64_t rep = H / G;
   const float scale = static_cast<float>(scale_d);
-  auto dq = torch::empty_like(q), dk = torch::empty_like(k), dv = torch::empty_like(v);
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const bf16 *Q = q.data_ptr<bf16>(), *K = k.data_ptr<bf16>(), *V = v.data_ptr<bf16>(), *O = o.data_ptr<bf16>(),
              *dO = dout.data_ptr<bf16>();
   const float* LSE = lse.data_ptr<float>();
@@ -219,9 +219,4 @@ std::vector<torch::Tensor> attention_bwd(torch::Tensor q, torch::Tensor k, torch
     cpublas::brgemm_release(gemm.vnni);
   });
   return {dq, dk, dv};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention_bwd", &attention_bwd, "causal packed attention backward (bf16, brgemm)");
-  m.def("brgemm_bf16_available", &brgemm_bf16_available, "oneDNN can pack bf16 B operands (VNNI) here");
 }
