@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 _DIR = Path(__file__).with_name("cpu")
-_SOURCES = ("module.cpp", "attention_bwd.cpp", "dropout.cpp")
+_SOURCES = ("module.cpp", "attention.cpp", "dropout.cpp")
 _lock = threading.Lock()
 _ext = None  # the built module, False when it cannot be built here, None before trying
 

@@ -17,9 +17,9 @@ Only the positions the loss reads (`keep`): in the last layer run, keys and valu
 token, but queries, attention, o_proj and the MLP only for the kept tokens (one Yes position per row plus
 the answer tokens), which removes ~1 layer of work. The kept queries attend through an explicit causal mask.
 
-bf16 training on a CPU (the full layers, no shared prefixes): attention's backward runs on oneDNN's brgemm
-over the packed rows (thinkrec_kernels/cpu_attention.py), not SDPA's, which is no faster in bf16 than in fp32.
-The forward is SDPA's flash kernel either way.
+bf16 on a CPU (the full layers, no shared prefixes): attention runs on oneDNN's brgemm over the packed rows,
+forward and backward (thinkrec_kernels/cpu_attention.py), not SDPA on the grid, whose backward is no faster in
+bf16 than in fp32.
 
 Per-token adapter weights: a row's [E] weights are gathered per token (`w[row]`), and in the pruned layer
 per kept token for the modules that only see kept tokens; every linear layer is called here with the
@@ -210,8 +210,8 @@ def layer_forward(layer, h, pk: Packing, cos, sin, keep=None, w_tok=None, merged
     def attend(q, k, v):
         p = attn.attention_dropout if attn.training else 0.0
         if keep is None and pk.gather is None and p == 0.0 and packed_attention_available(q):
-            # bf16 training on a CPU: the brgemm backward (thinkrec_kernels/cpu_attention.py), 2-4x SDPA's
-            o = packed_causal_attention(q, k, v, pk.slot, pk.offsets(), pk.B, pk.L, attn.scaling)
+            # bf16 on a CPU: brgemm over the packed rows (thinkrec_kernels/cpu_attention.py), no padded grid
+            o = packed_causal_attention(q, k, v, pk.offsets(), attn.scaling)
             return o.reshape(len(o), -1)
         K, V = _to_grid(k, pk), _to_grid(v, pk)
         if keep is None:
