@@ -12,7 +12,9 @@ Data: `../shared/data/ml1m-collm` (33,891 / 10,401 / 7,331 rows) through the dat
 Test rows: `--test-samples` random test rows (the same for every model).
 Precisions (`--precisions fp32,bf16`, thinkrec/precision.py): stage 1 is trained once per precision from the
 same initial adapter on the same batches; the JSON line gives each one's metrics, the AUC difference against
-fp32 and the first batch's loss at each precision (dropout off). bf16 is skipped on a CPU without native bf16
+fp32 and the first batch's loss at each precision (dropout off). `--replicates R` trains each precision R
+times, replicate r on its own dropout stream (the same stream at each precision): `paired_bf16_vs_fp32` is the
+mean bf16 - fp32 AUC with a 95% t-interval, beside fp32's own spread across streams. bf16 is skipped on a CPU without native bf16
 flags (avx512_bf16 / amx_bf16; thinkrec.hardware, as bench/train_step.py) unless --force-slow: never by a timing
 taken now, which a loaded machine would flip. Prints a table, then one JSON line.
 """
@@ -36,6 +38,22 @@ def skip_reason(precision: str, machine, force_slow: bool) -> str:
     return ""
 
 
+def paired_summary(fp32: list, bf16: list) -> dict:
+    """bf16 - fp32 AUC over replicates paired by dropout stream: the mean difference with its 95% t-interval,
+    and fp32's own replicate spread (sd; and its largest pairwise gap), the noise a single pair is read against."""
+    import numpy as np
+    from scipy import stats
+
+    if len(fp32) != len(bf16) or len(fp32) < 2:
+        raise ValueError(f"paired_summary: {len(fp32)} fp32 and {len(bf16)} bf16 replicates (want as many, >= 2)")
+    d = np.asarray(bf16, float) - np.asarray(fp32, float)
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return {"n": len(d), "mean_diff": round(float(d.mean()), 5),
+            "ci95": [round(float(d.mean()) - half, 5), round(float(d.mean()) + half, 5)],
+            "fp32_sd": round(float(np.std(fp32, ddof=1)), 5), "fp32_range": round(float(np.ptp(fp32)), 5),
+            "bf16_sd": round(float(np.std(bf16, ddof=1)), 5)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model spec (default SmolLM2-135M-Instruct)")
@@ -49,6 +67,9 @@ def main():
     ap.add_argument("--no-zero-shot", action="store_true", help="skip scoring the untrained model")
     ap.add_argument("--precisions", default="fp32", help="train stage 1 at each: fp32, bf16 (comma-separated)")
     ap.add_argument("--force-slow", action="store_true", help="run bf16 even on a CPU without native bf16")
+    ap.add_argument("--replicates", type=int, default=1,
+                    help="train each precision this many times, each on its own dropout stream (same adapter, "
+                         "batches and rows): the paired bf16 - fp32 AUC gets an interval and fp32 its own spread")
     a = ap.parse_args()
 
     import numpy as np
@@ -59,6 +80,7 @@ def main():
     from thinkrec.metrics import evaluate
     from thinkrec.model import ThinkRecLM
     from thinkrec.train import LoopConfig, SampleSet, StageInputs, score, setup, subsample, train_stage
+    from thinkrec.train.loop import derive_seed
 
     torch.manual_seed(a.seed)
     prep = ml1m_prepared()
@@ -83,7 +105,9 @@ def main():
     probe = hardware.probe(threads=torch.get_num_threads())  # reported only
     machine = hardware.machine_bf16()
     first_losses, skipped = {}, {}
-    for prec in [p for p in a.precisions.split(",") if p]:
+    aucs = {}  # precision -> AUC of each replicate
+    runs = [(prec, r) for prec in [p for p in a.precisions.split(",") if p] for r in range(a.replicates)]
+    for prec, r in runs:
         reason = skip_reason(prec, machine, a.force_slow)
         if reason:
             skipped[prec] = reason
@@ -95,7 +119,7 @@ def main():
         builder = PromptBuilder(prep, tok, mode="text", max_len=a.max_len)
         test = SampleSet(builder, test_rows)
         inputs = StageInputs(plain=SampleSet(builder, train_rows), pad_id=tok.pad_token_id)
-        if not a.no_zero_shot and prec == "fp32":
+        if not a.no_zero_shot and prec == "fp32" and r == 0:
             t = time.perf_counter()
             s = score(lm, test, inputs, batch_size=16, progress=True, desc="zero-shot")
             results["zero-shot"] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t,
@@ -108,14 +132,16 @@ def main():
             h = lm(first.input_ids, first.attention_mask, select=loss_positions(first))
             first_losses[prec] = float(batch_loss(h, lm.lm_head_weight, lm.yes_token_id, first)[0])
         t = time.perf_counter()
-        cfg = LoopConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, desc=f"stage1 {prec}")
+        torch.manual_seed(derive_seed(a.seed, "dropout", r))  # replicate r's dropout stream, the same at each precision
+        cfg = LoopConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, desc=f"stage1 {prec} #{r}")
         res = train_stage(lm, inputs, cfg, None)
         train_s = time.perf_counter() - t
         t = time.perf_counter()
         s = score(lm, test, inputs, batch_size=16, progress=True, desc="test")
-        name = "stage1" if prec == "fp32" else f"stage1-{prec}"
+        name = ("stage1" if prec == "fp32" else f"stage1-{prec}") + (f" #{r}" if r else "")
         results[name] = {**evaluate(users, s, labels), "seconds": time.perf_counter() - t, "train_seconds": train_s,
                          "steps": res["state"].step, **_logit_stats(s, labels)}
+        aucs.setdefault(prec, []).append(float(results[name]["auc"]))
 
     print("| model | AUC | UAUC | NDCG@5 | MAP@5 | seconds | mean Yes logit (liked / not) |\n|---|---|---|---|---|---|---|")
     for name, m in results.items():
@@ -130,6 +156,9 @@ def main():
                      if k in m}
     if "stage1" in results and "stage1-bf16" in results:
         out["auc_diff_bf16_vs_fp32"] = round(results["stage1-bf16"]["auc"] - results["stage1"]["auc"], 5)
+        if a.replicates > 1:
+            out["auc_replicates"] = {p: [round(v, 4) for v in vs] for p, vs in aucs.items()}
+            out["paired_bf16_vs_fp32"] = paired_summary(aucs["fp32"], aucs["bf16"])
         out["first_loss_rel_bf16_vs_fp32"] = round(abs(first_losses["bf16"] - first_losses["fp32"])
                                                    / abs(first_losses["fp32"]), 5)
     print_json(out)

@@ -101,6 +101,51 @@ inline void transpose(const bf16* src, int64_t rows, int64_t cols, bf16* dst) { 
     for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
 }
 
+// One key block of the forward's online softmax for a query tile: S [T, T] scores (unscaled) -> P16 [T, T] bf16
+// probabilities against the running row max m, the running sums l and the output accumulator acc [T, d]
+// rescaled to it. full: every key column visible (a block left of the diagonal), else the causal diagonal.
+void online_softmax(const float* S, bf16* P16, float* m, float* l, float* acc, int64_t rows, bool full, bool rescale,
+                    int64_t d, float scale) {
+  for (int64_t r = 0; r < T; ++r) {
+    uint16_t* p16 = reinterpret_cast<uint16_t*>(P16) + r * T;
+    if (r >= rows) {  // padding query rows: P = 0, nothing else read
+      std::memset(p16, 0, T * sizeof(uint16_t));
+      continue;
+    }
+    const float last = full ? T - 1.f : static_cast<float>(r);  // last key column this row sees
+    const float* sr = S + r * T;
+    // row max of the visible scores, in 16 lanes (element-wise selects vectorise; a max reduction did not)
+    float lane[16];
+    std::fill(lane, lane + 16, -std::numeric_limits<float>::infinity());
+    for (int32_t c0 = 0; c0 < static_cast<int32_t>(T); c0 += 16) {
+#pragma omp simd
+      for (int32_t u = 0; u < 16; ++u) {
+        const float sv = sr[c0 + u];
+        lane[u] = static_cast<float>(c0 + u) <= last && sv > lane[u] ? sv : lane[u];
+      }
+    }
+    float mx = lane[0];
+    for (int u = 1; u < 16; ++u) mx = std::max(mx, lane[u]);
+    mx *= scale;  // scale > 0: the max of scale * s
+    const float mnew = std::max(m[r], mx), alpha = exp_neg(m[r] - mnew);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int32_t c = 0; c < static_cast<int32_t>(T); ++c) {
+      const float e = exp_neg(sr[c] * scale - mnew);
+      const float pv = static_cast<float>(c) <= last ? e : 0.f;
+      sum += pv;
+      p16[c] = bf16_bits(pv);
+    }
+    l[r] = l[r] * alpha + sum;
+    m[r] = mnew;
+    if (rescale) {
+      float* ar = acc + r * d;
+#pragma omp simd
+      for (int32_t c = 0; c < static_cast<int32_t>(d); ++c) ar[c] *= alpha;
+    }
+  }
+}
+
 }  // namespace
 
 // Forward, FlashAttention-2's online softmax per (row, kv head) task: the row's K^T and V packed once per key
@@ -151,44 +196,7 @@ std::vector<at::Tensor> attention_fwd(at::Tensor q, at::Tensor k, at::Tensor v, 
           std::fill(acc.begin(), acc.end(), 0.f);
           for (int64_t j = 0; j <= i; ++j) {
             gemm.run(T, T, d, Qa.data(), d, KTp.data() + j * d * T, S.data(), T, false);
-            for (int64_t r = 0; r < T; ++r) {
-              uint16_t* p16 = reinterpret_cast<uint16_t*>(P16.data()) + r * T;
-              if (r >= rows) {  // padding query rows: P = 0, nothing else read
-                std::memset(p16, 0, T * sizeof(uint16_t));
-                continue;
-              }
-              const float last = j < i ? T - 1.f : static_cast<float>(r);  // last key column this row sees
-              const float* sr = S.data() + r * T;
-              // row max of the visible scores, in 8 lanes (element-wise selects vectorise; a max reduction did not)
-              float lane[8];
-              std::fill(lane, lane + 8, -std::numeric_limits<float>::infinity());
-              for (int32_t c0 = 0; c0 < static_cast<int32_t>(T); c0 += 8) {
-#pragma omp simd
-                for (int32_t u = 0; u < 8; ++u) {
-                  const float sv = sr[c0 + u];
-                  lane[u] = static_cast<float>(c0 + u) <= last && sv > lane[u] ? sv : lane[u];
-                }
-              }
-              float mx = lane[0];
-              for (int u = 1; u < 8; ++u) mx = std::max(mx, lane[u]);
-              mx *= scale;  // scale > 0: the max of scale * s
-              const float mnew = std::max(m[r], mx), alpha = exp_neg(m[r] - mnew);
-              float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-              for (int32_t c = 0; c < static_cast<int32_t>(T); ++c) {
-                const float e = exp_neg(sr[c] * scale - mnew);
-                const float pv = static_cast<float>(c) <= last ? e : 0.f;
-                sum += pv;
-                p16[c] = bf16_bits(pv);
-              }
-              l[r] = l[r] * alpha + sum;
-              m[r] = mnew;
-              if (j > 0) {
-                float* ar = acc.data() + r * d;
-#pragma omp simd
-                for (int32_t c = 0; c < static_cast<int32_t>(d); ++c) ar[c] *= alpha;
-              }
-            }
+            online_softmax(S.data(), P16.data(), m.data(), l.data(), acc.data(), rows, j < i, j > 0, d, scale);
             gemm.run(T, d, T, P16.data(), T, Vp.data() + j * T * d, acc.data(), d, true);
           }
           for (int64_t r = 0; r < rows; ++r) {
