@@ -4,9 +4,11 @@
 - `yes_head_bce` (thinkrec_kernels/yes_head.py): BCE on the "Yes" logit without touching the rest of the vocabulary.
 - `linear_cross_entropy` (thinkrec_kernels/linear_ce.py): chunked token cross-entropy of `h @ W.T`, never holding
   full logits.
-- `cpu_attention.packed_causal_attention`: causal attention over packed rows whose bf16 backward runs on
-  oneDNN's brgemm on CPUs (C++ in thinkrec_kernels/cpu/, compiled at first use; SDPA's backward where it
-  cannot build or run). Imported from its module, not here, so importing the package compiles nothing.
+- `cpu_attention.packed_causal_attention`: causal attention over packed rows, bf16 forward and backward on
+  oneDNN's brgemm on CPUs; `dropout.philox_dropout`: dropout whose mask is Philox4x32-10 of (seed, index),
+  regenerated in the backward. Both run C++ (thinkrec_kernels/cpu/, compiled at first use by _cpu_ext.py;
+  SDPA and the plain-torch Philox stream where it cannot build). Imported from their modules, not here, so
+  importing the package compiles nothing.
 
 Dispatch: see `thinkrec_kernels/_dispatch.py` (`THINKREC_KERNELS=auto|triton|torch`). Module names differ from the
 functions they export, so `thinkrec_kernels.lora_mix` is always the function.

@@ -9,6 +9,7 @@ its plain-torch path instead.
 import os
 import platform
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -17,6 +18,20 @@ _DIR = Path(__file__).with_name("cpu")
 _SOURCES = ("module.cpp", "attention.cpp", "dropout.cpp")
 _lock = threading.Lock()
 _ext = None  # the built module, False when it cannot be built here, None before trying
+
+
+def _say_if_building() -> None:
+    """One line on stderr before a first build (~30 s of silence otherwise); nothing when it is cached."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        where = Path(_get_build_directory("thinkrec_cpu", False))
+        if any(where.glob("thinkrec_cpu*.so")):
+            return
+    except Exception:  # a private helper of torch's: if it moved, say nothing
+        return
+    print(f"thinkrec_kernels: compiling the C++ CPU kernels (once per machine, ~30 s; cached in {where})",
+          file=sys.stderr, flush=True)
 
 
 def load():
@@ -34,6 +49,7 @@ def load():
                 # -mavx2 -mfma, not -march=native: an extensions directory shared by a cluster's nodes must not
                 # hand an older CPU instructions it lacks (the GEMMs' own code is oneDNN's, chosen at run time).
                 # Elsewhere (arm64) the C++ takes its portable loops.
+                _say_if_building()
                 flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
                 if platform.machine().lower() in ("x86_64", "amd64"):
                     flags += ["-mavx2", "-mfma"]
