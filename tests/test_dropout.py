@@ -91,3 +91,15 @@ def test_same_bits_on_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(ext.philox_dropout(x, 77, cut, scale), one)
+
+
+def test_first_build_says_so(monkeypatch, tmp_path, capsys):
+    """~30 s of compiling at a run's first step is announced on stderr once; a cached build says nothing."""
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    _cpu_ext._say_if_building()
+    assert "compiling the C++ CPU kernels" in capsys.readouterr().err
+    (tmp_path / "thinkrec_cpu.so").write_bytes(b"")
+    _cpu_ext._say_if_building()
+    assert capsys.readouterr().err == ""

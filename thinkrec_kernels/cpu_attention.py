@@ -7,7 +7,7 @@ backward its log-sum-exp) and backward tiled in 64 x 64 blocks on brgemm with fp
 packed rows (no padding). The forward serves training and scoring (no autograd needed).
 
     if packed_attention_available(q):
-        o = packed_causal_attention(q, k, v, slot, cu, B, L, scale)   # q [N, H, d], k, v [N, G, d] -> [N, H, d]
+        o = packed_causal_attention(q, k, v, cu, scale)   # q [N, H, d], k, v [N, G, d] -> [N, H, d]
 
 The C++ is compiled at first use (thinkrec_kernels/_cpu_ext.py). Where it cannot build, oneDNN cannot run
 bf16 brgemm on this CPU, the head dim is not a multiple of 16, `THINKREC_KERNELS=torch` or
@@ -21,7 +21,6 @@ import torch
 
 from thinkrec_kernels import _cpu_ext
 from thinkrec_kernels._dispatch import kernel_mode
-
 
 _ext = None  # the C++ module where it built and oneDNN runs bf16 brgemm on this CPU, else False; None: not asked
 
