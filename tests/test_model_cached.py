@@ -264,6 +264,25 @@ def test_bf16_model_and_autocast():
         torch.testing.assert_close(hs[0, :3].float(), r0, atol=0.1, rtol=0.05)
 
 
+def test_bf16_prefill_on_the_cpu_attention_kernel(monkeypatch):
+    """A bf16 model's prefill (fresh rows) runs the brgemm forward over the packed rows where it is available;
+    it agrees with the SDPA path (THINKREC_CPU_ATTENTION=0) to bf16 precision."""
+    from thinkrec_kernels.cpu_attention import packed_attention_available
+
+    lmb = _lm("llama").to(torch.bfloat16)
+    attn = lmb.llm.model.layers[0].self_attn
+    if not packed_attention_available(torch.zeros(2, 2, attn.head_dim, dtype=torch.bfloat16)):
+        pytest.skip("the brgemm attention kernels do not build or run on this machine")
+    ids, lens, cf = _prompts([7, 4, 9, 70], seed=6)
+    m = _mask(lens, ids.shape[1]).bool()
+    w = torch.cat([W3, W3[:1]])
+    _, h_kernel = prefill(lmb, ids, lens, w, cf)
+    monkeypatch.setenv("THINKREC_CPU_ATTENTION", "0")
+    _, h_sdpa = prefill(lmb, ids, lens, w, cf)
+    assert not torch.equal(h_kernel[m], h_sdpa[m])  # the two paths did run
+    torch.testing.assert_close(h_kernel[m].float(), h_sdpa[m].float(), atol=3e-2, rtol=3e-2)
+
+
 def test_errors():
     lm = _lm("llama")
     ids, lens, _ = _prompts([5, 3], slots=())

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from thinkrec_kernels.cpu_attention import packed_attention_available, packed_causal_attention
+
 from .packed import _linear, _sdpa, decoder_layer
 
 
@@ -171,6 +173,9 @@ def _layer_extend(layer, h, st: _Step, cos, sin, w, K, V, kv_only: bool = False)
             V[st.row, :, st.pos] = v.to(V.dtype)
         if kv_only:
             return None
+        if st.fresh and packed_attention_available(q):  # bf16 CPU: brgemm over the packed rows, no grid
+            cu = torch.cat([st.row.new_zeros(1), torch.bincount(st.row, minlength=st.B).cumsum(0)])
+            return packed_causal_attention(q, k, v, cu, scale).reshape(len(q), -1)
         Q = st.grid(q)
         if st.shared and st.L:
             o = _attend_shared(Q, K[0, :, :st.L], V[0, :, :st.L], st.grid(k), st.grid(v), scale)
