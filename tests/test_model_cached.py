@@ -11,6 +11,7 @@ from tests.tiny_llama import VOCAB
 from tests.train_fixtures import ITEM_PH, PAD, USER_PH
 from thinkrec.model.cached import KVCache, extend, prefill
 from thinkrec.model.generate import generate
+from thinkrec_kernels.cpu_attention import packed_attention_available
 
 pytestmark = pytest.mark.smoke  # .ci/newest runs this module on the newest dependency versions
 
@@ -264,15 +265,13 @@ def test_bf16_model_and_autocast():
         torch.testing.assert_close(hs[0, :3].float(), r0, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.skipif(not packed_attention_available(torch.zeros(2, 2, 16, dtype=torch.bfloat16)),
+                    reason="the brgemm attention kernels do not build or run on this machine (an AVX2-only CPU)")
 def test_bf16_prefill_on_the_cpu_attention_kernel(monkeypatch):
     """A bf16 model's prefill (fresh rows) runs the brgemm forward over the packed rows where it is available;
     it agrees with the SDPA path (THINKREC_CPU_ATTENTION=0) to bf16 precision."""
-    from thinkrec_kernels.cpu_attention import packed_attention_available
-
     lmb = _lm("llama").to(torch.bfloat16)
-    attn = lmb.llm.model.layers[0].self_attn
-    if not packed_attention_available(torch.zeros(2, 2, attn.head_dim, dtype=torch.bfloat16)):
-        pytest.skip("the brgemm attention kernels do not build or run on this machine")
+    assert lmb.llm.model.layers[0].self_attn.head_dim == 16  # the head dim the skip condition probes
     ids, lens, cf = _prompts([7, 4, 9, 70], seed=6)
     m = _mask(lens, ids.shape[1]).bool()
     w = torch.cat([W3, W3[:1]])
